@@ -1,0 +1,259 @@
+"""The one place that converts between image conventions.
+
+Conventions
+-----------
+* **MRML** (Slicer) arrays are indexed ``(k, j, i[, n])`` and carry a 4×4 IJK→RAS matrix.
+* **nibabel / DIPY** arrays are indexed ``(i, j, k[, n])`` and carry a 4×4 RAS affine.
+  The IJK→RAS matrix *is* the affine; only the axis order of the array differs.
+* Gradient directions inside ALSQuant are unit vectors in **RAS world** coordinates, shape ``(n, 3)``.
+  FSL ``.bvec`` files and NRRD ``DWMRI_gradient_NNNN`` keys are converted on the way in and out here.
+* The main field B0 points along the scanner's z axis (superior in RAS). Its direction in the frame of the
+  image axes is what a dipole kernel needs.
+
+Nobody else transposes arrays or flips gradients.
+"""
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+_SPACE_TO_RAS = {
+    "right-anterior-superior": np.eye(3),
+    "ras": np.eye(3),
+    "left-posterior-superior": LPS_TO_RAS,
+    "lps": LPS_TO_RAS,
+    "left-anterior-superior": np.diag([-1.0, 1.0, 1.0]),
+    "las": np.diag([-1.0, 1.0, 1.0]),
+}
+
+
+def _check_affine(affine, name="affine"):
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(f"{name}: expected a finite 4x4 matrix, got shape {affine.shape}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{name}: the 3x3 part is singular; voxel axes must span 3D space")
+    return affine
+
+
+def array_from_mrml(array_kji):
+    """Reorder an MRML ``(k, j, i[, n])`` array to nibabel's ``(i, j, k[, n])``.
+
+    Parameters
+    ----------
+    array_kji : ndarray, 3D or 4D
+        Array as returned by ``slicer.util.arrayFromVolume``.
+
+    Returns
+    -------
+    ndarray
+        C-contiguous copy in ``(i, j, k[, n])`` order. The IJK→RAS matrix of the node is its affine unchanged.
+    """
+    array_kji = np.asarray(array_kji)
+    if array_kji.ndim not in (3, 4):
+        raise InputError(f"MRML array: expected 3D (k, j, i) or 4D (k, j, i, n), got {array_kji.ndim}D")
+    axes = (2, 1, 0) + tuple(range(3, array_kji.ndim))
+    return np.ascontiguousarray(array_kji.transpose(axes))
+
+
+def array_to_mrml(array_ijk):
+    """Reorder a nibabel ``(i, j, k[, n])`` array to MRML's ``(k, j, i[, n])``; the inverse of `array_from_mrml`."""
+    array_ijk = np.asarray(array_ijk)
+    if array_ijk.ndim not in (3, 4):
+        raise InputError(f"image array: expected 3D (i, j, k) or 4D (i, j, k, n), got {array_ijk.ndim}D")
+    axes = (2, 1, 0) + tuple(range(3, array_ijk.ndim))
+    return np.ascontiguousarray(array_ijk.transpose(axes))
+
+
+def voxel_sizes(affine):
+    """Voxel edge lengths in mm: the norms of the affine's first three columns."""
+    affine = _check_affine(affine)
+    return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+def direction_cosines(affine):
+    """The 3×3 matrix whose columns are the unit RAS directions of the i, j and k axes."""
+    affine = _check_affine(affine)
+    return affine[:3, :3] / voxel_sizes(affine)
+
+
+def world_to_voxel_directions(vectors_ras, affine):
+    """Express RAS direction vectors in the frame of the image axes (unit length along each voxel axis).
+
+    For an orthogonal grid this is ``Rᵀ v``; the inverse is used so that the result stays exact for the dot
+    products a k-space kernel takes (``k · b``) even on a sheared grid.
+
+    Parameters
+    ----------
+    vectors_ras : array_like, shape (3,) or (n, 3)
+    affine : array_like, shape (4, 4)
+
+    Returns
+    -------
+    ndarray, same shape as `vectors_ras`, each row of unit length (zero rows stay zero).
+    """
+    vectors = np.atleast_2d(np.asarray(vectors_ras, dtype=float))
+    local = vectors @ np.linalg.inv(direction_cosines(affine)).T
+    norms = np.linalg.norm(local, axis=1, keepdims=True)
+    local = np.divide(local, norms, out=np.zeros_like(local), where=norms > 0)
+    return local.reshape(np.shape(vectors_ras))
+
+
+def voxel_to_world_directions(vectors_voxel, affine):
+    """Inverse of `world_to_voxel_directions`: RAS unit vectors from directions in the image-axis frame."""
+    vectors = np.atleast_2d(np.asarray(vectors_voxel, dtype=float))
+    world = vectors @ direction_cosines(affine).T
+    norms = np.linalg.norm(world, axis=1, keepdims=True)
+    world = np.divide(world, norms, out=np.zeros_like(world), where=norms > 0)
+    return world.reshape(np.shape(vectors_voxel))
+
+
+def b0_direction_voxel(affine, b0_direction_ras=(0.0, 0.0, 1.0)):
+    """Direction of the main field in the frame of the image axes.
+
+    Parameters
+    ----------
+    affine : array_like, shape (4, 4)
+        Voxel → RAS affine (equivalently, a node's IJK→RAS matrix).
+    b0_direction_ras : array_like, shape (3,)
+        B0 in RAS world coordinates; the scanner's z axis ``(0, 0, 1)`` unless the scanner frame is not the
+        patient frame (a tilted head coil still has B0 along scanner z).
+
+    Returns
+    -------
+    ndarray, shape (3,)
+        Unit vector along the i, j, k axes. An axial acquisition gives ``(0, 0, 1)``; oblique slices give an
+        oblique B0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tilt = np.deg2rad(30)
+    >>> affine = np.eye(4)
+    >>> affine[1:3, 1:3] = [[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]]
+    >>> np.round(b0_direction_voxel(affine), 3)
+    array([0.   , 0.5  , 0.866])
+    """
+    b0 = np.asarray(b0_direction_ras, dtype=float)
+    if b0.shape != (3,) or np.linalg.norm(b0) == 0:
+        raise InputError(f"b0_direction_ras: expected a non-zero 3-vector, got {b0_direction_ras!r}")
+    return world_to_voxel_directions(b0 / np.linalg.norm(b0), affine)
+
+
+def _fsl_flip(affine):
+    # FSL's voxel frame is radiological: when the affine's determinant is positive (neurological storage)
+    # FSL's x runs opposite to the i axis, and bvecs are given in FSL's frame.
+    return np.diag([-1.0, 1.0, 1.0]) if np.linalg.det(affine[:3, :3]) > 0 else np.eye(3)
+
+
+def fsl_bvecs_to_ras(bvecs, affine):
+    """Convert FSL bvecs (image-axis frame, x flipped for a positive-determinant affine) to RAS unit vectors.
+
+    Parameters
+    ----------
+    bvecs : array_like, shape (n, 3)
+        As read from a ``.bvec`` file and transposed; zero vectors (b = 0) stay zero.
+    affine : array_like, shape (4, 4)
+
+    Returns
+    -------
+    ndarray, shape (n, 3)
+
+    Notes
+    -----
+    ``g_ras = R F b`` with ``R`` the direction cosines and ``F = diag(-1, 1, 1)`` when ``det(affine) > 0``
+    (MRtrix3's and FSL's convention). The same acquisition stored as LAS or as RAS thus gives the same RAS
+    gradients.
+    """
+    affine = _check_affine(affine)
+    bvecs = np.asarray(bvecs, dtype=float)
+    if bvecs.ndim != 2 or bvecs.shape[1] != 3:
+        raise InputError(f"bvecs: expected shape (n, 3), got {bvecs.shape}")
+    return voxel_to_world_directions(bvecs @ _fsl_flip(affine).T, affine)
+
+
+def ras_to_fsl_bvecs(gradients_ras, affine):
+    """Inverse of `fsl_bvecs_to_ras`: FSL bvecs, shape (n, 3), for RAS unit gradients."""
+    affine = _check_affine(affine)
+    local = world_to_voxel_directions(np.asarray(gradients_ras, dtype=float).reshape(-1, 3), affine)
+    return local @ _fsl_flip(affine).T
+
+
+def space_to_ras(space):
+    """3×3 matrix taking vectors of a NRRD ``space`` (e.g. ``left-posterior-superior``) to RAS."""
+    key = str(space).strip().lower()
+    if key not in _SPACE_TO_RAS:
+        raise InputError(f"NRRD space {space!r}: expected one of {sorted(_SPACE_TO_RAS)}")
+    return _SPACE_TO_RAS[key]
+
+
+def nrrd_gradients_to_ras(gradients, measurement_frame, space):
+    """RAS gradient vectors from NRRD ``DWMRI_gradient_NNNN`` values.
+
+    Parameters
+    ----------
+    gradients : array_like, shape (n, 3)
+        Gradients in measurement-frame coordinates; their norm encodes the b-value scale, and is kept.
+    measurement_frame : array_like, shape (3, 3) or None
+        NRRD ``measurement frame``: its columns are the measurement axes in ``space`` coordinates. ``None`` is
+        the identity.
+    space : str
+        NRRD ``space`` field.
+
+    Returns
+    -------
+    ndarray, shape (n, 3)
+        ``space_to_ras(space) @ measurement_frame @ g`` for each gradient g.
+    """
+    frame = np.eye(3) if measurement_frame is None else np.asarray(measurement_frame, dtype=float)
+    if frame.shape != (3, 3) or not np.all(np.isfinite(frame)):
+        raise InputError(f"NRRD measurement frame: expected a finite 3x3 matrix, got {frame!r}")
+    g = np.asarray(gradients, dtype=float).reshape(-1, 3)
+    return g @ (space_to_ras(space) @ frame).T
+
+
+def affine_from_nrrd(space_directions, space_origin, space):
+    """RAS affine from NRRD ``space directions`` (one row per spatial axis) and ``space origin``."""
+    to_ras = space_to_ras(space)
+    directions = np.asarray(space_directions, dtype=float)
+    origin = np.zeros(3) if space_origin is None else np.asarray(space_origin, dtype=float)
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)) or not np.all(np.isfinite(origin)):
+        raise InputError(f"NRRD space directions: expected three finite spatial rows, got {directions!r}")
+    affine = np.eye(4)
+    affine[:3, :3] = to_ras @ directions.T
+    affine[:3, 3] = to_ras @ origin
+    return _check_affine(affine, "NRRD space directions")
+
+
+def nrrd_from_affine(affine):
+    """LPS ``space directions`` (rows) and ``space origin`` for a RAS affine: how Slicer writes NRRD."""
+    affine = _check_affine(affine)
+    return (LPS_TO_RAS @ affine[:3, :3]).T.copy(), LPS_TO_RAS @ affine[:3, 3]
+
+
+def voxel_grid_affine(shape, voxel_size, *, rotation=None, center=(0.0, 0.0, 0.0)):
+    """RAS affine of a grid of `shape` voxels of `voxel_size` mm whose centre lies at `center`.
+
+    Parameters
+    ----------
+    shape : sequence of 3 ints
+    voxel_size : float or sequence of 3 floats, mm
+    rotation : (3, 3) array_like, optional
+        Direction cosines (columns = i, j, k directions in RAS); identity (axial, RAS) by default.
+    center : sequence of 3 floats, mm
+    """
+    rotation = np.eye(3) if rotation is None else np.asarray(rotation, dtype=float)
+    linear = rotation * np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,))
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = np.asarray(center, dtype=float) - linear @ ((np.asarray(shape[:3], dtype=float) - 1) / 2)
+    return affine
+
+
+def voxel_centers_world(shape, affine):
+    """RAS coordinates (mm) of every voxel centre of a 3D grid, shape ``shape[:3] + (3,)``."""
+    affine = _check_affine(affine)
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape[:3]], indexing="ij"), axis=-1)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]

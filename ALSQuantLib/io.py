@@ -1,0 +1,555 @@
+"""Reading and writing the images ALSQuant works on.
+
+* DWI as NIfTI + FSL ``.bval``/``.bvec``, or as NRRD with the ``DWMRI_*`` keys and a measurement frame.
+* GRE magnitude and phase, one 4D file or one file per echo, with echo times (s) and field strength (T) from the
+  BIDS JSON sidecars when present.
+* Scalar maps and label maps as NIfTI; JSON and tables.
+
+Arrays are nibabel-ordered ``(i, j, k[, n])`` with a RAS affine; gradients are RAS unit vectors (see
+`ALSQuantLib.geometry`). Every write is atomic: a temporary file in the destination folder, then a rename, so a
+killed process never leaves a half-written output.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry
+from .errors import InputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic writing
+# --------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary name keeps the full suffix (``.nii.gz``) so that writers that choose a format by suffix work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_text(path, text):
+    """Write `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON, atomically. NumPy scalars and arrays are converted."""
+
+    def default(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+    write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
+
+
+def read_json(path):
+    """Read a JSON file, with an error naming the file when it is missing or malformed."""
+    path = _existing(path, "JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plain images
+# --------------------------------------------------------------------------------------------------------------
+def _existing(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path}: file not found")
+    return path
+
+
+def strip_image_suffix(path):
+    """``sub-01_dwi.nii.gz`` → ``sub-01_dwi`` (as a Path in the same folder)."""
+    path = Path(path)
+    for suffix in NIFTI_SUFFIXES + NRRD_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def load_image(path, *, ndim=None, what="image", allow_nonfinite=False):
+    """Read a NIfTI or NRRD image as ``(data, affine)`` in nibabel order with a RAS affine.
+
+    Parameters
+    ----------
+    path : str or Path
+    ndim : int or tuple of int, optional
+        Accepted dimensionalities; a 3D file where 4D is needed is refused with a message naming the file.
+    what : str
+        What the image is, for messages ("DWI", "phase", ...).
+    allow_nonfinite : bool
+        By default NaN or infinite voxels are refused.
+
+    Returns
+    -------
+    data : ndarray, float32 (float64 inputs stay float64)
+    affine : ndarray, shape (4, 4)
+    """
+    path = _existing(path, what)
+    if path.name.endswith(NRRD_SUFFIXES):
+        data, affine, _ = _read_nrrd(path, what)
+    else:
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+        except Exception as err:  # nibabel raises several types for unreadable files
+            raise InputError(f"{what} {path}: not a readable NIfTI image ({err})") from None
+        data = np.asanyarray(img.dataobj)
+        if data.dtype != np.float64:
+            data = data.astype(np.float32)
+        affine = img.affine
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if data.ndim not in allowed:
+            wanted = " or ".join(f"{n}D" for n in allowed)
+            raise InputError(f"{what} {path}: expected a {wanted} image, got {data.ndim}D with shape {data.shape}")
+    if not allow_nonfinite:
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InputError(f"{what} {path}: {bad} voxel values are NaN or infinite; expected finite values")
+    return data, np.asarray(affine, dtype=float)
+
+
+def save_image(path, data, affine, *, dtype=np.float32, description=None):
+    """Write `data` as NIfTI (``.nii`` or ``.nii.gz``) atomically, with `affine` as both qform and sform."""
+    import nibabel as nib
+
+    data = np.asarray(data)
+    if data.ndim not in (3, 4):
+        raise InputError(f"{path}: expected a 3D or 4D array to save, got {data.ndim}D")
+    img = nib.Nifti1Image(data.astype(dtype, copy=False), np.asarray(affine, dtype=float))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if description:
+        img.header["descrip"] = description[:79].encode()
+    with atomic_path(path) as tmp:
+        img.to_filename(str(tmp))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DWI
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DWI:
+    """A diffusion-weighted series.
+
+    Attributes
+    ----------
+    data : ndarray, shape (i, j, k, n), float32
+    affine : ndarray, shape (4, 4), voxel → RAS
+    bvals : ndarray, shape (n,), s/mm²
+    bvecs : ndarray, shape (n, 3), RAS unit vectors (zero rows for b = 0)
+    source : str
+        Where it was read from, for messages and provenance.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    bvals: np.ndarray
+    bvecs: np.ndarray
+    source: str = ""
+
+    def __post_init__(self):
+        self.data = np.asarray(self.data)
+        self.affine = np.asarray(self.affine, dtype=float)
+        self.bvals = np.asarray(self.bvals, dtype=float).ravel()
+        self.bvecs = np.asarray(self.bvecs, dtype=float).reshape(-1, 3)
+        name = self.source or "DWI"
+        if self.data.ndim != 4:
+            raise InputError(f"{name}: DWI data must be 4D (i, j, k, volumes), got {self.data.ndim}D {self.data.shape}")
+        n = self.data.shape[3]
+        if len(self.bvals) != n or len(self.bvecs) != n:
+            raise InputError(
+                f"{name}: {n} volumes but {len(self.bvals)} b-values and {len(self.bvecs)} gradient directions; "
+                "expected one of each per volume"
+            )
+        if not np.all(np.isfinite(self.bvals)) or np.any(self.bvals < 0):
+            raise InputError(f"{name}: b-values must be finite and non-negative, got {self.bvals}")
+        if not np.all(np.isfinite(self.bvecs)):
+            raise InputError(f"{name}: gradient directions contain NaN or infinite values")
+
+    @property
+    def bvecs_voxel(self):
+        """Gradient directions in the frame of the image axes, the frame in which fitted tensors are expressed."""
+        return geometry.world_to_voxel_directions(self.bvecs, self.affine)
+
+
+def _read_table(path, what):
+    path = _existing(path, what)
+    try:
+        return np.loadtxt(path, ndmin=2)
+    except ValueError as err:
+        raise InputError(f"{what} {path}: expected whitespace-separated numbers ({err})") from None
+
+
+def read_fsl_gradients(bval_path, bvec_path, affine):
+    """Read FSL ``.bval``/``.bvec`` files; return ``(bvals, bvecs_ras)``."""
+    bvals = _read_table(bval_path, "b-value file").ravel()
+    bvecs = _read_table(bvec_path, "b-vector file")
+    if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
+        bvecs = bvecs.T  # tolerate one vector per row
+    if bvecs.shape[0] != 3:
+        raise InputError(f"b-vector file {bvec_path}: expected 3 rows (x, y, z), got shape {bvecs.shape}")
+    if bvecs.shape[1] != bvals.size:
+        raise InputError(
+            f"b-vector file {bvec_path} has {bvecs.shape[1]} directions but b-value file {bval_path} "
+            f"has {bvals.size} values; expected one direction per b-value"
+        )
+    bvecs = bvecs.T
+    norms = np.linalg.norm(bvecs, axis=1)
+    weighted = bvals > 0
+    if np.any(weighted & (norms < 1e-6)):
+        raise InputError(f"b-vector file {bvec_path}: a diffusion-weighted volume has a zero gradient direction")
+    unit = np.divide(bvecs, norms[:, None], out=np.zeros_like(bvecs), where=norms[:, None] > 1e-6)
+    return bvals, geometry.fsl_bvecs_to_ras(unit, affine)
+
+
+def read_dwi(path, bval=None, bvec=None):
+    """Read a DWI series from NIfTI + FSL files or from NRRD.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.nii``/``.nii.gz`` (with FSL gradient files) or ``.nrrd``/``.nhdr`` (gradients in the header).
+    bval, bvec : str or Path, optional
+        FSL files; default: beside the image with the same stem (``sub-01_dwi.bval``).
+
+    Returns
+    -------
+    DWI
+    """
+    path = Path(path)
+    if path.name.endswith(NRRD_SUFFIXES):
+        data, affine, header = _read_nrrd(_existing(path, "DWI"), "DWI")
+        bvals, bvecs = _nrrd_gradients(header, path)
+        _check_dwi_data(data, path)
+        return DWI(data, affine, bvals, bvecs, source=str(path))
+    stem = strip_image_suffix(path)
+    bval = Path(bval) if bval else stem.with_suffix(".bval")
+    bvec = Path(bvec) if bvec else stem.with_suffix(".bvec")
+    data, affine = load_image(path, ndim=4, what="DWI", allow_nonfinite=True)
+    _check_dwi_data(data, path)
+    bvals, bvecs = read_fsl_gradients(bval, bvec, affine)
+    if bvals.size != data.shape[3]:
+        raise InputError(
+            f"DWI {path} has {data.shape[3]} volumes but {bval} lists {bvals.size} b-values; expected one per volume"
+        )
+    return DWI(data, affine, bvals, bvecs, source=str(path))
+
+
+def _check_dwi_data(data, path):
+    if data.ndim != 4:
+        raise InputError(f"DWI {path}: expected a 4D image (volumes along the 4th axis), got shape {data.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"DWI {path}: {bad} values are NaN or infinite; expected finite signal intensities")
+
+
+def write_dwi(dwi, path):
+    """Write a `DWI` as NIfTI + FSL ``.bval``/``.bvec`` beside it, or as NRRD, chosen by the suffix of `path`."""
+    path = Path(path)
+    if path.name.endswith(NRRD_SUFFIXES):
+        _write_nrrd_dwi(dwi, path)
+        return
+    save_image(path, dwi.data, dwi.affine)
+    stem = strip_image_suffix(path)
+    write_text(stem.with_suffix(".bval"), " ".join(f"{b:g}" for b in dwi.bvals) + "\n")
+    fsl = geometry.ras_to_fsl_bvecs(dwi.bvecs, dwi.affine)
+    write_text(stem.with_suffix(".bvec"), "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fsl.T) + "\n")
+
+
+def _read_nrrd(path, what):
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path))
+    except Exception as err:  # pynrrd raises NRRDError and others for malformed files
+        raise InputError(f"{what} {path}: not a readable NRRD file ({err})") from None
+    directions = np.asarray(header.get("space directions"), dtype=float)
+    if "space" not in header or directions.ndim != 2:
+        raise InputError(f"{what} {path}: NRRD header needs 'space' and 'space directions'")
+    spatial = [i for i, row in enumerate(directions) if np.all(np.isfinite(row))]
+    if len(spatial) != 3:
+        raise InputError(f"{what} {path}: expected 3 spatial axes in 'space directions', found {len(spatial)}")
+    others = [i for i in range(data.ndim) if i not in spatial]
+    data = np.moveaxis(data, spatial + others, list(range(data.ndim)))
+    if data.dtype != np.float64:
+        data = data.astype(np.float32)
+    affine = geometry.affine_from_nrrd(directions[spatial], header.get("space origin"), header["space"])
+    return data, affine, header
+
+
+def _nrrd_gradients(header, path):
+    try:
+        bmax = float(header["DWMRI_b-value"])
+    except (KeyError, ValueError):
+        raise InputError(f"DWI {path}: NRRD header has no numeric DWMRI_b-value") from None
+    keys = sorted(k for k in header if k.startswith("DWMRI_gradient_"))
+    if not keys:
+        raise InputError(f"DWI {path}: NRRD header has no DWMRI_gradient_NNNN keys")
+    try:
+        raw = np.array([[float(v) for v in str(header[k]).split()] for k in keys])
+    except ValueError:
+        raise InputError(f"DWI {path}: a DWMRI_gradient value is not three numbers") from None
+    if raw.shape[1] != 3:
+        raise InputError(f"DWI {path}: each DWMRI_gradient must have 3 components")
+    frame = header.get("measurement frame")
+    gradients = geometry.nrrd_gradients_to_ras(raw, frame, header["space"])
+    norms = np.linalg.norm(gradients, axis=1)
+    # Slicer's convention: a gradient's squared norm scales the nominal b-value.
+    bvals = bmax * norms**2
+    bvecs = np.divide(gradients, norms[:, None], out=np.zeros_like(gradients), where=norms[:, None] > 1e-6)
+    bvals[norms <= 1e-6] = 0.0
+    return bvals, bvecs
+
+
+def _write_nrrd_dwi(dwi, path):
+    import nrrd
+
+    directions, origin = geometry.nrrd_from_affine(dwi.affine)
+    bmax = float(dwi.bvals.max()) if dwi.bvals.size else 0.0
+    scale = np.sqrt(np.divide(dwi.bvals, bmax, out=np.zeros_like(dwi.bvals), where=bmax > 0))
+    gradients_lps = (geometry.LPS_TO_RAS @ dwi.bvecs.T).T * scale[:, None]
+    header = {
+        "type": "float",
+        "space": "left-posterior-superior",
+        "space directions": np.vstack([np.full(3, np.nan), directions]),
+        "space origin": origin,
+        "kinds": ["list", "domain", "domain", "domain"],
+        "measurement frame": np.eye(3),
+        "modality": "DWMRI",
+        "DWMRI_b-value": f"{bmax:g}",
+    }
+    for n, g in enumerate(gradients_lps):
+        header[f"DWMRI_gradient_{n:04d}"] = " ".join(f"{v:.8f}" for v in g)
+    data = np.moveaxis(np.asarray(dwi.data, dtype=np.float32), 3, 0)
+    with atomic_path(path) as tmp:
+        nrrd.write(str(tmp), data, header)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GRE
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class GRE:
+    """Gradient-echo magnitude and phase.
+
+    Attributes
+    ----------
+    magnitude, phase : ndarray, shape (i, j, k, echoes), float32
+        Phase as stored: its scaling (radians, scanner integers, other) is interpreted by `ALSQuantLib.qsm`.
+    affine : ndarray, shape (4, 4)
+    echo_times : ndarray, shape (echoes,), seconds
+    field_strength : float, tesla
+    source : str
+    """
+
+    magnitude: np.ndarray
+    phase: np.ndarray
+    affine: np.ndarray
+    echo_times: np.ndarray
+    field_strength: float
+    source: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        name = self.source or "GRE"
+        self.magnitude = _as_echoes(self.magnitude, f"{name} magnitude")
+        self.phase = _as_echoes(self.phase, f"{name} phase")
+        self.affine = np.asarray(self.affine, dtype=float)
+        self.echo_times = np.atleast_1d(np.asarray(self.echo_times, dtype=float))
+        if self.magnitude.shape != self.phase.shape:
+            raise InputError(
+                f"{name}: magnitude {self.magnitude.shape} and phase {self.phase.shape} must have the same shape"
+            )
+        check_echo_times(self.echo_times, self.magnitude.shape[3], name)
+        check_field_strength(self.field_strength, name)
+        self.field_strength = float(self.field_strength)
+
+    @property
+    def b0_direction(self):
+        """B0 in the frame of the image axes (see `geometry.b0_direction_voxel`)."""
+        return geometry.b0_direction_voxel(self.affine)
+
+
+def _as_echoes(array, name):
+    array = np.asarray(array)
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise InputError(f"{name}: expected 3D (one echo) or 4D (echoes last), got shape {array.shape}")
+    return array
+
+
+def check_echo_times(echo_times, n_echoes, name="GRE"):
+    """Refuse echo times that are missing, non-positive, in milliseconds, or not one per echo."""
+    echo_times = np.atleast_1d(np.asarray(echo_times, dtype=float))
+    if echo_times.size != n_echoes:
+        raise InputError(f"{name}: {n_echoes} echoes but {echo_times.size} echo times; expected one per echo")
+    if not np.all(np.isfinite(echo_times)) or np.any(echo_times <= 0):
+        raise InputError(f"{name}: echo times must be positive seconds, got {echo_times.tolist()}")
+    if np.any(echo_times > 0.2):
+        raise InputError(
+            f"{name}: echo times {echo_times.tolist()} look like milliseconds; give them in seconds "
+            f"(e.g. {echo_times[0] / 1000:g} for {echo_times[0]:g} ms)"
+        )
+    if echo_times.size > 1 and np.any(np.diff(echo_times) <= 0):
+        raise InputError(f"{name}: echo times must increase, got {echo_times.tolist()}")
+    return echo_times
+
+
+def check_field_strength(field_strength, name="GRE"):
+    """Refuse a missing or implausible field strength (tesla)."""
+    if field_strength is None or not np.isfinite(field_strength) or not 0.1 <= float(field_strength) <= 21.1:
+        raise InputError(f"{name}: field strength must be given in tesla (0.1 to 21.1), got {field_strength!r}")
+    return float(field_strength)
+
+
+def sidecar_path(image_path):
+    """The BIDS JSON sidecar of an image: same stem, ``.json``."""
+    return strip_image_suffix(image_path).with_suffix(".json")
+
+
+def read_sidecar(image_path):
+    """The image's BIDS JSON sidecar as a dict, or an empty dict when there is none."""
+    path = sidecar_path(image_path)
+    return read_json(path) if path.is_file() else {}
+
+
+def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
+    """Read GRE magnitude and phase.
+
+    Parameters
+    ----------
+    magnitude, phase : path or list of paths
+        One 3D/4D file each (echoes along the 4th axis), or one file per echo in echo order.
+    echo_times : sequence of float, optional
+        Seconds. Default: ``EchoTime`` from each phase (or magnitude) file's BIDS sidecar; a 4D file's sidecar may
+        hold a list.
+    field_strength : float, optional
+        Tesla. Default: ``MagneticFieldStrength`` from the sidecar.
+
+    Returns
+    -------
+    GRE
+    """
+    mag_paths = [Path(p) for p in (magnitude if isinstance(magnitude, (list, tuple)) else [magnitude])]
+    pha_paths = [Path(p) for p in (phase if isinstance(phase, (list, tuple)) else [phase])]
+    if len(mag_paths) != len(pha_paths):
+        raise InputError(f"GRE: {len(mag_paths)} magnitude files but {len(pha_paths)} phase files")
+    mags, phases, affine, sidecars = [], [], None, []
+    for mag_path, pha_path in zip(mag_paths, pha_paths):
+        mag, mag_affine = load_image(mag_path, ndim=(3, 4), what="GRE magnitude")
+        pha, pha_affine = load_image(pha_path, ndim=(3, 4), what="GRE phase")
+        if mag.shape != pha.shape:
+            raise InputError(f"GRE magnitude {mag_path} {mag.shape} and phase {pha_path} {pha.shape} differ in shape")
+        if not np.allclose(mag_affine, pha_affine, atol=1e-3):
+            raise InputError(f"GRE magnitude {mag_path} and phase {pha_path} have different geometry (affines)")
+        if affine is not None and not np.allclose(affine, mag_affine, atol=1e-3):
+            raise InputError(f"GRE echo {mag_path} has a different geometry from the first echo")
+        affine = mag_affine
+        mags.append(_as_echoes(mag, str(mag_path)))
+        phases.append(_as_echoes(pha, str(pha_path)))
+        sidecars.append(read_sidecar(pha_path) or read_sidecar(mag_path))
+    magnitude_data = np.concatenate(mags, axis=3)
+    phase_data = np.concatenate(phases, axis=3)
+    if echo_times is None:
+        echo_times = []
+        for sidecar, pha_path in zip(sidecars, pha_paths):
+            if "EchoTime" not in sidecar:
+                raise InputError(
+                    f"GRE phase {pha_path}: no echo time given and no EchoTime in {sidecar_path(pha_path)}; "
+                    "pass echo times in seconds"
+                )
+            echo_times.extend(np.atleast_1d(sidecar["EchoTime"]).tolist())
+    if field_strength is None:
+        field_strength = next((s["MagneticFieldStrength"] for s in sidecars if "MagneticFieldStrength" in s), None)
+        if field_strength is None:
+            raise InputError(
+                f"GRE phase {pha_paths[0]}: no field strength given and no MagneticFieldStrength in its sidecar; "
+                "pass the field strength in tesla"
+            )
+    return GRE(
+        magnitude_data,
+        phase_data,
+        affine,
+        echo_times,
+        field_strength,
+        source=str(pha_paths[0]),
+        metadata=sidecars[0],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tables and colour tables
+# --------------------------------------------------------------------------------------------------------------
+def _delimiter(path):
+    return "\t" if Path(path).suffix.lower() == ".tsv" else ","
+
+
+def write_table(path, rows, columns=None):
+    """Write dict rows as CSV or TSV (by suffix), atomically. Columns default to the keys in first-seen order."""
+    import csv
+
+    rows = list(rows)
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, delimiter=_delimiter(path), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+
+
+def read_table(path):
+    """Read a CSV or TSV file (by suffix) as a list of dicts of strings."""
+    import csv
+
+    path = _existing(path, "table")
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter=_delimiter(path)))
+
+
+def write_color_table(path, entries):
+    """Write labels as a Slicer colour table (``index name R G B A`` per line).
+
+    Parameters
+    ----------
+    entries : iterable of (value, name, (r, g, b))
+    """
+    lines = ["# Color table file written by ALSQuant", "# index name R G B A"]
+    for value, name, (r, g, b) in entries:
+        alpha = 0 if value == 0 else 255
+        lines.append(f"{int(value)} {name.replace(' ', '_')} {int(r)} {int(g)} {int(b)} {alpha}")
+    write_text(path, "\n".join(lines) + "\n")

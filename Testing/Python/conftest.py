@@ -1,0 +1,28 @@
+"""Shared fixtures: the real data beside the project, and a real MRML scene from slicer-core."""
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    """``../shared/data``; tests that need it skip when it is absent (a fresh machine has only the project)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def mrml_scene():
+    """A real vtkMRMLScene (slicer-core), installed as ``slicer.mrmlScene`` for the duration of a test."""
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    yield scene
+    scene.Clear(1)
+    slicer.mrmlScene = previous

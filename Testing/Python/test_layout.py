@@ -1,0 +1,71 @@
+"""The package installs as a library and a command, and the library stays free of Slicer, Qt and VTK."""
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ALSQuantLib
+
+FORBIDDEN = {"slicer", "qt", "ctk", "vtk", "PythonQt", "vtkmodules", "mrml"}
+LIB_DIR = Path(ALSQuantLib.__file__).parent
+
+
+def test_no_forbidden_import_statement_in_library():
+    offenders = []
+    for path in LIB_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+    assert offenders == []
+
+
+def test_importing_every_library_module_loads_no_slicer_qt_or_vtk():
+    modules = [f"ALSQuantLib.{m.name}" for m in pkgutil.iter_modules([str(LIB_DIR)])]
+    assert "ALSQuantLib.geometry" in modules and "ALSQuantLib.phantom" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r})\n"
+        "print(','.join(loaded))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_bare_import_is_light():
+    code = "import sys, ALSQuantLib; print(','.join(m for m in ('ants', 'dipy', 'matplotlib') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_console_script_is_installed_and_answers():
+    result = subprocess.run(["alsquant", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert ALSQuantLib.__version__ in result.stdout
+
+
+PROJECT = LIB_DIR.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (PROJECT / "README.md").read_text()
+    ci = (PROJECT / ".ci" / "run").read_text()
+    command = next(line.strip() for line in ci.splitlines() if "pytest" in line)
+    assert command in readme
+    assert "alsquant demo" in readme
+
+
+def test_demo_runs_and_labels_what_it_did(tmp_path, capsys):
+    from ALSQuantLib import cli, io
+
+    assert cli.main(["demo", "--als", "2", "--controls", "1", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "2 ALS, 1 control" in out
+    assert len(io.read_table(tmp_path / "demo" / "cohort" / "participants.tsv")) == 3
+    assert (tmp_path / "demo" / "demo_summary.txt").read_text() in out
