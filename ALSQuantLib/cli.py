@@ -5,6 +5,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import InputError
 
@@ -84,6 +86,89 @@ def _run_demo(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# dki
+# ----------------------------------------------------------------------------------------------------------------
+DKI_MAPS = ("mk", "fa", "md", "ad", "rd", "ak", "rk", "mkt", "kfa", "s0")
+
+
+def _add_dki(subparsers):
+    p = subparsers.add_parser("dki", help="fit DKI/DTI to a DWI series and write MK, FA, MD and other maps")
+    p.add_argument("dwi", type=Path, help="DWI as NIfTI (with FSL bval/bvec) or NRRD")
+    p.add_argument("--bval", type=Path, help="FSL b-values (default: beside the DWI, same stem)")
+    p.add_argument("--bvec", type=Path, help="FSL b-vectors (default: beside the DWI, same stem)")
+    p.add_argument("--mask", type=Path, help="brain mask (default: median Otsu on the mean b0)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--fit-method", choices=("OLS", "WLS", "CWLS"), default="WLS")
+    p.add_argument("--denoise", action="store_true", help="MP-PCA denoising first")
+    p.add_argument("--gibbs", action="store_true", help="Gibbs-ringing removal first")
+    p.add_argument("--no-average-b0", action="store_true", help="keep every b0 volume instead of their mean")
+    p.add_argument("--dti-only", action="store_true", help="accept a single-shell acquisition and fit DTI only")
+    p.add_argument(
+        "--maps", default=",".join(DKI_MAPS), help=f"comma-separated maps to write (default: {','.join(DKI_MAPS)})"
+    )
+    p.set_defaults(run=_run_dki)
+
+
+def _refuse_overwriting_inputs(outputs, inputs):
+    resolved = {Path(p).resolve() for p in inputs if p}
+    clash = [str(o) for o in outputs if Path(o).resolve() in resolved]
+    if clash:
+        raise InputError(f"output {clash[0]} would overwrite an input; choose another --out folder")
+
+
+def _run_dki(args):
+    from . import dki, io, provenance
+
+    maps = [m.strip().lower() for m in args.maps.split(",") if m.strip()]
+    unknown = sorted(set(maps) - set(DKI_MAPS))
+    if unknown:
+        raise InputError(f"--maps: unknown map(s) {', '.join(unknown)}; expected some of {', '.join(DKI_MAPS)}")
+    if not args.dwi.name.endswith(io.NRRD_SUFFIXES):
+        stem = io.strip_image_suffix(args.dwi)
+        args.bval = args.bval or stem.with_suffix(".bval")
+        args.bvec = args.bvec or stem.with_suffix(".bvec")
+    dwi = io.read_dwi(args.dwi, bval=args.bval, bvec=args.bvec)
+    mask = None
+    if args.mask:
+        mask_data, mask_affine = io.load_image(args.mask, ndim=3, what="mask")
+        if mask_data.shape != dwi.data.shape[:3] or not np.allclose(mask_affine, dwi.affine, atol=1e-3):
+            raise InputError(f"mask {args.mask}: its grid does not match the DWI {args.dwi}")
+        mask = mask_data > 0
+    outputs = [args.out / f"{name}.nii.gz" for name in maps] + [args.out / "mask.nii.gz"]
+    inputs = {"dwi": args.dwi, "bval": args.bval, "bvec": args.bvec, "mask": args.mask}
+    _refuse_overwriting_inputs(outputs, inputs.values())
+    fit, mask, parameters = dki.reconstruct(
+        dwi,
+        mask=mask,
+        fit_method=args.fit_method,
+        denoise=args.denoise,
+        gibbs=args.gibbs,
+        average_b0s=not args.no_average_b0,
+        dti_only=args.dti_only,
+        progress=_print_progress,
+    )
+    available = [m for m in maps if m in fit.map_names]
+    skipped = [m for m in maps if m not in fit.map_names]
+    for name in available:
+        io.save_image(args.out / f"{name}.nii.gz", getattr(fit, name), dwi.affine, description=f"ALSQuant {name}")
+    io.save_image(args.out / "mask.nii.gz", mask, dwi.affine, dtype=np.uint8)
+    provenance.write(
+        args.out / "provenance.json",
+        "dki",
+        parameters={**parameters, "maps": available},
+        inputs={k: v for k, v in inputs.items() if v},
+        outputs=[args.out / f"{n}.nii.gz" for n in available] + [args.out / "mask.nii.gz"],
+    )
+    if skipped:
+        print(f"not available from a DTI-only fit, not written: {', '.join(skipped)}")
+    print(
+        f"wrote {', '.join(available)} and mask to {args.out} ({parameters['mask_voxels']} voxels, "
+        f"{fit.n_invalid_signals} invalid signals masked, {fit.n_failed} voxels failed)"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="alsquant", description="ALS imaging biomarkers: DKI, QSM, atlas labelling and ROC diagnosis."
@@ -91,7 +176,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"alsquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_demo):
+    for add in (_add_simulate, _add_dki, _add_demo):
         add(subparsers)
     return parser
 

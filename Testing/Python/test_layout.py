@@ -45,7 +45,8 @@ def test_bare_import_is_light():
 
 
 def test_console_script_is_installed_and_answers():
-    result = subprocess.run(["alsquant", "--version"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "alsquant"  # installed beside the interpreter, as pip puts it
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0
     assert ALSQuantLib.__version__ in result.stdout
 
