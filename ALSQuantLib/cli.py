@@ -169,6 +169,69 @@ def _run_dki(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# qsm
+# ----------------------------------------------------------------------------------------------------------------
+def _add_qsm(subparsers):
+    p = subparsers.add_parser("qsm", help="reconstruct susceptibility (ppm) from GRE magnitude and phase")
+    p.add_argument("--magnitude", type=Path, nargs="+", required=True, help="magnitude: one 4D file or one per echo")
+    p.add_argument("--phase", type=Path, nargs="+", required=True, help="phase: one 4D file or one per echo")
+    p.add_argument("--te", type=float, nargs="+", help="echo times in seconds (default: EchoTime from the sidecars)")
+    p.add_argument("--b0", type=float, help="field strength in tesla (default: MagneticFieldStrength from the sidecar)")
+    p.add_argument("--mask", type=Path, help="brain mask (default: from the magnitude, eroded)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--unwrap", choices=("laplacian", "path"), default="laplacian")
+    p.add_argument("--background", choices=("vsharp", "pdf"), default="vsharp")
+    p.add_argument("--inversion", choices=("tkd", "cg", "tv"), default="tv")
+    p.add_argument("--erosion-mm", type=float, default=2.0, help="erosion of the automatic mask (default 2 mm)")
+    p.set_defaults(run=_run_qsm)
+
+
+def _run_qsm(args):
+    from . import io, provenance, qsm
+
+    gre = io.read_gre(
+        [str(p) for p in args.magnitude] if len(args.magnitude) > 1 else args.magnitude[0],
+        [str(p) for p in args.phase] if len(args.phase) > 1 else args.phase[0],
+        echo_times=args.te,
+        field_strength=args.b0,
+    )
+    mask = None
+    if args.mask:
+        mask_data, mask_affine = io.load_image(args.mask, ndim=3, what="mask")
+        if mask_data.shape != gre.phase.shape[:3] or not np.allclose(mask_affine, gre.affine, atol=1e-3):
+            raise InputError(f"mask {args.mask}: its grid does not match the GRE phase")
+        mask = mask_data > 0
+    names = ("susceptibility", "local_field", "mask")
+    outputs = [args.out / f"{n}.nii.gz" for n in names]
+    inputs = {f"magnitude_{i + 1}": p for i, p in enumerate(args.magnitude)}
+    inputs.update({f"phase_{i + 1}": p for i, p in enumerate(args.phase)})
+    if args.mask:
+        inputs["mask"] = args.mask
+    _refuse_overwriting_inputs(outputs, inputs.values())
+    result = qsm.reconstruct_qsm(
+        gre,
+        mask=mask,
+        unwrap=args.unwrap,
+        background=args.background,
+        inversion=args.inversion,
+        erosion_mm=args.erosion_mm,
+        progress=_print_progress,
+    )
+    io.save_image(outputs[0], result.susceptibility, gre.affine, description="ALSQuant chi ppm")
+    io.save_image(outputs[1], result.local_field, gre.affine, description="ALSQuant local field ppm")
+    io.save_image(outputs[2], result.mask, gre.affine, dtype=np.uint8)
+    provenance.write(
+        args.out / "provenance.json",
+        "qsm",
+        parameters={**result.parameters, "timings_s": result.timings},
+        inputs=inputs,
+        outputs=outputs,
+    )
+    print(f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; {result.parameters['phase_scaling']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="alsquant", description="ALS imaging biomarkers: DKI, QSM, atlas labelling and ROC diagnosis."
@@ -176,7 +239,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"alsquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_dki, _add_demo):
+    for add in (_add_simulate, _add_dki, _add_qsm, _add_demo):
         add(subparsers)
     return parser
 
