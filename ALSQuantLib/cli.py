@@ -128,12 +128,7 @@ def _run_dki(args):
         args.bval = args.bval or stem.with_suffix(".bval")
         args.bvec = args.bvec or stem.with_suffix(".bvec")
     dwi = io.read_dwi(args.dwi, bval=args.bval, bvec=args.bvec)
-    mask = None
-    if args.mask:
-        mask_data, mask_affine = io.load_image(args.mask, ndim=3, what="mask")
-        if mask_data.shape != dwi.data.shape[:3] or not np.allclose(mask_affine, dwi.affine, atol=1e-3):
-            raise InputError(f"mask {args.mask}: its grid does not match the DWI {args.dwi}")
-        mask = mask_data > 0
+    mask = io.load_mask(args.mask, dwi.data.shape, dwi.affine, matching="DWI") if args.mask else None
     outputs = [args.out / f"{name}.nii.gz" for name in maps] + [args.out / "mask.nii.gz"]
     inputs = {"dwi": args.dwi, "bval": args.bval, "bvec": args.bvec, "mask": args.mask}
     _refuse_overwriting_inputs(outputs, inputs.values())
@@ -195,12 +190,7 @@ def _run_qsm(args):
         echo_times=args.te,
         field_strength=args.b0,
     )
-    mask = None
-    if args.mask:
-        mask_data, mask_affine = io.load_image(args.mask, ndim=3, what="mask")
-        if mask_data.shape != gre.phase.shape[:3] or not np.allclose(mask_affine, gre.affine, atol=1e-3):
-            raise InputError(f"mask {args.mask}: its grid does not match the GRE phase")
-        mask = mask_data > 0
+    mask = io.load_mask(args.mask, gre.phase.shape, gre.affine, matching="GRE phase") if args.mask else None
     names = ("susceptibility", "local_field", "mask")
     outputs = [args.out / f"{n}.nii.gz" for n in names]
     inputs = {f"magnitude_{i + 1}": p for i, p in enumerate(args.magnitude)}

@@ -141,6 +141,14 @@ def load_image(path, *, ndim=None, what="image", allow_nonfinite=False):
     return data, np.asarray(affine, dtype=float)
 
 
+def load_mask(path, shape, affine, *, matching="image"):
+    """Read a mask (non-zero = inside) and check it lies on the grid of `shape` and `affine`."""
+    data, mask_affine = load_image(path, ndim=3, what="mask")
+    if data.shape != tuple(shape[:3]) or not np.allclose(mask_affine, affine, atol=1e-3):
+        raise InputError(f"mask {path}: its grid {data.shape} does not match the {matching}'s {tuple(shape[:3])}")
+    return data > 0
+
+
 def save_image(path, data, affine, *, dtype=np.float32, description=None):
     """Write `data` as NIfTI (``.nii`` or ``.nii.gz``) atomically, with `affine` as both qform and sform."""
     import nibabel as nib

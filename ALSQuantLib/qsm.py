@@ -311,6 +311,27 @@ def vsharp(total_field, mask, voxel_size, *, radii_mm=None, threshold=0.05):
     return local, filled
 
 
+def conjugate_gradient(apply, b, iterations, tolerance):
+    """Solve A x = b for a symmetric positive (semi-)definite operator `apply`, from x = 0, stopping when
+    ‖r‖ < `tolerance` ‖b‖ or after `iterations`."""
+    x = np.zeros_like(b)
+    r = b.copy()
+    p = r.copy()
+    rs = float(np.vdot(r, r))
+    stop = tolerance**2 * rs
+    for _ in range(iterations):
+        ap = apply(p)
+        alpha = rs / max(float(np.vdot(p, ap)), 1e-30)
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = float(np.vdot(r, r))
+        if rs_new < stop:
+            break
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x
+
+
 def pdf(total_field, mask, voxel_size, b0_direction, *, iterations=100, tolerance=1e-3, weights=None):
     """Projection onto dipole fields (Liu et al. 2011).
 
@@ -340,22 +361,7 @@ def pdf(total_field, mask, voxel_size, b0_direction, *, iterations=100, toleranc
         padded[sl] = y
         return scipy.fft.irfftn(scipy.fft.rfftn(padded, workers=workers) * kernel, s=shape, workers=workers) * outside
 
-    b = adjoint(w2 * total_field)
-    x = np.zeros(shape, dtype=np.float32)
-    r = b.copy()
-    p = r.copy()
-    rs = float(np.vdot(r, r))
-    stop = tolerance**2 * rs
-    for _ in range(iterations):
-        ap = adjoint(w2 * forward(p))
-        alpha = rs / max(float(np.vdot(p, ap)), 1e-30)
-        x += alpha * p
-        r -= alpha * ap
-        rs_new = float(np.vdot(r, r))
-        if rs_new < stop:
-            break
-        p = r + (rs_new / rs) * p
-        rs = rs_new
+    x = conjugate_gradient(lambda v: adjoint(w2 * forward(v)), adjoint(w2 * total_field), iterations, tolerance)
     background = forward(x)
     return np.where(mask, total_field - background, 0.0).astype(np.float32)
 
@@ -475,23 +481,7 @@ def dipole_inversion(
 
         padded_f = np.zeros(shape, dtype=np.float32)
         padded_f[sl] = f
-        b = ifft(D * fft(mp * padded_f))
-        x = np.zeros(shape, dtype=np.float32)
-        r = b.copy()
-        p = r.copy()
-        rs = float(np.vdot(r, r))
-        stop = tolerance**2 * rs
-        for _ in range(n_iter):
-            ap = normal(p)
-            alpha = rs / max(float(np.vdot(p, ap)), 1e-30)
-            x += alpha * p
-            r -= alpha * ap
-            rs_new = float(np.vdot(r, r))
-            if rs_new < stop:
-                break
-            p = r + (rs_new / rs) * p
-            rs = rs_new
-        chi = x[sl]
+        chi = conjugate_gradient(normal, ifft(D * fft(mp * padded_f)), n_iter, tolerance)[sl]
     else:
         chi = _tv_admm(f, shape, D, voxel_size, regularization, 40 if iterations is None else iterations, fft, ifft)[sl]
     out = np.zeros(mask.shape, dtype=np.float32)

@@ -333,3 +333,6 @@ def test_dki_command_errors(tmp_path, capsys):
     assert "unknown map(s) xx" in capsys.readouterr().err
     assert cli.main(["dki", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     assert "file not found" in capsys.readouterr().err
+    io.save_image(tmp_path / "small_mask.nii.gz", np.ones((4, 4, 4)), np.eye(4), dtype=np.uint8)
+    assert cli.main(["dki", str(dwi_path), "--mask", str(tmp_path / "small_mask.nii.gz"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not match the DWI's" in capsys.readouterr().err
