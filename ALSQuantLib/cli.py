@@ -222,6 +222,135 @@ def _run_qsm(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# label
+# ----------------------------------------------------------------------------------------------------------------
+def _add_label(subparsers):
+    p = subparsers.add_parser("label", help="bring atlas regions into the subject's space with ANTs and measure maps")
+    p.add_argument("--reference", type=Path, required=True, help="subject reference image: FA (or b0) in DWI space")
+    p.add_argument(
+        "--reference-contrast", choices=("FA", "T1w"), default="FA",
+        help="contrast of the reference: FA registers to the atlas FA template when the atlas has one (default FA)",
+    )  # fmt: skip
+    p.add_argument("--gre-magnitude", type=Path, help="GRE magnitude, rigidly linked to the reference")
+    p.add_argument("--atlas", default="eve", help="built-in atlas name (default eve)")
+    p.add_argument("--atlas-dir", type=Path, help="folder holding the atlas files (default: $FSLDIR/data/atlases)")
+    p.add_argument("--template", type=Path, help="template image overriding the atlas's")
+    p.add_argument("--regions-json", type=Path, help="user region definitions (JSON)")
+    p.add_argument("--rois", default="CST,M1", help="regions to measure (default CST,M1)")
+    p.add_argument("--maps", default="", help="name=file pairs, e.g. mk=mk.nii.gz,fa=fa.nii.gz,ms=chi.nii.gz")
+    p.add_argument("--erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
+    p.add_argument("--fa-threshold", type=float, default=0.2, help="white-matter regions keep FA >= this (needs fa=)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subject", default="", help="subject identifier for the table")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_run_label)
+
+
+def _parse_maps(text):
+    maps = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--maps: expected name=file pairs separated by commas, got {item!r}")
+        maps[name.strip().lower()] = Path(path.strip())
+    return maps
+
+
+def _run_label(args):
+    from . import atlas as atlas_lib
+    from . import io, provenance
+
+    atlas = atlas_lib.find_atlas(args.atlas, atlas_dir=args.atlas_dir, template=args.template)
+    if args.regions_json:
+        atlas.regions = atlas_lib.load_regions_json(args.regions_json, atlas.name)
+    rois = [r.strip() for r in args.rois.split(",") if r.strip()]
+    for roi in rois:
+        atlas.region(roi)
+    map_paths = _parse_maps(args.maps)
+    reference, reference_affine = io.load_image(args.reference, ndim=3, what="reference")
+    use_fa = args.reference_contrast == "FA" and atlas.template_fa is not None
+    template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
+    labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
+    raw_labels = labels.astype(np.int32)
+    labels = atlas_lib.split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
+    outputs = [args.out / "labels_reference.nii.gz", args.out / "roi_stats.csv", args.out / "quality.json"]
+    _refuse_overwriting_inputs(outputs, [args.reference, args.gre_magnitude, *map_paths.values()])
+
+    print(f"registering {args.reference} to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", flush=True)
+    registration = atlas_lib.register(reference, reference_affine, template, template_affine, random_seed=args.seed)
+    link = None
+    grids = {"reference": (reference.shape, reference_affine)}
+    try:
+        label_images = {"reference": atlas_lib.propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration)}
+        if args.gre_magnitude:
+            gre, gre_affine = io.load_image(args.gre_magnitude, ndim=(3, 4), what="GRE magnitude")
+            gre = gre[..., 0] if gre.ndim == 4 else gre
+            print("linking the GRE to the reference (rigid)", flush=True)
+            link = atlas_lib.register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=args.seed)
+            grids["gre"] = (gre.shape, gre_affine)
+            label_images["gre"] = atlas_lib.propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link)
+        template_masks = atlas_lib.region_masks(raw_labels, labels_affine, atlas, rois)
+        table = atlas_lib.LabelTable(dict(atlas.table.entries))
+        for value in np.unique(labels[labels >= 1000]):
+            name, rgb = table.entries.get(int(value) - 1000, (f"label_{int(value) - 1000}", (128, 128, 128)))
+            table.entries[int(value)] = (f"{name}_right", rgb)
+        rows, ratios = [], {}
+        for space, label_image in label_images.items():
+            shape, affine = grids[space]
+            io.save_image(args.out / f"labels_{space}.nii.gz", label_image, affine, dtype=np.int16)
+            masks = {key: np.isin(label_image, _values(atlas, key)) for key in template_masks}
+            if space == "reference":
+                ratios = atlas_lib.volume_ratios(masks, affine, template_masks, labels_affine)
+            maps = {}
+            for name, path in map_paths.items():
+                data, map_affine = io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True)
+                if data.shape == tuple(shape) and np.allclose(map_affine, affine, atol=1e-3):
+                    maps[name] = data
+            fa = maps.get("fa")
+            rows += [
+                {**row, "space": space}
+                for row in atlas_lib.roi_statistics(
+                    maps, masks, subject=args.subject, erosion_voxels=args.erosion, fa=fa,
+                    fa_threshold=args.fa_threshold, kinds={r: atlas.region(r).kind for r in rois},
+                )
+            ]  # fmt: skip
+        io.write_color_table(args.out / "labels.ctbl", table.as_list())
+        matched = {row["map"] for row in rows}
+        unmatched = sorted(set(map_paths) - matched)
+        if unmatched:
+            raise InputError(f"map(s) {', '.join(unmatched)}: on neither the reference's nor the GRE's grid")
+        flags = atlas_lib.quality_flags(registration, ratios)
+        for row in rows:
+            row["qc_passed"] = not flags
+        io.write_table(args.out / "roi_stats.csv", rows)
+        atlas_lib.write_quality(args.out / "quality.json", registration, ratios, flags)
+        provenance.write(
+            args.out / "provenance.json", "label",
+            parameters={"atlas": atlas.name, "rois": rois, "seed": args.seed, "erosion": args.erosion,
+                        "fa_threshold": args.fa_threshold, "template": str(atlas.template_fa if use_fa else atlas.template)},
+            inputs={"reference": args.reference, **({"gre_magnitude": args.gre_magnitude} if args.gre_magnitude else {}), **map_paths},
+            outputs=outputs,
+        )  # fmt: skip
+    finally:
+        registration.cleanup()
+        if link is not None:
+            link.cleanup()
+    for flag in flags:
+        print(f"quality warning: {flag}")
+    print(f"wrote labels, roi_stats.csv ({len(rows)} rows) and quality.json to {args.out}")
+    return 0
+
+
+def _values(atlas, key):
+    region_name, side = key
+    region = atlas.region(region_name)
+    if region.split_hemisphere:
+        base = region.labels["both"]
+        return base if side == "left" else tuple(v + 1000 for v in base)
+    return region.labels[side]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="alsquant", description="ALS imaging biomarkers: DKI, QSM, atlas labelling and ROC diagnosis."
@@ -229,7 +358,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"alsquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_dki, _add_qsm, _add_demo):
+    for add in (_add_simulate, _add_dki, _add_qsm, _add_label, _add_demo):
         add(subparsers)
     return parser
 

@@ -257,3 +257,23 @@ def voxel_centers_world(shape, affine):
     affine = _check_affine(affine)
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape[:3]], indexing="ij"), axis=-1)
     return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def itk_from_affine(affine):
+    """ITK/ANTs physical-space description of a RAS affine: LPS ``origin``, ``spacing`` and ``direction``.
+
+    ITK maps index to physical point as ``origin + direction @ (spacing * index)`` in LPS; an ANTsPy array shares
+    nibabel's ``(i, j, k)`` order.
+    """
+    affine = _check_affine(affine)
+    spacing = voxel_sizes(affine)
+    direction = LPS_TO_RAS @ (affine[:3, :3] / spacing)
+    return tuple(LPS_TO_RAS @ affine[:3, 3]), tuple(spacing), direction
+
+
+def affine_from_itk(origin, spacing, direction):
+    """Inverse of `itk_from_affine`: the RAS affine of an ITK/ANTs image."""
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) * np.asarray(spacing, dtype=float)
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin, dtype=float)
+    return _check_affine(affine, "ITK image geometry")

@@ -217,21 +217,28 @@ def combine_echoes(phase, magnitude, echo_times, field_strength, *, mask=None, u
 # Mask
 # ----------------------------------------------------------------------------------------------------------------
 def brain_mask(magnitude, voxel_size, *, erosion_mm=2.0):
-    """Brain mask from a (first-echo) magnitude: Otsu threshold (DIPY's median_otsu), largest component, holes
-    filled, then eroded by `erosion_mm` to drop the unreliable phase at the brain's edge."""
-    from dipy.segment.mask import median_otsu
+    """Brain mask from a (first-echo) magnitude.
+
+    Otsu's threshold on the magnitude smoothed by a 1-voxel Gaussian, the largest connected component, holes
+    filled (background components that do not touch the image border), then eroded by `erosion_mm` (exact
+    Euclidean distance, anisotropic voxels honoured) to drop the unreliable phase at the brain's edge.
+    """
+    from skimage.filters import threshold_otsu
 
     magnitude = np.asarray(magnitude, dtype=np.float32)
     if magnitude.ndim == 4:
         magnitude = magnitude[..., 0]
-    _, mask = median_otsu(magnitude, median_radius=2, numpass=2)
+    smooth = ndimage.gaussian_filter(magnitude, sigma=1.0)
+    mask = smooth > threshold_otsu(smooth[::2, ::2, ::2])
     labels, n = ndimage.label(mask)
     if n == 0:
         raise InputError("magnitude: no brain found by thresholding; give a mask")
     mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    mask = ndimage.binary_fill_holes(mask)
+    background, _ = ndimage.label(~mask)
+    border = np.unique(np.concatenate([background[[0, -1]].ravel(), background[:, [0, -1]].ravel(), background[:, :, [0, -1]].ravel()]))
+    mask |= ~np.isin(background, border)
     if erosion_mm > 0:
-        mask = ndimage.binary_erosion(mask, structure=_ball(erosion_mm, voxel_size))
+        mask = ndimage.distance_transform_edt(mask, sampling=voxel_size) > erosion_mm
     return mask
 
 
@@ -389,12 +396,35 @@ def _crop_box(mask, margin):
 
 def _gradient(x, voxel_size):
     """Forward differences with periodic boundaries, per axis, divided by the voxel size."""
-    return [(np.roll(x, -1, axis=a) - x) / np.float32(voxel_size[a]) for a in range(3)]
+    out = []
+    for a in range(3):
+        g = np.empty_like(x)
+        last = [slice(None)] * 3
+        rest = [slice(None)] * 3
+        first = [slice(None)] * 3
+        rest[a], last[a], first[a] = slice(0, -1), slice(-1, None), slice(0, 1)
+        shifted = [slice(None)] * 3
+        shifted[a] = slice(1, None)
+        np.subtract(x[tuple(shifted)], x[tuple(rest)], out=g[tuple(rest)])
+        np.subtract(x[tuple(first)], x[tuple(last)], out=g[tuple(last)])
+        g *= np.float32(1.0 / voxel_size[a])
+        out.append(g)
+    return out
 
 
 def _divergence_adjoint(g, voxel_size):
-    """Adjoint of `_gradient` (= −divergence)."""
-    return sum((np.roll(g[a], 1, axis=a) - g[a]) / np.float32(voxel_size[a]) for a in range(3))
+    """Adjoint of `_gradient` (= −divergence): Σ_a (g_a shifted forward by one − g_a) / h_a."""
+    total = np.zeros_like(g[0])
+    for a in range(3):
+        rest = [slice(None)] * 3
+        shifted = [slice(None)] * 3
+        first = [slice(None)] * 3
+        last = [slice(None)] * 3
+        rest[a], shifted[a], first[a], last[a] = slice(1, None), slice(0, -1), slice(0, 1), slice(-1, None)
+        scale = np.float32(1.0 / voxel_size[a])
+        total[tuple(rest)] += (g[a][tuple(shifted)] - g[a][tuple(rest)]) * scale
+        total[tuple(first)] += (g[a][tuple(last)] - g[a][tuple(first)]) * scale
+    return total
 
 
 def _gradient_spectrum(shape, voxel_size):
@@ -499,18 +529,24 @@ def _tv_admm(f, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_factor=1
     dtf = np.conj(D) * fft(padded)
     denominator = (np.abs(D) ** 2 + rho * _gradient_spectrum(shape, voxel_size)).astype(np.float32)
     denominator[0, 0, 0] = max(float(denominator[0, 0, 0]), 1e-6)
-    z = [np.zeros(shape, dtype=np.float32) for _ in range(3)]
+    # Scaled ADMM with z = shrink(∇χ + u) and u ← ∇χ + u − z. Since shrink(v) = v − clip(v, −t, t), the new u is
+    # clip(v, −t, t) and the next χ-update needs only z − u = v − 2u: one buffer per axis instead of four.
     u = [np.zeros(shape, dtype=np.float32) for _ in range(3)]
+    z_minus_u = [np.zeros(shape, dtype=np.float32) for _ in range(3)]
     chi = np.zeros(shape, dtype=np.float32)
     shrink = np.float32(alpha / rho)
+    denominator = denominator.astype(np.complex64)
     for _ in range(iterations):
-        rhs = dtf + rho * fft(_divergence_adjoint([zi - ui for zi, ui in zip(z, u)], voxel_size))
-        chi = ifft(rhs / denominator).astype(np.float32)
-        grad = _gradient(chi, voxel_size)
-        for a in range(3):
-            v = grad[a] + u[a]
-            z[a] = np.sign(v) * np.maximum(np.abs(v) - shrink, 0)
-            u[a] = v - z[a]
+        spectrum = fft(_divergence_adjoint(z_minus_u, voxel_size))
+        spectrum *= np.float32(rho)
+        spectrum += dtf
+        spectrum /= denominator
+        chi = ifft(spectrum).astype(np.float32, copy=False)
+        for a, v in enumerate(_gradient(chi, voxel_size)):
+            v += u[a]
+            np.clip(v, -shrink, shrink, out=u[a])
+            v -= 2 * u[a]
+            z_minus_u[a] = v
     return chi
 
 

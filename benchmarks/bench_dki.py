@@ -119,15 +119,18 @@ def peak_memory(shape, voxel):
         io.write_dwi(dwi, Path(tmp) / "dwi.nii.gz")
         io.save_image(Path(tmp) / "mask.nii.gz", mask, dwi.affine, dtype=np.uint8)
         code = f"""
-import resource
 from ALSQuantLib import dki, io
+
+def peak_kib():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's across fork and exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
 dwi = io.read_dwi({str(Path(tmp) / "dwi.nii.gz")!r})
 mask = io.load_image({str(Path(tmp) / "mask.nii.gz")!r})[0] > 0
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = peak_kib()
 fit = dki.DKIModel(dwi.bvals, dwi.bvecs_voxel, fit_method="WLS").fit(dwi.data, mask=mask)
 for name in fit.map_names:
     getattr(fit, name)
-print(int(mask.sum()), dwi.data.nbytes, loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(int(mask.sum()), dwi.data.nbytes, loaded, peak_kib())
 """
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     voxels, data_bytes, loaded_kib, peak_kib = map(int, out)

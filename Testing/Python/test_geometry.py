@@ -138,3 +138,22 @@ def test_conventions_agree_with_real_mrml_volume_node(mrml_scene):
     matrix = slicer.util.arrayFromVTKMatrix(vtk_matrix)
     np.testing.assert_allclose(matrix, affine, atol=1e-12)
     np.testing.assert_array_equal(geometry.array_from_mrml(slicer.util.arrayFromVolume(node)), data)
+
+
+def test_itk_round_trip_and_agreement_with_ants(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(5)
+    affine = np.eye(4)
+    affine[:3, :3] = random_rotation(rng) @ np.diag([0.9, 1.1, 2.5])
+    affine[:3, 3] = [12.0, -7.0, 30.0]
+    origin, spacing, direction = geometry.itk_from_affine(affine)
+    np.testing.assert_allclose(geometry.affine_from_itk(origin, spacing, direction), affine, atol=1e-12)
+    ants = pytest.importorskip("ants")
+    data = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "img.nii.gz")
+    image = ants.image_read(str(tmp_path / "img.nii.gz"))  # ANTs' own reading of the NIfTI
+    np.testing.assert_allclose(image.origin, origin, atol=1e-4)
+    np.testing.assert_allclose(image.spacing, spacing, atol=1e-5)
+    np.testing.assert_allclose(image.direction, direction, atol=1e-5)
+    np.testing.assert_allclose(image.numpy(), data)

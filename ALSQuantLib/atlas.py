@@ -1,0 +1,528 @@
+"""Atlas labelling with ANTs and automatic ROI measurement.
+
+Atlases are data, not code: an atlas is a template image, a label image and a label table (names, colours).
+Regions are data too: a named set of labels of one atlas, per side (e.g. ``CST`` = Eve labels 29 left, 117 right).
+
+The study's approach: the subject is registered to the atlas template (rigid → affine → SyN, antspyx), and the
+*inverse* transform brings the atlas labels into the subject's own space (generic-label interpolation), where the
+maps are measured.
+
+No atlas file is shipped: users point to their own files, or they are found in an FSL installation
+(``$FSLDIR/data/atlases``), or downloaded once from their official source with a SHA-256 check into a cache.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from . import geometry, io, phantom
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label tables
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class LabelTable:
+    """Label value → (name, (r, g, b))."""
+
+    entries: dict = field(default_factory=dict)
+
+    def name(self, value):
+        return self.entries[value][0]
+
+    def values(self, name):
+        """Label values whose name equals `name` (case-insensitive)."""
+        return [v for v, (n, _) in self.entries.items() if n.lower() == name.lower()]
+
+    def as_list(self):
+        return [(v, n, rgb) for v, (n, rgb) in sorted(self.entries.items())]
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def read_color_table(path):
+    """Read a Slicer colour table (``index name R G B A`` per line; ``#`` comments).
+
+    Real files have quirks this survives: stray characters after the colour (the Eve table has ``)`` on some
+    lines), names with brackets, tabs. A line without a leading integer and a name is refused with its number.
+    """
+    path = Path(path)
+    table = LabelTable()
+    for number, line in enumerate(io._existing(path, "colour table").read_text(errors="replace").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split()
+        if len(parts) < 2 or not parts[0].lstrip("-").isdigit():
+            raise InputError(f"colour table {path}, line {number}: expected 'index name R G B A', got {text!r}")
+        colour = [int(float(x)) for x in _NUMBER.findall(" ".join(parts[2:]))[:3]]
+        table.entries[int(parts[0])] = (parts[1], tuple(colour + [128] * (3 - len(colour))))
+    if not table.entries:
+        raise InputError(f"colour table {path}: no labels found")
+    return table
+
+
+def read_index_table(path, *, first_value=1):
+    """Read a plain index file in which line N names label N (FSL's ``*_index.txt`` as distributed)."""
+    path = io._existing(path, "label index")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    table = LabelTable({0: ("Background", (0, 0, 0))})
+    for offset, name in enumerate(names):
+        if name:
+            table.entries[first_value + offset] = (name.replace(" ", "_"), _colour(first_value + offset))
+    return table
+
+
+def read_fsl_xml(path):
+    """Read an FSL atlas XML; ``<label index="i">`` names image value i + 1 (FSL's 0-based index of a maxprob map)."""
+    path = io._existing(path, "FSL atlas XML")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise InputError(f"FSL atlas XML {path}: not valid XML ({err})") from None
+    table = LabelTable({0: ("Background", (0, 0, 0))})
+    for label in root.iter("label"):
+        value = int(label.get("index")) + 1
+        table.entries[value] = ((label.text or f"label_{value}").strip().replace(" ", "_"), _colour(value))
+    if len(table.entries) == 1:
+        raise InputError(f"FSL atlas XML {path}: no <label> elements")
+    return table
+
+
+def _colour(value):
+    rng = np.random.default_rng(value)
+    return tuple(int(c) for c in rng.integers(40, 255, 3))
+
+
+def read_label_table(path):
+    """A label table from a Slicer colour table (.ctbl/.txt with colours), FSL XML, or an index file."""
+    path = Path(path)
+    if path.suffix.lower() == ".xml":
+        return read_fsl_xml(path)
+    first = next((line for line in io._existing(path, "label table").read_text().splitlines() if line.strip() and not line.startswith("#")), "")
+    if first.split() and first.split()[0].isdigit():
+        return read_color_table(path)
+    return read_index_table(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atlas definitions
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Region:
+    """A named region: labels of one atlas per side. ``labels`` maps side ("left", "right", "both") → values.
+
+    ``split_hemisphere``: the atlas does not separate sides, so each side is the label restricted to its half of the
+    template (x < 0 left in RAS, x > 0 right, about the template's midline).
+    """
+
+    name: str
+    labels: dict
+    kind: str = "white_matter"  # or "cortex": decides the partial-volume control
+    split_hemisphere: bool = False
+
+
+@dataclass(frozen=True)
+class AtlasDefinition:
+    """File names (relative to an atlas folder), regions, and where an FSL installation keeps the files."""
+
+    name: str
+    template: str
+    labels: str
+    table: str
+    regions: tuple
+    template_contrast: str = "T1w"
+    fsl_paths: tuple = ()
+    midline_x_mm: float = 0.0
+
+
+BUILTIN_ATLASES = {
+    "eve": AtlasDefinition(
+        "eve",
+        template="JHU_MNI_SS_T1_Brain.nii.gz",
+        labels="JHU_MNI_SS_WMPM_Type-I.nii.gz",
+        table="JHU_MNI_SS_WMPM_Type-I_SlicerLUT.txt",
+        regions=(
+            Region("CST", {"left": (29,), "right": (117,)}),
+            Region("M1", {"left": (6,), "right": (94,)}, kind="cortex"),
+            Region("precentral_WM", {"left": (71,), "right": (159,)}),
+        ),
+        midline_x_mm=-90.0,  # Eve's affine has origin 0: the midline lies at x = −90 mm
+    ),
+    "jhu-icbm-labels": AtlasDefinition(
+        "jhu-icbm-labels",
+        template="MNI152_T1_1mm_brain.nii.gz",
+        labels="JHU-ICBM-labels-1mm.nii.gz",
+        table="JHU-labels_index.txt",
+        regions=(Region("CST", {"left": (8,), "right": (7,)}),),
+        fsl_paths=("JHU/JHU-ICBM-labels-1mm.nii.gz", "JHU-labels.xml"),
+    ),
+    "jhu-tracts": AtlasDefinition(
+        "jhu-tracts",
+        template="MNI152_T1_1mm_brain.nii.gz",
+        labels="JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz",
+        table="JHU-tracts_index.txt",
+        regions=(Region("CST", {"left": (3,), "right": (4,)}),),
+        fsl_paths=("JHU/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz", "JHU-tracts.xml"),
+    ),
+    "harvard-oxford": AtlasDefinition(
+        "harvard-oxford",
+        template="MNI152_T1_1mm_brain.nii.gz",
+        labels="HarvardOxford-cort-maxprob-thr25-1mm.nii.gz",
+        table="HarvardOxford-Cortical_index.txt",
+        regions=(Region("M1", {"both": (7,)}, kind="cortex", split_hemisphere=True),),
+        fsl_paths=("HarvardOxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz", "HarvardOxford-Cortical.xml"),
+    ),
+    "phantom": AtlasDefinition(
+        "phantom",
+        template="template_T1w.nii.gz",
+        labels="template_label.nii.gz",
+        table="template_label.ctbl",
+        regions=(
+            Region("CST", {"left": (phantom.CST_LEFT,), "right": (phantom.CST_RIGHT,)}),
+            Region("M1", {"left": (phantom.M1_LEFT,), "right": (phantom.M1_RIGHT,)}, kind="cortex"),
+        ),
+    ),
+}
+
+STUDY_MAPS = {"CST": ("mk", "fa", "md"), "M1": ("ms",)}
+"""The study's defaults: DKI maps measured in the CST, susceptibility in M1."""
+
+
+@dataclass
+class Atlas:
+    """An atlas resolved to files: template, label image, label table, and its regions."""
+
+    name: str
+    template: Path
+    labels: Path
+    table: LabelTable
+    regions: dict
+    template_fa: Path = None
+    midline_x_mm: float = 0.0
+
+    def region(self, name):
+        try:
+            return self.regions[name]
+        except KeyError:
+            raise InputError(f"region {name!r}: atlas {self.name} defines {', '.join(self.regions)}") from None
+
+
+def load_regions_json(path, atlas_name=None):
+    """User region definitions: ``{"regions": [{"name": "CST", "atlas": "eve", "labels": {"left": [29], ...},
+    "kind": "white_matter", "split_hemisphere": false}, ...]}``."""
+    data = io.read_json(path)
+    regions = {}
+    for entry in data.get("regions", []):
+        if atlas_name and entry.get("atlas", atlas_name) != atlas_name:
+            continue
+        try:
+            labels = {side: tuple(int(v) for v in values) for side, values in entry["labels"].items()}
+            regions[entry["name"]] = Region(entry["name"], labels, entry.get("kind", "white_matter"), bool(entry.get("split_hemisphere", False)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"regions file {path}: entry {entry!r} is not a region ({err})") from None
+    if not regions:
+        raise InputError(f"regions file {path}: no regions for atlas {atlas_name}")
+    return regions
+
+
+def fetch(url, sha256, cache_dir=None, *, timeout=60):
+    """Download `url` into the cache (once) and check its SHA-256; return the cached path.
+
+    The file is written to a temporary name and renamed only when its checksum matches, so the cache never holds a
+    partial or corrupted file.
+    """
+    cache_dir = Path(cache_dir or os.environ.get("ALSQUANT_CACHE", Path.home() / ".cache" / "alsquant"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{sha256[:16]}-{Path(url.split('?')[0]).name}"
+    if target.is_file():
+        return target
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while block := response.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != sha256:
+            raise InputError(f"download {url}: SHA-256 {digest.hexdigest()} does not match the expected {sha256}")
+        os.replace(tmp, target)
+    except OSError as err:
+        raise InputError(f"download {url} failed: {err}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None):
+    """Resolve a built-in atlas to files.
+
+    Looks in `atlas_dir` (the user's folder holding the files named in the definition), then in
+    ``$FSLDIR/data/atlases`` (FSL's layout). `template` overrides the template image (e.g. an MNI152 T1 for the
+    FSL atlases, which ship without one).
+    """
+    if name not in BUILTIN_ATLASES:
+        raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}, or give your own files")
+    definition = BUILTIN_ATLASES[name]
+    candidates = []
+    if atlas_dir:
+        candidates.append((Path(atlas_dir) / definition.labels, Path(atlas_dir) / definition.table))
+    fsldir = fsldir or os.environ.get("FSLDIR")
+    if fsldir and definition.fsl_paths:
+        base = Path(fsldir) / "data" / "atlases"
+        candidates.append((base / definition.fsl_paths[0], base / definition.fsl_paths[1]))
+    for labels, table in candidates:
+        if labels.is_file() and table.is_file():
+            template_path = Path(template) if template else labels.parent / definition.template
+            if not template_path.is_file() and fsldir:
+                template_path = Path(fsldir) / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz"
+            if not template_path.is_file():
+                raise InputError(f"atlas {name}: template {template_path} not found; pass template=")
+            fa = labels.parent / "template_FA.nii.gz"
+            return Atlas(
+                name,
+                template_path,
+                labels,
+                read_label_table(table),
+                {r.name: r for r in definition.regions},
+                template_fa=fa if fa.is_file() else None,
+                midline_x_mm=definition.midline_x_mm,
+            )
+    looked = ", ".join(str(c[0].parent) for c in candidates) or "nowhere (no atlas folder given, FSLDIR unset)"
+    raise InputError(f"atlas {name}: files {definition.labels} and {definition.table} not found; looked in {looked}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------------------
+def to_ants(data, affine):
+    import ants
+
+    origin, spacing, direction = geometry.itk_from_affine(affine)
+    return ants.from_numpy(np.ascontiguousarray(data, dtype=np.float32), origin=origin, spacing=spacing, direction=direction)
+
+
+def from_ants(image):
+    return image.numpy(), geometry.affine_from_itk(image.origin, image.spacing, image.direction)
+
+
+@dataclass
+class Registration:
+    """Subject → template registration: ANTs transform files, and quality figures."""
+
+    forward: list
+    inverse: list
+    similarity: float
+    workdir: Path
+
+    def cleanup(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def register(subject, subject_affine, template, template_affine, *, transform="SyNRA", random_seed=0, workdir=None):
+    """Register the subject image to the template (rigid → affine → SyN by default) with antspyx.
+
+    Parameters
+    ----------
+    subject, template : ndarray, 3D
+        Images of similar contrast (e.g. subject FA and template FA; GRE magnitude and template T1w works through
+        the mutual-information metric).
+    transform : str
+        ANTsPy ``type_of_transform`` (``"SyNRA"``: rigid + affine + SyN; ``"Rigid"``; ``"Affine"``).
+    random_seed : int
+        Seeds the metric sampling. ANTs is also run single-threaded, so results repeat exactly.
+
+    Returns
+    -------
+    Registration
+    """
+    import ants
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = os.environ.get("ALSQUANT_ANTS_THREADS", "1")
+    fixed = to_ants(template / max(np.percentile(template, 99), 1e-6), template_affine)
+    moving = to_ants(subject / max(np.percentile(subject, 99), 1e-6), subject_affine)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="alsquant-ants-"))
+    result = ants.registration(
+        fixed=fixed, moving=moving, type_of_transform=transform, random_seed=random_seed, outprefix=str(workdir / "reg_")
+    )
+    similarity = float(ants.image_similarity(fixed, result["warpedmovout"], metric_type="Correlation"))
+    return Registration(result["fwdtransforms"], result["invtransforms"], -similarity, workdir)
+
+
+def _inverse_chain(registration):
+    """The registration's inverse transforms and which of them ANTs must invert (the affine ones)."""
+    return list(registration.inverse), [not str(t).endswith(".nii.gz") for t in registration.inverse]
+
+
+def propagate_labels(labels, template_affine, subject_shape, subject_affine, registration, *, link=None):
+    """Atlas labels in the subject's space through the inverse transform (generic-label interpolation).
+
+    Parameters
+    ----------
+    registration : Registration
+        Subject reference → template.
+    link : Registration, optional
+        Another image of the same subject (e.g. GRE magnitude) → the reference, rigid: the labels then land on that
+        image's grid (`subject_shape`, `subject_affine`), one atlas registration serving both.
+    """
+    import ants
+
+    transforms, invert = _inverse_chain(registration)
+    if link is not None:
+        # ANTs applies the last transform first to a point of the output grid: image → reference → template.
+        link_transforms, link_invert = _inverse_chain(link)
+        transforms, invert = transforms + link_transforms, invert + link_invert
+    moved = ants.apply_transforms(
+        fixed=to_ants(np.zeros(subject_shape, np.float32), subject_affine),
+        moving=to_ants(labels.astype(np.float32), template_affine),
+        transformlist=transforms,
+        whichtoinvert=invert,
+        interpolator="genericLabel",
+    )
+    return np.rint(moved.numpy()).astype(np.int32)
+
+
+def region_masks(labels, affine, atlas, region_names, *, template_midline_x=None):
+    """Boolean masks per (region, side) for a label image in some space.
+
+    For regions with ``split_hemisphere``, the side is decided on the label image's own x coordinate relative to
+    `template_midline_x` (use labels in template space, before propagation).
+    """
+    masks = {}
+    for name in region_names:
+        region = atlas.region(name)
+        if region.split_hemisphere:
+            world_x = geometry.voxel_centers_world(labels.shape, affine)[..., 0]
+            midline = atlas.midline_x_mm if template_midline_x is None else template_midline_x
+            inside = np.isin(labels, region.labels["both"])
+            masks[(name, "left")] = inside & (world_x < midline)
+            masks[(name, "right")] = inside & (world_x > midline)
+        else:
+            for side, values in region.labels.items():
+                masks[(name, side)] = np.isin(labels, values)
+    return masks
+
+
+def split_labels_by_hemisphere(labels, affine, atlas):
+    """Give each split-hemisphere region's left and right halves their own label values (value, value + 1000)."""
+    out = labels.astype(np.int32).copy()
+    world_x = geometry.voxel_centers_world(labels.shape, affine)[..., 0]
+    for region in atlas.regions.values():
+        if region.split_hemisphere:
+            for value in region.labels["both"]:
+                out[(labels == value) & (world_x > atlas.midline_x_mm)] = value + 1000
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROI statistics
+# ----------------------------------------------------------------------------------------------------------------
+def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_threshold=0.2, tissue_mask=None, kinds=None):
+    """Tidy statistics: one row per region × side × map.
+
+    Parameters
+    ----------
+    maps : dict name → ndarray (all on the grid of the masks)
+    masks : dict (region, side) → ndarray of bool
+    erosion_voxels : int
+        Erode each region mask first (partial-volume control at region borders); a region that would vanish keeps
+        its uneroded mask, and the row says so.
+    fa : ndarray, optional
+        FA on the same grid: white-matter regions keep voxels with FA ≥ `fa_threshold`.
+    tissue_mask : ndarray of bool, optional
+        For cortex regions (e.g. grey matter): voxels outside it are dropped.
+    kinds : dict region → "white_matter" | "cortex", optional
+
+    Returns
+    -------
+    list of dict with subject, region, side, map, n, mean, median, sd, iqr, eroded
+    """
+    rows = []
+    for (region, side), mask in masks.items():
+        selected = mask.copy()
+        eroded = False
+        if erosion_voxels > 0:
+            candidate = ndimage.binary_erosion(mask, iterations=erosion_voxels)
+            if candidate.any():
+                selected, eroded = candidate, True
+        kind = (kinds or {}).get(region, "white_matter")
+        if kind == "white_matter" and fa is not None:
+            selected &= fa >= fa_threshold
+        if kind == "cortex" and tissue_mask is not None:
+            selected &= tissue_mask
+        for name, values in maps.items():
+            v = values[selected]
+            v = v[np.isfinite(v)]
+            stats = dict(n=int(v.size), mean=np.nan, median=np.nan, sd=np.nan, iqr=np.nan)
+            if v.size:
+                q1, q3 = np.percentile(v, [25, 75])
+                stats.update(mean=float(v.mean()), median=float(np.median(v)), sd=float(v.std(ddof=1)) if v.size > 1 else 0.0, iqr=float(q3 - q1))
+            rows.append({"subject": subject, "region": region, "side": side, "map": name, **stats, "eroded": eroded})
+    return rows
+
+
+def dice(a, b):
+    """Dice coefficient of two boolean masks."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def volume_ratios(subject_masks, subject_affine, template_masks, template_affine):
+    """Region volume in the subject / in the template, per (region, side): a registration failure flag when far
+    from 1 (brains differ by tens of percent, not by factors)."""
+    v_subject = np.prod(geometry.voxel_sizes(subject_affine))
+    v_template = np.prod(geometry.voxel_sizes(template_affine))
+    ratios = {}
+    for key, mask in subject_masks.items():
+        reference = template_masks[key].sum() * v_template
+        ratios[key] = float(mask.sum() * v_subject / reference) if reference else float("nan")
+    return ratios
+
+
+def quality_flags(registration, ratios, *, min_similarity=0.5, ratio_range=(0.5, 2.0)):
+    """Reasons to distrust a registration: low template similarity, or region volumes far from the template's."""
+    flags = []
+    if registration.similarity < min_similarity:
+        flags.append(f"template correlation after registration {registration.similarity:.2f} < {min_similarity}")
+    for (region, side), ratio in ratios.items():
+        if not ratio_range[0] <= ratio <= ratio_range[1]:
+            flags.append(f"{region} {side} volume is {ratio:.2f} x the template's")
+    return flags
+
+
+def write_quality(path, registration, ratios, flags):
+    io.write_json(
+        path,
+        {
+            "template_correlation": registration.similarity,
+            "volume_ratio": {f"{r}_{s}": v for (r, s), v in ratios.items()},
+            "flags": flags,
+            "passed": not flags,
+        },
+    )
+
+
+def label_json_regions(atlas):
+    """The atlas's regions as JSON-ready dicts (the format `load_regions_json` reads)."""
+    return json.loads(
+        json.dumps(
+            {"regions": [{"name": r.name, "atlas": atlas.name, "labels": {k: list(v) for k, v in r.labels.items()}, "kind": r.kind, "split_hemisphere": r.split_hemisphere} for r in atlas.regions.values()]}
+        )
+    )

@@ -1,0 +1,201 @@
+"""ALSQuantLib.atlas: real atlas files, a real HTTP download on loopback, real ANTs registration on the phantom."""
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+
+from ALSQuantLib import atlas, cli, dki, io, phantom
+from ALSQuantLib.errors import InputError
+
+CONFIG = phantom.PhantomConfig()
+
+
+def test_eve_colour_table_survives_its_stray_characters(shared_data):
+    table = atlas.read_color_table(shared_data / "atlases" / "eve" / "JHU_MNI_SS_WMPM_Type-I_SlicerLUT.txt")
+    assert table.name(6) == "PRECENTRAL_GYRUS_left" and table.name(94) == "PRECENTRAL_GYRUS_right"
+    assert table.name(29) == "Corticospinal_tract_left" and table.name(117) == "Corticospinal_tract_right"
+    assert table.entries[2] == ("CINGULATE_GYRUS_left", (250, 235, 215))  # a line ending in ')'
+    assert len(table.entries) == 177  # 0..176
+
+
+def test_fsl_index_and_xml_tables(shared_data, tmp_path):
+    labels = atlas.read_index_table(shared_data / "atlases" / "jhu-icbm" / "JHU-labels_index.txt")
+    assert labels.name(7) == "Corticospinal_tract_R" and labels.name(8) == "Corticospinal_tract_L"
+    tracts = atlas.read_index_table(shared_data / "atlases" / "jhu-icbm" / "JHU-tracts_index.txt")
+    assert tracts.name(3) == "Corticospinal_tract_L" and tracts.name(4) == "Corticospinal_tract_R"
+    xml = tmp_path / "a.xml"
+    xml.write_text('<atlas><data><label index="0" x="1" y="2" z="3">Frontal Pole</label>'
+                   '<label index="6" x="1" y="2" z="3">Precentral Gyrus</label></data></atlas>')  # fmt: skip
+    table = atlas.read_fsl_xml(xml)
+    assert table.name(7) == "Precentral_Gyrus" and table.name(1) == "Frontal_Pole"
+    bad = tmp_path / "bad.ctbl"
+    bad.write_text("# header\nnot a label line\n")
+    with pytest.raises(InputError, match="line 2"):
+        atlas.read_color_table(bad)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on loopback serving a folder; bounded to this test."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_checks_sha256_and_caches(http_server, tmp_path):
+    root, base = http_server
+    payload = np.random.default_rng(0).bytes(300_000)
+    (root / "atlas.nii.gz").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match="does not match"):
+        atlas.fetch(f"{base}/atlas.nii.gz", "0" * 64, cache)
+    assert not any(cache.iterdir())  # nothing partial or wrong is kept
+    path = atlas.fetch(f"{base}/atlas.nii.gz", digest, cache)
+    assert path.read_bytes() == payload
+    (root / "atlas.nii.gz").unlink()  # the cache answers from now on
+    assert atlas.fetch(f"{base}/atlas.nii.gz", digest, cache) == path
+    with pytest.raises(InputError, match="failed"):
+        atlas.fetch(f"{base}/missing.nii.gz", digest[::-1], cache)
+
+
+def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
+    eve = atlas.find_atlas("eve", atlas_dir=shared_data / "atlases" / "eve")
+    assert eve.region("CST").labels == {"left": (29,), "right": (117,)}
+    fsldir = tmp_path / "fsl"
+    (fsldir / "data" / "atlases" / "JHU").mkdir(parents=True)
+    (fsldir / "data" / "standard").mkdir(parents=True)
+    source = shared_data / "atlases" / "jhu-icbm"
+    (fsldir / "data" / "atlases" / "JHU" / "JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz").symlink_to(source / "JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz")
+    (fsldir / "data" / "atlases" / "JHU-tracts.xml").write_text(
+        "<atlas><data>" + "".join(f'<label index="{i}">{n}</label>' for i, n in enumerate((source / "JHU-tracts_index.txt").read_text().split())) + "</data></atlas>"
+    )
+    (fsldir / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz").symlink_to(shared_data / "templates" / "MNI152NLin6_res-1x1x1_T1w_descr-brain.nii.gz")
+    tracts = atlas.find_atlas("jhu-tracts", fsldir=fsldir)
+    assert tracts.table.name(3) == "Corticospinal_tract_L"
+    assert tracts.template.name == "MNI152_T1_1mm_brain.nii.gz"
+    with pytest.raises(InputError, match="not found; looked in"):
+        atlas.find_atlas("harvard-oxford", atlas_dir=tmp_path)
+    with pytest.raises(InputError, match="atlas 'aal'"):
+        atlas.find_atlas("aal")
+
+
+def test_regions_json_round_trip(tmp_path):
+    phantom.write_template(tmp_path, phantom.PhantomConfig(template_shape=(20, 24, 18), template_voxel_size=(7.0, 7.0, 7.0)))
+    ph = atlas.find_atlas("phantom", atlas_dir=tmp_path / phantom.TRUTH_DIR / "template")
+    io.write_json(tmp_path / "regions.json", atlas.label_json_regions(ph))
+    regions = atlas.load_regions_json(tmp_path / "regions.json", "phantom")
+    assert regions == ph.regions
+    io.write_json(tmp_path / "bad.json", {"regions": [{"name": "X", "labels": {"left": ["a"]}}]})
+    with pytest.raises(InputError, match="not a region"):
+        atlas.load_regions_json(tmp_path / "bad.json", "phantom")
+
+
+def test_roi_statistics_worked_by_hand():
+    values = np.arange(27, dtype=float).reshape(3, 3, 3)
+    mask = np.zeros((3, 3, 3), bool)
+    mask[0, 0, :] = True  # values 0, 1, 2
+    fa = np.full((3, 3, 3), 0.5)
+    fa[0, 0, 2] = 0.1  # dropped by the FA threshold
+    rows = atlas.roi_statistics({"mk": values}, {("CST", "left"): mask}, subject="s1", fa=fa, fa_threshold=0.2)
+    assert rows == [
+        {"subject": "s1", "region": "CST", "side": "left", "map": "mk", "n": 2, "mean": 0.5, "median": 0.5,
+         "sd": pytest.approx(np.std([0, 1], ddof=1)), "iqr": 0.5, "eroded": False}
+    ]  # fmt: skip
+    big = np.zeros((7, 7, 7), bool)
+    big[1:6, 1:6, 1:6] = True
+    rows = atlas.roi_statistics({"v": np.ones((7, 7, 7))}, {("M1", "right"): big}, erosion_voxels=1, kinds={"M1": "cortex"})
+    assert rows[0]["n"] == 27 and rows[0]["eroded"]
+
+
+@pytest.fixture(scope="module")
+def registered_subject():
+    subject = phantom.simulate_subject("ALS", 7, CONFIG)
+    template = phantom.make_template(CONFIG)
+    fit, _, _ = dki.reconstruct(subject.dwi)
+    registration = atlas.register(fit.fa, subject.dwi.affine, template["fa"], template["affine"], random_seed=0)
+    link = atlas.register(subject.gre.magnitude[..., 0], subject.gre.affine, fit.fa, subject.dwi.affine, transform="Rigid")
+    labels_dwi = atlas.propagate_labels(template["label"], template["affine"], subject.dwi.data.shape[:3], subject.dwi.affine, registration)
+    labels_gre = atlas.propagate_labels(template["label"], template["affine"], subject.gre.phase.shape[:3], subject.gre.affine, registration, link=link)
+    yield subject, fit, template, registration, labels_dwi, labels_gre
+    registration.cleanup()
+    link.cleanup()
+
+
+def test_propagated_labels_match_the_phantom_truth(registered_subject, capsys):
+    subject, fit, template, registration, labels_dwi, labels_gre = registered_subject
+    scores = {}
+    for region, values in phantom.REGIONS.items():
+        for value in values:
+            scores[(region, value, "dwi")] = atlas.dice(labels_dwi == value, subject.truth_dwi["label"] == value)
+            scores[(region, value, "gre")] = atlas.dice(labels_gre == value, subject.truth_gre["label"] == value)
+    with capsys.disabled():
+        print("\n  Dice:", ", ".join(f"{r} {v} {s} {d:.2f}" for (r, v, s), d in scores.items()))
+        print(f"  template correlation after registration {registration.similarity:.3f}")
+    assert registration.similarity > 0.9
+    assert min(d for (r, _, s), d in scores.items() if r == "CST") >= 0.75
+    assert min(d for (r, _, s), d in scores.items() if r == "M1" and s == "dwi") >= 0.7
+    assert min(d for (r, _, s), d in scores.items() if r == "M1" and s == "gre") >= 0.65
+
+
+def test_cst_measured_through_propagated_labels_is_close_to_truth(registered_subject):
+    subject, fit, template, registration, labels_dwi, _ = registered_subject
+    masks = {("CST", "left"): labels_dwi == phantom.CST_LEFT, ("CST", "right"): labels_dwi == phantom.CST_RIGHT}
+    rows = atlas.roi_statistics({"mk": fit.mk, "md": fit.md}, masks, fa=fit.fa)
+    by = {(r["side"], r["map"]): r["mean"] for r in rows}
+    # Partial volume with the surrounding white matter (MK 1.0) and the fit's own noise: within 3 % (measured ~2 %).
+    for side in ("left", "right"):
+        assert by[(side, "mk")] == pytest.approx(subject.values["cst_mk"], rel=0.03)
+        assert by[(side, "md")] == pytest.approx(subject.values["cst_md"], rel=0.03)
+
+
+def test_quality_flags_catch_a_failed_registration(registered_subject):
+    subject, fit, template, registration, labels_dwi, _ = registered_subject
+    tmasks = {("CST", "left"): template["label"] == phantom.CST_LEFT}
+    good = atlas.volume_ratios({("CST", "left"): labels_dwi == phantom.CST_LEFT}, subject.dwi.affine, tmasks, template["affine"])
+    assert atlas.quality_flags(registration, good) == []
+    shrunk = atlas.volume_ratios({("CST", "left"): np.zeros_like(labels_dwi, bool)}, subject.dwi.affine, tmasks, template["affine"])
+    assert "volume is 0.00 x" in atlas.quality_flags(registration, shrunk)[0]
+
+
+def test_label_command_on_a_phantom_subject(tmp_path):
+    cohort = tmp_path / "cohort"
+    phantom.simulate_cohort(cohort, 1, seed=3)
+    dwi_path = cohort / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    maps = tmp_path / "dki"
+    assert cli.main(["dki", str(dwi_path), "--out", str(maps), "--maps", "mk,fa,md"]) == 0
+    out = tmp_path / "label"
+    template_dir = cohort / phantom.TRUTH_DIR / "template"
+    args = ["label", "--reference", str(maps / "fa.nii.gz"), "--atlas", "phantom", "--atlas-dir", str(template_dir),
+            "--gre-magnitude", str(cohort / "sub-01" / "anat" / "sub-01_part-mag_T2starw.nii.gz"),
+            "--maps", f"mk={maps / 'mk.nii.gz'},fa={maps / 'fa.nii.gz'},md={maps / 'md.nii.gz'}",
+            "--subject", "sub-01", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = io.read_table(out / "roi_stats.csv")
+    assert {(r["region"], r["side"], r["map"]) for r in rows} >= {("CST", "left", "mk"), ("M1", "right", "fa")}
+    truth = io.read_json(cohort / phantom.TRUTH_DIR / "sub-01" / "sub-01_truth.json")
+    cst_mk = [float(r["mean"]) for r in rows if r["region"] == "CST" and r["map"] == "mk"]
+    assert np.mean(cst_mk) == pytest.approx(truth["cst_mk"], rel=0.03)
+    assert io.read_json(out / "quality.json")["passed"]
+    for name in ("labels_reference.nii.gz", "labels_gre.nii.gz", "labels.ctbl", "provenance.json"):
+        assert (out / name).is_file()
+
+def test_label_command_refuses_unknown_regions_and_bad_maps(tmp_path, capsys):
+    template_dir = tmp_path / phantom.TRUTH_DIR / "template"
+    phantom.write_template(tmp_path, CONFIG)
+    reference = template_dir / "template_FA.nii.gz"
+    base = ["label", "--reference", str(reference), "--atlas", "phantom", "--atlas-dir", str(template_dir), "--out", str(tmp_path / "o")]
+    assert cli.main(base + ["--rois", "CST,Hippocampus"]) == 2
+    assert "region 'Hippocampus': atlas phantom defines CST, M1" in capsys.readouterr().err
+    assert cli.main(base + ["--maps", "mk"]) == 2
+    assert "expected name=file pairs" in capsys.readouterr().err
