@@ -1,0 +1,417 @@
+"""Group statistics, ROC analysis and individual diagnosis.
+
+Conventions follow R's pROC so results can be checked against it:
+
+* ``direction="<"``: controls have lower values than cases, a subject is called positive when its value exceeds the
+  threshold; ``">"`` the reverse. By default the direction comes from the groups' medians.
+* ROC thresholds are the midpoints between consecutive distinct values (plus ±∞).
+* AUC variance and its 95 % CI by DeLong's method, computed with the fast midrank algorithm of Sun & Xu (2014);
+  the CI is AUC ± z₀.₉₇₅ √var, clipped to [0, 1] (pROC's ``ci.auc(method="delong")``).
+* The Youden-optimal cut-off maximises sensitivity + specificity (pROC's ``coords(best.method="youden")``).
+
+References
+----------
+DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two or more correlated receiver operating
+characteristic curves: a nonparametric approach. Biometrics 1988;44:837-45.
+Sun X, Xu W. Fast implementation of DeLong's algorithm for comparing the areas under correlated receiver operating
+characteristic curves. IEEE Signal Process Lett 2014;21:1389-93.
+Robin X et al. pROC: an open-source package for R and S+ to analyze and compare ROC curves. BMC Bioinformatics
+2011;12:77.
+Wilson EB. Probable inference, the law of succession, and statistical inference. JASA 1927;22:209-12.
+Holm S. A simple sequentially rejective multiple test procedure. Scand J Stat 1979;6:65-70.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as sps
+
+from . import __version__, io
+from .errors import InputError
+
+MIN_PER_GROUP = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cohort table
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Cohort:
+    """Subjects, their group (True = positive, e.g. ALS) and marker values."""
+
+    subjects: list
+    positive: np.ndarray
+    markers: dict
+    positive_label: str
+    negative_label: str
+
+    @property
+    def n_positive(self):
+        return int(self.positive.sum())
+
+    @property
+    def n_negative(self):
+        return int((~self.positive).sum())
+
+
+def read_cohort(table, *, markers, group_column="group", positive="ALS", subject_column="subject"):
+    """Validate a cohort table.
+
+    Parameters
+    ----------
+    table : path (CSV/TSV), list of dict, or pandas.DataFrame
+    markers : sequence of str
+        Marker columns.
+    group_column, positive, subject_column : str
+        The positive group's label (e.g. ``"ALS"``); every other label must be one single negative group.
+
+    Returns
+    -------
+    Cohort
+    """
+    if hasattr(table, "to_dict"):
+        rows = table.to_dict("records")
+    elif isinstance(table, (list, tuple)):
+        rows = list(table)
+    else:
+        rows = io.read_table(table)
+    if not rows:
+        raise InputError("cohort table: it has no rows")
+    columns = set(rows[0])
+    for column in [group_column, *markers]:
+        if column not in columns:
+            raise InputError(f"cohort table: no column {column!r}; columns are {', '.join(sorted(map(str, columns)))}")
+    subjects = [str(r.get(subject_column, i + 1)) for i, r in enumerate(rows)]
+    groups = [str(r.get(group_column) or "").strip() for r in rows]
+    missing = [s for s, g in zip(subjects, groups) if not g or g.lower() == "nan"]
+    if missing:
+        raise InputError(f"cohort table: no {group_column} for subject(s) {', '.join(missing)}")
+    labels = sorted(set(groups))
+    if positive not in labels:
+        raise InputError(f"cohort table: no subject in the positive group {positive!r}; groups are {', '.join(labels)}")
+    negatives = [g for g in labels if g != positive]
+    if len(negatives) != 1:
+        raise InputError(
+            f"cohort table: expected {positive!r} and one other group, found {', '.join(labels) or 'none'}"
+        )
+    is_positive = np.array([g == positive for g in groups])
+    for label, count in ((positive, is_positive.sum()), (negatives[0], (~is_positive).sum())):
+        if count < MIN_PER_GROUP:
+            raise InputError(f"cohort table: group {label!r} has {count} subject(s); at least {MIN_PER_GROUP} are needed")
+    values = {}
+    for marker in markers:
+        column, bad = [], []
+        for subject, row in zip(subjects, rows):
+            try:
+                value = float(row[marker])
+            except (TypeError, ValueError):
+                value = np.nan
+            if not np.isfinite(value):
+                bad.append(subject)
+            column.append(value)
+        if bad:
+            raise InputError(f"cohort table: marker {marker!r} is missing or not numeric for subject(s) {', '.join(bad)}")
+        values[marker] = np.array(column)
+    return Cohort(subjects, is_positive, values, positive, negatives[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROC
+# ----------------------------------------------------------------------------------------------------------------
+def _midranks(x):
+    """Midranks (1-based; ties get their average rank), as in Sun & Xu's algorithm."""
+    return sps.rankdata(x, method="average")
+
+
+def delong(scores, positive):
+    """AUCs and their DeLong covariance for one or more scores of the same subjects.
+
+    Parameters
+    ----------
+    scores : ndarray, shape (k, n) or (n,)
+        Oriented so that larger means more likely positive.
+    positive : ndarray of bool, shape (n,)
+
+    Returns
+    -------
+    aucs : ndarray, shape (k,)
+    covariance : ndarray, shape (k, k)
+
+    Notes
+    -----
+    Sun & Xu (2014): with m positives X and n negatives Y, midranks T_Z over X ∪ Y, T_X within X and T_Y within Y,
+    AUC = (Σ T_Z[X] − m(m+1)/2) / (mn), V10 = (T_Z[X] − T_X)/n, V01 = 1 − (T_Z[Y] − T_Y)/m, and
+    Cov = S10/m + S01/n with S10, S01 the sample covariances of V10 and V01 across scores.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    positive = np.asarray(positive, dtype=bool)
+    x, y = scores[:, positive], scores[:, ~positive]
+    m, n = x.shape[1], y.shape[1]
+    tz = np.apply_along_axis(_midranks, 1, np.hstack([x, y]))
+    tx = np.apply_along_axis(_midranks, 1, x)
+    ty = np.apply_along_axis(_midranks, 1, y)
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    v10 = (tz[:, :m] - tx) / n
+    v01 = 1.0 - (tz[:, m:] - ty) / m
+    s10 = np.atleast_2d(np.cov(v10))
+    s01 = np.atleast_2d(np.cov(v01))
+    return aucs, s10 / m + s01 / n
+
+
+def orient(values, positive, direction=None):
+    """Scores oriented so that larger means positive, and the direction used (pROC's ``"<"`` or ``">"``).
+
+    Without a direction, it is ``"<"`` when the positive group's median exceeds the negative group's (pROC's
+    ``direction="auto"``), else ``">"``.
+    """
+    values = np.asarray(values, dtype=float)
+    if direction is None:
+        direction = "<" if np.median(values[positive]) > np.median(values[~positive]) else ">"
+    if direction not in ("<", ">"):
+        raise InputError(f"direction {direction!r}: expected '<' (controls lower) or '>' (controls higher)")
+    return (values if direction == "<" else -values), direction
+
+
+def roc_curve(values, positive, direction):
+    """Thresholds (pROC's midpoints, ±∞), sensitivities and specificities."""
+    values = np.asarray(values, dtype=float)
+    distinct = np.unique(values)
+    thresholds = np.concatenate([[-np.inf], (distinct[:-1] + distinct[1:]) / 2, [np.inf]])
+    if direction == ">":
+        thresholds = thresholds[::-1]
+    called = values[None, :] > thresholds[:, None] if direction == "<" else values[None, :] < thresholds[:, None]
+    sensitivity = called[:, positive].mean(axis=1)
+    specificity = (~called[:, ~positive]).mean(axis=1)
+    return thresholds, sensitivity, specificity
+
+
+def wilson_interval(successes, total, level=0.95):
+    """Wilson score interval of a proportion."""
+    result = sps.binomtest(int(successes), int(total)).proportion_ci(confidence_level=level, method="wilson")
+    return float(result.low), float(result.high)
+
+
+@dataclass
+class MarkerROC:
+    """ROC analysis of one marker (or combined score)."""
+
+    name: str
+    auc: float
+    ci_low: float
+    ci_high: float
+    direction: str
+    threshold: float
+    sensitivity: float
+    specificity: float
+    sensitivity_ci: tuple
+    specificity_ci: tuple
+    curve: dict = field(repr=False, default_factory=dict)
+    bootstrap_ci: tuple = None
+
+    def summary(self):
+        return {
+            "auc": self.auc, "ci_low": self.ci_low, "ci_high": self.ci_high, "direction": self.direction,
+            "threshold": self.threshold, "sensitivity": self.sensitivity, "specificity": self.specificity,
+            "sensitivity_ci": list(self.sensitivity_ci), "specificity_ci": list(self.specificity_ci),
+            **({"bootstrap_ci": list(self.bootstrap_ci)} if self.bootstrap_ci else {}),
+        }  # fmt: skip
+
+
+def roc_analysis(values, positive, *, name="marker", direction=None, level=0.95, bootstrap=0, random_seed=0):
+    """AUC with DeLong CI, Youden cut-off with Wilson CIs, optionally a stratified bootstrap CI of the AUC."""
+    positive = np.asarray(positive, dtype=bool)
+    oriented, direction = orient(values, positive, direction)
+    aucs, covariance = delong(oriented, positive)
+    auc, se = float(aucs[0]), float(np.sqrt(max(covariance[0, 0], 0.0)))
+    z = sps.norm.ppf(0.5 + level / 2)
+    thresholds, sens, spec = roc_curve(values, positive, direction)
+    best = int(np.argmax(sens + spec))
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    result = MarkerROC(
+        name, auc, float(max(0.0, auc - z * se)), float(min(1.0, auc + z * se)), direction, float(thresholds[best]),
+        float(sens[best]), float(spec[best]),
+        wilson_interval(round(sens[best] * n_pos), n_pos, level), wilson_interval(round(spec[best] * n_neg), n_neg, level),
+        curve={"threshold": thresholds, "sensitivity": sens, "specificity": spec},
+    )  # fmt: skip
+    if bootstrap:
+        result.bootstrap_ci = bootstrap_auc_ci(oriented, positive, bootstrap, random_seed, level)
+    return result
+
+
+def bootstrap_auc_ci(oriented, positive, n_resamples, random_seed, level=0.95):
+    """Stratified bootstrap percentile CI of the AUC (cases and controls resampled separately, as pROC does)."""
+    rng = np.random.default_rng(random_seed)
+    cases, controls = oriented[positive], oriented[~positive]
+    aucs = np.empty(n_resamples)
+    for b in range(n_resamples):
+        x = rng.choice(cases, cases.size)
+        y = rng.choice(controls, controls.size)
+        greater = (x[:, None] > y[None, :]).mean() + 0.5 * (x[:, None] == y[None, :]).mean()
+        aucs[b] = greater
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
+def delong_test(scores_a, scores_b, positive):
+    """Paired DeLong test of two correlated AUCs (pROC's ``roc.test(method="delong")``): z and two-sided p."""
+    aucs, cov = delong(np.vstack([scores_a, scores_b]), positive)
+    variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    if variance <= 0:
+        return 0.0, 1.0
+    z = (aucs[0] - aucs[1]) / np.sqrt(variance)
+    return float(z), float(2 * sps.norm.sf(abs(z)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Group comparison
+# ----------------------------------------------------------------------------------------------------------------
+def holm(p_values):
+    """Holm's step-down adjusted p-values."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, (len(p) - rank) * p[index])
+        adjusted[index] = min(1.0, running)
+    return adjusted
+
+
+def group_comparison(cohort):
+    """Per marker: n, median [min–max] per group, Mann–Whitney U two-sided p, Cliff's delta, Holm-adjusted p."""
+    rows = []
+    for marker, values in cohort.markers.items():
+        cases, controls = values[cohort.positive], values[~cohort.positive]
+        test = sps.mannwhitneyu(cases, controls, alternative="two-sided")
+        delta = 2 * test.statistic / (cases.size * controls.size) - 1  # Cliff's delta = rank-biserial r
+        row = {"marker": marker, "mannwhitney_u": float(test.statistic), "mannwhitney_p": float(test.pvalue), "cliffs_delta": float(delta)}
+        for label, group in ((cohort.positive_label, cases), (cohort.negative_label, controls)):
+            row.update({f"{label}_n": int(group.size), f"{label}_median": float(np.median(group)),
+                        f"{label}_min": float(group.min()), f"{label}_max": float(group.max())})  # fmt: skip
+        rows.append(row)
+    for row, adjusted in zip(rows, holm([r["mannwhitney_p"] for r in rows])):
+        row["holm_p"] = float(adjusted)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Combined markers and the diagnostic model
+# ----------------------------------------------------------------------------------------------------------------
+def _fit_logistic(X, y, random_seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    model = LogisticRegression(C=1.0, random_state=random_seed).fit(scaler.transform(X), y)
+    return scaler, model
+
+
+def combine(cohort, markers, *, cv_splits=5, cv_repeats=20, random_seed=0):
+    """Logistic regression on standardised markers (L2, C = 1): apparent AUC with DeLong CI, cross-validated AUC
+    (repeated stratified k-fold, the mean over repeats of the AUC of pooled out-of-fold scores), and DeLong tests of
+    the combined score against each single marker.
+
+    Returns
+    -------
+    dict with ``scores`` (apparent), ``roc`` (MarkerROC), ``auc_cv``, ``auc_cv_sd``, ``delong_p_vs``, ``model``.
+    """
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    X = np.column_stack([cohort.markers[m] for m in markers])
+    y = cohort.positive.astype(int)
+    scaler, model = _fit_logistic(X, y, random_seed)
+    scores = model.decision_function(scaler.transform(X))
+    roc = roc_analysis(scores, cohort.positive, name="+".join(markers), direction="<")
+    folds = min(cv_splits, cohort.n_positive, cohort.n_negative)
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=cv_repeats, random_state=random_seed)
+    out_of_fold = np.zeros((cv_repeats, len(y)))
+    for k, (train, test) in enumerate(splitter.split(X, y)):
+        s, m = _fit_logistic(X[train], y[train], random_seed)
+        out_of_fold[k // folds, test] = m.decision_function(s.transform(X[test]))
+    cv_aucs = [float(delong(row, cohort.positive)[0][0]) for row in out_of_fold]
+    delong_p = {}
+    for marker in markers:
+        single, _ = orient(cohort.markers[marker], cohort.positive)
+        delong_p[marker] = delong_test(scores, single, cohort.positive)[1]
+    return {"scores": scores, "roc": roc, "auc_cv": float(np.mean(cv_aucs)), "auc_cv_sd": float(np.std(cv_aucs)),
+            "delong_p_vs": delong_p, "model": (scaler, model)}  # fmt: skip
+
+
+def diagnostic_model(cohort, markers, *, random_seed=0):
+    """A fitted diagnostic model as a JSON-ready dict (never pickle).
+
+    It holds the markers, the scaler (mean, scale), the logistic coefficients and intercept, the Youden cut-off on
+    the probability scale, the training summary (group sizes, apparent AUC, marker ranges, control mean and SD per
+    marker for z-scores) and the software versions.
+    """
+    from importlib import metadata
+
+    X = np.column_stack([cohort.markers[m] for m in markers])
+    scaler, model = _fit_logistic(X, cohort.positive.astype(int), random_seed)
+    probability = model.predict_proba(scaler.transform(X))[:, 1]
+    roc = roc_analysis(probability, cohort.positive, direction="<")
+    controls = ~cohort.positive
+    return {
+        "format": "alsquant-diagnostic-model/1",
+        "markers": list(markers),
+        "positive": cohort.positive_label,
+        "negative": cohort.negative_label,
+        "scaler": {"mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist()},
+        "coefficients": model.coef_[0].tolist(),
+        "intercept": float(model.intercept_[0]),
+        "cutoff": roc.threshold,
+        "training": {
+            "n": {cohort.positive_label: cohort.n_positive, cohort.negative_label: cohort.n_negative},
+            "auc_apparent": roc.auc,
+            "sensitivity": roc.sensitivity,
+            "specificity": roc.specificity,
+            "range": {m: [float(cohort.markers[m].min()), float(cohort.markers[m].max())] for m in markers},
+            "control_mean": {m: float(cohort.markers[m][controls].mean()) for m in markers},
+            "control_sd": {m: float(cohort.markers[m][controls].std(ddof=1)) for m in markers},
+        },
+        "versions": {"alsquant": __version__, "scikit-learn": metadata.version("scikit-learn")},
+    }
+
+
+def save_model(model, path):
+    io.write_json(path, model)
+
+
+def load_model(path):
+    model = io.read_json(path)
+    needed = {"markers", "scaler", "coefficients", "intercept", "cutoff", "training", "positive", "negative"}
+    if model.get("format") != "alsquant-diagnostic-model/1" or not needed <= set(model):
+        raise InputError(f"model {path}: not an ALSQuant diagnostic model (expected keys {', '.join(sorted(needed))})")
+    return model
+
+
+def classify(model, values):
+    """Diagnose one subject.
+
+    Parameters
+    ----------
+    model : dict (`diagnostic_model` or `load_model`)
+    values : dict marker → value
+
+    Returns
+    -------
+    dict with ``probability`` (of the positive group), ``decision``, ``z_scores`` against the training controls,
+    and ``out_of_range`` (markers outside the training range: extrapolation, trust less).
+    """
+    missing = [m for m in model["markers"] if m not in values]
+    if missing:
+        raise InputError(f"subject: no value for marker(s) {', '.join(missing)}")
+    x = np.array([float(values[m]) for m in model["markers"]])
+    if not np.all(np.isfinite(x)):
+        raise InputError(f"subject: marker values must be finite numbers, got {dict(zip(model['markers'], x))}")
+    z = (x - np.array(model["scaler"]["mean"])) / np.array(model["scaler"]["scale"])
+    logit = float(np.dot(model["coefficients"], z) + model["intercept"])
+    probability = 1.0 / (1.0 + np.exp(-logit))
+    training = model["training"]
+    return {
+        "probability": probability,
+        "decision": model["positive"] if probability > model["cutoff"] else model["negative"],
+        "cutoff": model["cutoff"],
+        "z_scores": {m: (float(values[m]) - training["control_mean"][m]) / training["control_sd"][m] for m in model["markers"]},
+        "out_of_range": [m for m in model["markers"] if not training["range"][m][0] <= float(values[m]) <= training["range"][m][1]],
+    }
