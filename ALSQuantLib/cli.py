@@ -351,6 +351,77 @@ def _values(atlas, key):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# roc and classify
+# ----------------------------------------------------------------------------------------------------------------
+def _add_roc(subparsers):
+    p = subparsers.add_parser("roc", help="group statistics, ROC curves and a diagnostic model from a cohort table")
+    p.add_argument("cohort", type=Path, help="cohort table (CSV or TSV): subject, group and marker columns")
+    p.add_argument("--group-column", default="group")
+    p.add_argument("--positive", default="ALS", help="label of the positive group (default ALS)")
+    p.add_argument("--subject-column", default="subject")
+    p.add_argument("--markers", nargs="+", required=True, help="marker columns")
+    p.add_argument("--combine", nargs="*", default=[], help="combinations such as mk+ms")
+    p.add_argument("--bootstrap", type=int, default=0, help="stratified bootstrap resamples for an extra AUC CI")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", type=Path, help="save a diagnostic model (JSON) of the first combination, else of all markers")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_run_roc)
+
+
+def _run_roc(args):
+    from . import report, stats
+
+    cohort = stats.read_cohort(
+        args.cohort, markers=args.markers, group_column=args.group_column, positive=args.positive, subject_column=args.subject_column
+    )
+    results, rocs, comparison = stats.analyze(cohort, args.combine, bootstrap=args.bootstrap, random_seed=args.seed)
+    page = report.write_roc_outputs(args.out, cohort, results, rocs, comparison)
+    for marker, r in results["markers"].items():
+        print(f"{marker}: AUC {r['auc']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}], sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}")
+    for combination, r in results["combinations"].items():
+        print(f"{combination}: apparent AUC {r['auc_apparent']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}], cross-validated {r['auc_cv']:.3f}")
+    if args.save_model:
+        markers = args.combine[0].split("+") if args.combine else args.markers
+        stats.save_model(stats.diagnostic_model(cohort, markers, random_seed=args.seed), args.save_model)
+        print(f"model of {'+'.join(markers)} saved to {args.save_model}")
+    print(f"report: {page}")
+    return 0
+
+
+def _add_classify(subparsers):
+    p = subparsers.add_parser("classify", help="diagnose subjects with a saved model")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("subjects", type=Path, help="table (CSV/TSV) with the model's marker columns, one subject per row")
+    p.add_argument("--subject-column", default="subject")
+    p.add_argument("--out", type=Path, help="write the results here (CSV); default: beside the table, *_diagnosis.csv")
+    p.set_defaults(run=_run_classify)
+
+
+def _run_classify(args):
+    from . import io, stats
+
+    model = stats.load_model(args.model)
+    rows = []
+    for n, row in enumerate(io.read_table(args.subjects), 1):
+        subject = row.get(args.subject_column, str(n))
+        try:
+            values = {m: float(row[m]) for m in model["markers"] if row.get(m, "") != ""}
+        except ValueError:
+            raise InputError(f"{args.subjects}: subject {subject} has a non-numeric marker value") from None
+        result = stats.classify(model, values)
+        rows.append({"subject": subject, "probability": result["probability"], "decision": result["decision"],
+                     **{f"z_{m}": z for m, z in result["z_scores"].items()}, "out_of_range": " ".join(result["out_of_range"])})  # fmt: skip
+        flag = f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
+        zs = ", ".join(f"z({m}) {z:+.2f}" for m, z in result["z_scores"].items())
+        print(f"{subject}: P({model['positive']}) = {result['probability']:.3f} -> {result['decision']}; {zs}{flag}")
+    out = args.out or args.subjects.with_name(args.subjects.stem + "_diagnosis.csv")
+    _refuse_overwriting_inputs([out], [args.subjects, args.model])
+    io.write_table(out, rows)
+    print(f"written to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="alsquant", description="ALS imaging biomarkers: DKI, QSM, atlas labelling and ROC diagnosis."
@@ -358,7 +429,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"alsquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_dki, _add_qsm, _add_label, _add_demo):
+    for add in (_add_simulate, _add_dki, _add_qsm, _add_label, _add_roc, _add_classify, _add_demo):
         add(subparsers)
     return parser
 

@@ -415,3 +415,41 @@ def classify(model, values):
         "z_scores": {m: (float(values[m]) - training["control_mean"][m]) / training["control_sd"][m] for m in model["markers"]},
         "out_of_range": [m for m in model["markers"] if not training["range"][m][0] <= float(values[m]) <= training["range"][m][1]],
     }
+
+
+def analyze(cohort, combinations=(), *, bootstrap=0, random_seed=0, cv_repeats=20):
+    """The whole analysis, as in ``alsquant roc``.
+
+    Returns
+    -------
+    results : dict
+        ``markers`` (per marker: auc, ci_low, ci_high, direction, threshold, sensitivity, specificity,
+        mannwhitney_p, ...), ``combinations`` (per "A+B": auc_apparent, ci_low, ci_high, auc_cv, delong_p_vs),
+        ``groups`` (counts).
+    rocs : list of MarkerROC
+        Single markers, then combinations.
+    comparison : list of dict
+        `group_comparison` rows.
+    """
+    comparison = group_comparison(cohort)
+    by_marker = {row["marker"]: row for row in comparison}
+    results = {"markers": {}, "combinations": {}, "groups": {cohort.positive_label: cohort.n_positive, cohort.negative_label: cohort.n_negative}}
+    rocs = []
+    for marker, values in cohort.markers.items():
+        roc = roc_analysis(values, cohort.positive, name=marker, bootstrap=bootstrap, random_seed=random_seed)
+        rocs.append(roc)
+        results["markers"][marker] = {**roc.summary(), "mannwhitney_p": by_marker[marker]["mannwhitney_p"],
+                                      "holm_p": by_marker[marker]["holm_p"], "cliffs_delta": by_marker[marker]["cliffs_delta"]}  # fmt: skip
+    for combination in combinations:
+        markers = combination.split("+")
+        unknown = [m for m in markers if m not in cohort.markers]
+        if unknown or len(markers) < 2:
+            raise InputError(f"combination {combination!r}: expected two or more of the markers {', '.join(cohort.markers)} joined by '+'")
+        combined = combine(cohort, markers, random_seed=random_seed, cv_repeats=cv_repeats)
+        rocs.append(combined["roc"])
+        results["combinations"][combination] = {
+            "auc_apparent": combined["roc"].auc, "ci_low": combined["roc"].ci_low, "ci_high": combined["roc"].ci_high,
+            "auc_cv": combined["auc_cv"], "auc_cv_sd": combined["auc_cv_sd"], "delong_p_vs": combined["delong_p_vs"],
+            "sensitivity": combined["roc"].sensitivity, "specificity": combined["roc"].specificity,
+        }  # fmt: skip
+    return results, rocs, comparison

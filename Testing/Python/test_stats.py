@@ -153,3 +153,30 @@ def test_agrees_with_proc(tmp_path):
     z, p = stats.delong_test(mk, ms, cohort.positive)
     assert z == pytest.approx(reference["test"]["z"], abs=1e-6)
     assert p == pytest.approx(reference["test"]["p"], abs=1e-6)
+
+
+def test_roc_and_classify_commands(tmp_path, capsys):
+    from ALSQuantLib import cli, io
+
+    io.write_table(tmp_path / "cohort.csv", cohort_rows(seed=5))
+    out = tmp_path / "roc"
+    code = cli.main(["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "ms", "fa", "--combine", "mk+ms",
+                     "--bootstrap", "200", "--save-model", str(tmp_path / "model.json"), "--out", str(out)])  # fmt: skip
+    assert code == 0
+    results = io.read_json(out / "results.json")
+    assert set(results["markers"]) == {"mk", "ms", "fa"} and results["groups"] == {"ALS": 20, "control": 15}
+    for key in ("auc", "ci_low", "ci_high", "direction", "threshold", "sensitivity", "specificity", "mannwhitney_p"):
+        assert key in results["markers"]["mk"]
+    combination = results["combinations"]["mk+ms"]
+    assert {"auc_apparent", "ci_low", "ci_high", "auc_cv", "delong_p_vs"} <= set(combination)
+    assert results["markers"]["mk"]["direction"] == ">" and results["markers"]["ms"]["direction"] == "<"
+    for name in ("report.html", "roc_curves.png", "roc_curves.svg", "groups.png", "group_comparison.csv", "roc_markers.csv"):
+        assert (out / name).is_file()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "mk+ms" in page
+    io.write_table(tmp_path / "new.csv", [{"subject": "new-1", "mk": 1.00, "ms": 0.32}, {"subject": "new-2", "mk": 1.11, "ms": 0.09}])
+    assert cli.main(["classify", "--model", str(tmp_path / "model.json"), str(tmp_path / "new.csv")]) == 0
+    diagnosis = io.read_table(tmp_path / "new_diagnosis.csv")
+    assert [d["decision"] for d in diagnosis] == ["ALS", "control"]
+    assert cli.main(["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--combine", "mk+md", "--out", str(tmp_path / "x")]) == 2
+    assert "combination 'mk+md'" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""Figures (matplotlib, Agg backend) and a self-contained HTML report of an ROC analysis."""
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, stem):
+    """Write PNG and SVG atomically; return the PNG path."""
+    paths = []
+    for suffix in (".png", ".svg"):
+        path = Path(f"{stem}{suffix}")
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths[0]
+
+
+def roc_figure(rocs, stem, title="ROC curves"):
+    """ROC curves of single and combined markers, each labelled with its AUC and DeLong 95 % CI."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for roc in rocs:
+        ax.plot(1 - roc.curve["specificity"], roc.curve["sensitivity"], lw=2,
+                label=f"{roc.name}: AUC {roc.auc:.2f} [{roc.ci_low:.2f}-{roc.ci_high:.2f}]")  # fmt: skip
+    ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    path = _save(fig, stem)
+    plt.close(fig)
+    return path
+
+
+def group_figure(cohort, stem):
+    """Box and strip plots per marker and group (like the study's figure)."""
+    plt = _pyplot()
+    markers = list(cohort.markers)
+    fig, axes = plt.subplots(1, len(markers), figsize=(2.6 * len(markers), 3.6), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, marker in zip(axes[0], markers):
+        values = cohort.markers[marker]
+        groups = [values[~cohort.positive], values[cohort.positive]]
+        ax.boxplot(groups, widths=0.5, showfliers=False)
+        for k, group in enumerate(groups, 1):
+            ax.scatter(k + rng.uniform(-0.12, 0.12, group.size), group, s=12, alpha=0.7, color="C0" if k == 1 else "C3")
+        ax.set_xticks([1, 2], [cohort.negative_label, cohort.positive_label])
+        ax.set_title(marker)
+    fig.tight_layout()
+    path = _save(fig, stem)
+    plt.close(fig)
+    return path
+
+
+def _table(rows, columns=None):
+    columns = columns or list(rows[0]) if rows else []
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return html.escape(str(value))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _embed(png):
+    return f'<img alt="{png.name}" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+
+
+def html_report(path, *, title, summary, tables, figures, notes=()):
+    """A self-contained HTML page: summary lines, tables (title → rows), figures embedded as base64 PNG."""
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}img{max-width:48%}</style>",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>",
+    ]
+    for heading, rows in tables.items():
+        parts += [f"<h2>{html.escape(heading)}</h2>", _table(rows)]
+    parts += ["<h2>Figures</h2>", "".join(_embed(Path(f)) for f in figures)]
+    if notes:
+        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
+    parts.append("</body></html>")
+    io.write_text(path, "\n".join(parts))
+    return Path(path)
+
+
+def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
+    """results.json, the tables as CSV, ROC and group figures (PNG + SVG) and report.html in `out_dir`."""
+    out_dir = Path(out_dir)
+    io.write_json(out_dir / "results.json", results)
+    io.write_table(out_dir / "group_comparison.csv", comparison)
+    marker_rows = [{"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, dict))}} for m, r in results["markers"].items()]
+    io.write_table(out_dir / "roc_markers.csv", marker_rows)
+    combination_rows = [
+        {"combination": c, **{k: v for k, v in r.items() if k != "delong_p_vs"}, **{f"delong_p_vs_{m}": p for m, p in r["delong_p_vs"].items()}}
+        for c, r in results["combinations"].items()
+    ]
+    if combination_rows:
+        io.write_table(out_dir / "roc_combinations.csv", combination_rows)
+    figures = [roc_figure(rocs, out_dir / "roc_curves"), group_figure(cohort, out_dir / "groups")]
+    summary = [f"{cohort.n_positive} {cohort.positive_label}, {cohort.n_negative} {cohort.negative_label}"]
+    summary += [f"{m}: AUC {r['auc']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}] (DeLong), direction {r['direction']}, "
+                f"cut-off {r['threshold']:.4g}: sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
+                for m, r in results["markers"].items()]  # fmt: skip
+    summary += [f"{c}: apparent AUC {r['auc_apparent']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}], cross-validated AUC {r['auc_cv']:.3f}"
+                for c, r in results["combinations"].items()]  # fmt: skip
+    notes = [
+        "AUC CIs by DeLong's method (Sun & Xu fast algorithm); cut-offs maximise Youden's J; sensitivity and "
+        "specificity CIs are Wilson intervals; p-values are two-sided Mann-Whitney U with Holm correction.",
+        "Combined markers: logistic regression on standardised markers; the apparent AUC is optimistic, the "
+        "cross-validated AUC (repeated stratified k-fold) is not.",
+    ]
+    tables = {"Group comparison": comparison, "Single markers": marker_rows}
+    if combination_rows:
+        tables["Combined markers"] = combination_rows
+    return html_report(out_dir / "report.html", title="ALSQuant ROC analysis", summary=summary, tables=tables, figures=figures, notes=notes)
