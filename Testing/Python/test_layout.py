@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import ALSQuantLib
+import pytest
 
 FORBIDDEN = {"slicer", "qt", "ctk", "vtk", "PythonQt", "vtkmodules", "mrml"}
 LIB_DIR = Path(ALSQuantLib.__file__).parent
@@ -65,8 +66,17 @@ def test_ci_runs_the_readme_test_command():
 def test_demo_runs_and_labels_what_it_did(tmp_path, capsys):
     from ALSQuantLib import cli, io
 
-    assert cli.main(["demo", "--als", "2", "--controls", "1", "--out", str(tmp_path / "demo")]) == 0
+    assert cli.main(["demo", "--als", "3", "--controls", "3", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "2 ALS, 1 control" in out
-    assert len(io.read_table(tmp_path / "demo" / "cohort" / "participants.tsv")) == 3
+    assert "3 ALS, 3 control" in out
+    assert "Not yet built, so not run: QSM" in out
+    measured = io.read_table(tmp_path / "demo" / "cst_dki.csv")
+    assert len(measured) == 6
+    # measured through the atlas registration, close to each subject's truth
+    for row in measured:
+        assert float(row["cst_mk"]) == pytest.approx(float(row["true_cst_mk"]), abs=0.05)
+        assert float(row["cst_dice"]) > 0.7
+    assert (tmp_path / "demo" / "roc" / "report.html").is_file()
     assert (tmp_path / "demo" / "demo_summary.txt").read_text() in out
+    assert cli.main(["demo", "--als", "2", "--out", str(tmp_path / "small")]) == 2
+    assert not (tmp_path / "small").exists()  # refused before any work
