@@ -180,3 +180,20 @@ def test_roc_and_classify_commands(tmp_path, capsys):
     assert [d["decision"] for d in diagnosis] == ["ALS", "control"]
     assert cli.main(["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--combine", "mk+md", "--out", str(tmp_path / "x")]) == 2
     assert "combination 'mk+md'" in capsys.readouterr().err
+
+
+def test_cohort_from_a_dataframe_matches_the_csv(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    from ALSQuantLib import io
+
+    rows = cohort_rows(seed=6)
+    io.write_table(tmp_path / "c.csv", rows)
+    from_csv = stats.read_cohort(tmp_path / "c.csv", markers=["mk", "ms"])
+    from_frame = stats.read_cohort(pandas.DataFrame(rows), markers=["mk", "ms"])
+    assert from_frame.subjects == from_csv.subjects
+    np.testing.assert_array_equal(from_frame.positive, from_csv.positive)
+    np.testing.assert_allclose(from_frame.markers["mk"], from_csv.markers["mk"], rtol=1e-12)
+    frame = pandas.DataFrame(rows)
+    frame.loc[2, "ms"] = np.nan
+    with pytest.raises(InputError, match="sub-03"):
+        stats.read_cohort(frame, markers=["ms"])
