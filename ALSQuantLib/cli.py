@@ -240,6 +240,10 @@ def _add_label(subparsers):
     p.add_argument("--maps", default="", help="name=file pairs, e.g. mk=mk.nii.gz,fa=fa.nii.gz,ms=chi.nii.gz")
     p.add_argument("--erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
     p.add_argument("--fa-threshold", type=float, default=0.2, help="white-matter regions keep FA >= this (needs fa=)")
+    p.add_argument(
+        "--tissue-mask", type=Path,
+        help="grey-matter mask (on the reference's or the GRE's grid): cortex regions keep only its voxels",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subject", default="", help="subject identifier for the table")
     p.add_argument("--out", type=Path, required=True)
@@ -274,7 +278,7 @@ def _run_label(args):
     raw_labels = labels.astype(np.int32)
     labels = atlas_lib.split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
     outputs = [args.out / "labels_reference.nii.gz", args.out / "roi_stats.csv", args.out / "quality.json"]
-    _refuse_overwriting_inputs(outputs, [args.reference, args.gre_magnitude, *map_paths.values()])
+    _refuse_overwriting_inputs(outputs, [args.reference, args.gre_magnitude, args.tissue_mask, *map_paths.values()])
 
     print(f"registering {args.reference} to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", flush=True)
     registration = atlas_lib.register(reference, reference_affine, template, template_affine, random_seed=args.seed)
@@ -307,10 +311,15 @@ def _run_label(args):
                 if data.shape == tuple(shape) and np.allclose(map_affine, affine, atol=1e-3):
                     maps[name] = data
             fa = maps.get("fa")
+            tissue = None
+            if args.tissue_mask:
+                tissue_data, tissue_affine = io.load_image(args.tissue_mask, ndim=3, what="tissue mask")
+                if tissue_data.shape == tuple(shape) and np.allclose(tissue_affine, affine, atol=1e-3):
+                    tissue = tissue_data > 0
             rows += [
                 {**row, "space": space}
                 for row in atlas_lib.roi_statistics(
-                    maps, masks, subject=args.subject, erosion_voxels=args.erosion, fa=fa,
+                    maps, masks, subject=args.subject, erosion_voxels=args.erosion, fa=fa, tissue_mask=tissue,
                     fa_threshold=args.fa_threshold, kinds={r: atlas.region(r).kind for r in rois},
                 )
             ]  # fmt: skip

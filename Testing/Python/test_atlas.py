@@ -190,6 +190,14 @@ def test_label_command_on_a_phantom_subject(tmp_path):
     assert io.read_json(out / "quality.json")["passed"]
     for name in ("labels_reference.nii.gz", "labels_gre.nii.gz", "labels.ctbl", "provenance.json"):
         assert (out / name).is_file()
+    # a grey-matter mask restricts the cortex region (M1) and leaves the CST alone
+    fa, affine = io.load_image(maps / "fa.nii.gz")
+    io.save_image(tmp_path / "gm.nii.gz", (fa > 0.05) & (fa < 0.3), affine, dtype=np.uint8)
+    assert cli.main(args[:-1] + [str(tmp_path / "label_gm"), "--tissue-mask", str(tmp_path / "gm.nii.gz")]) == 0
+    masked = {(r["region"], r["side"], r["map"], r["space"]): int(r["n"]) for r in io.read_table(tmp_path / "label_gm" / "roi_stats.csv")}
+    plain = {(r["region"], r["side"], r["map"], r["space"]): int(r["n"]) for r in rows}
+    assert masked[("M1", "left", "mk", "reference")] < plain[("M1", "left", "mk", "reference")]
+    assert masked[("CST", "left", "mk", "reference")] == plain[("CST", "left", "mk", "reference")]
 
 def test_label_command_refuses_unknown_regions_and_bad_maps(tmp_path, capsys):
     template_dir = tmp_path / phantom.TRUTH_DIR / "template"
