@@ -12,7 +12,6 @@ No atlas file is shipped: users point to their own files, or they are found in a
 """
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -531,9 +530,10 @@ def write_quality(path, registration, ratios, flags):
 
 
 def label_json_regions(atlas):
-    """The atlas's regions as JSON-ready dicts (the format `load_regions_json` reads)."""
-    return json.loads(
-        json.dumps(
-            {"regions": [{"name": r.name, "atlas": atlas.name, "labels": {k: list(v) for k, v in r.labels.items()}, "kind": r.kind, "split_hemisphere": r.split_hemisphere} for r in atlas.regions.values()]}
-        )
-    )
+    """The atlas's regions as a JSON-ready dict (the format `load_regions_json` reads)."""
+    regions = [
+        {"name": r.name, "atlas": atlas.name, "labels": {side: list(values) for side, values in r.labels.items()},
+         "kind": r.kind, "split_hemisphere": r.split_hemisphere}
+        for r in atlas.regions.values()
+    ]  # fmt: skip
+    return {"regions": regions}

@@ -11,6 +11,7 @@ killed process never leaves a half-written output.
 """
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
@@ -528,8 +529,6 @@ def _delimiter(path):
 
 def write_table(path, rows, columns=None):
     """Write dict rows as CSV or TSV (by suffix), atomically. Columns default to the keys in first-seen order."""
-    import csv
-
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -542,8 +541,6 @@ def write_table(path, rows, columns=None):
 
 def read_table(path):
     """Read a CSV or TSV file (by suffix) as a list of dicts of strings."""
-    import csv
-
     path = _existing(path, "table")
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle, delimiter=_delimiter(path)))
