@@ -199,3 +199,25 @@ def test_brain_mask_matches_the_phantom_brain():
     assert dice > 0.95, dice
     eroded = qsm.brain_mask(subject.gre.magnitude, voxel_size, erosion_mm=4.0)
     assert eroded.sum() < mask.sum() and not np.any(eroded & ~mask)
+
+
+def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
+    """The default chain (Laplacian unwrapping, V-SHARP, TV) on single-echo phantoms: M1 is thin cortex at the
+    brain's edge, where background removal takes part of its own field, so its mean comes out low; what a
+    biomarker needs is that subjects keep their order, which a high correlation with the truth shows."""
+    truth, measured = [], []
+    for seed in range(50, 56):
+        subject = phantom.simulate_subject(phantom.GROUPS[seed % 2], seed, SMALL)
+        result = qsm.reconstruct_qsm(subject.gre)
+        m1 = np.isin(subject.truth_gre["label"], phantom.REGIONS["M1"]) & result.mask
+        chi = qsm.reference(subject.truth_gre["chi"], result.mask)
+        truth.append(chi[m1].mean())
+        measured.append(result.susceptibility[m1].mean())
+    truth, measured = np.array(truth), np.array(measured)
+    slope, intercept = np.polyfit(truth, measured, 1)
+    correlation = np.corrcoef(truth, measured)[0, 1]
+    with capsys.disabled():
+        print(f"\n  whole chain, M1 mean over 6 subjects: correlation with the truth {correlation:.3f}, slope {slope:.2f}, "
+              f"intercept {intercept:+.3f} ppm, mean error {np.mean(measured - truth):+.3f} ppm")
+    assert correlation > 0.9  # measured 0.98 (12 subjects)
+    assert 0.3 < slope < 1.2  # measured 0.53: the cortex is underestimated
