@@ -506,27 +506,16 @@ def volume_ratios(subject_masks, subject_affine, template_masks, template_affine
     return ratios
 
 
-def quality_flags(registration, ratios, *, min_similarity=0.5, ratio_range=(0.5, 2.0)):
-    """Reasons to distrust a registration: low template similarity, or region volumes far from the template's."""
+def quality_flags(similarity, ratios, *, min_similarity=0.5, ratio_range=(0.5, 2.0)):
+    """Reasons to distrust a registration: low template similarity (`Registration.similarity`), or region volumes
+    far from the template's."""
     flags = []
-    if registration.similarity < min_similarity:
-        flags.append(f"template correlation after registration {registration.similarity:.2f} < {min_similarity}")
+    if similarity < min_similarity:
+        flags.append(f"template correlation after registration {similarity:.2f} < {min_similarity}")
     for (region, side), ratio in ratios.items():
         if not ratio_range[0] <= ratio <= ratio_range[1]:
             flags.append(f"{region} {side} volume is {ratio:.2f} x the template's")
     return flags
-
-
-def write_quality(path, registration, ratios, flags):
-    io.write_json(
-        path,
-        {
-            "template_correlation": registration.similarity,
-            "volume_ratio": {f"{r}_{s}": v for (r, s), v in ratios.items()},
-            "flags": flags,
-            "passed": not flags,
-        },
-    )
 
 
 def label_json_regions(atlas):
@@ -537,3 +526,165 @@ def label_json_regions(atlas):
         for r in atlas.regions.values()
     ]  # fmt: skip
     return {"regions": regions}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole labelling of one subject
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Labeling:
+    """Output of `label_subject`.
+
+    ``label_images``: space ("reference", "gre") → (label image, affine), split-hemisphere regions' right halves as
+    value + 1000; ``table``: the label table naming those values; ``rows``: `roi_statistics` rows with ``space`` and
+    ``qc_passed``; ``ratios``: (region, side) → volume / template volume; ``flags``: quality warnings.
+    """
+
+    label_images: dict
+    table: LabelTable
+    rows: list
+    ratios: dict
+    flags: list
+    similarity: float
+
+    @property
+    def passed(self):
+        return not self.flags
+
+
+def region_values(atlas, region_name, side):
+    """Label values of a region's side in a label image made by `split_labels_by_hemisphere`."""
+    region = atlas.region(region_name)
+    if region.split_hemisphere:
+        base = region.labels["both"]
+        return base if side == "left" else tuple(v + 1000 for v in base)
+    return region.labels[side]
+
+
+def _on_grid(image, shape, affine):
+    data, image_affine = image
+    return data.shape == tuple(shape) and np.allclose(image_affine, affine, atol=1e-3)
+
+
+def label_subject(
+    reference,
+    reference_affine,
+    atlas,
+    rois,
+    *,
+    template_contrast="FA",
+    maps=None,
+    gre_magnitude=None,
+    tissue_mask=None,
+    erosion_voxels=0,
+    fa_threshold=0.2,
+    seed=0,
+    subject="",
+    progress=None,
+):
+    """Register the subject to the atlas, bring the regions back, and measure the maps in them.
+
+    Parameters
+    ----------
+    reference : ndarray, 3D
+        The subject's reference in DWI space: FA (registered to the atlas's FA template when it has one, else to
+        its T1w template) or a T1-like image (`template_contrast` ``"T1w"``).
+    atlas : Atlas
+    rois : sequence of str
+        Region names of the atlas.
+    maps : dict name → (ndarray, affine), optional
+        Maps to measure, each on the reference's grid or on the GRE's.
+    gre_magnitude : (ndarray, affine), optional
+        GRE magnitude (first echo if 4D): rigidly linked to the reference, the labels are also brought onto its grid.
+    tissue_mask : (ndarray, affine), optional
+        Grey-matter mask on either grid: cortex regions keep only its voxels.
+
+    Returns
+    -------
+    Labeling
+    """
+    maps = maps or {}
+    for roi in rois:
+        atlas.region(roi)
+    use_fa = template_contrast == "FA" and atlas.template_fa is not None
+    template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
+    raw_labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
+    raw_labels = raw_labels.astype(np.int32)
+    labels = split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
+    _report(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN")
+    registration = register(reference, reference_affine, template, template_affine, random_seed=seed)
+    link = None
+    try:
+        grids = {"reference": (reference.shape, reference_affine)}
+        label_images = {
+            "reference": (propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration), reference_affine)
+        }
+        if gre_magnitude is not None:
+            gre, gre_affine = gre_magnitude
+            gre = gre[..., 0] if gre.ndim == 4 else gre
+            _report(progress, 0.8, "linking the GRE to the reference (rigid)")
+            link = register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=seed)
+            grids["gre"] = (gre.shape, gre_affine)
+            label_images["gre"] = (propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link), gre_affine)
+        similarity = registration.similarity
+    finally:
+        registration.cleanup()
+        if link is not None:
+            link.cleanup()
+    template_masks = region_masks(raw_labels, labels_affine, atlas, rois)
+    table = LabelTable(dict(atlas.table.entries))
+    for value in np.unique(labels[labels >= 1000]):
+        name, rgb = table.entries.get(int(value) - 1000, (f"label_{int(value) - 1000}", (128, 128, 128)))
+        table.entries[int(value)] = (f"{name}_right", rgb)
+    rows, ratios = [], {}
+    for space, (label_image, affine) in label_images.items():
+        shape = grids[space][0]
+        masks = {key: np.isin(label_image, region_values(atlas, *key)) for key in template_masks}
+        if space == "reference":
+            ratios = volume_ratios(masks, affine, template_masks, labels_affine)
+        here = {name: image[0] for name, image in maps.items() if _on_grid(image, shape, affine)}
+        tissue = tissue_mask[0] > 0 if tissue_mask is not None and _on_grid(tissue_mask, shape, affine) else None
+        rows += [
+            {**row, "space": space}
+            for row in roi_statistics(
+                here, masks, subject=subject, erosion_voxels=erosion_voxels, fa=here.get("fa"), tissue_mask=tissue,
+                fa_threshold=fa_threshold, kinds={r: atlas.region(r).kind for r in rois},
+            )
+        ]  # fmt: skip
+    unmatched = sorted(set(maps) - {row["map"] for row in rows})
+    if unmatched:
+        raise InputError(f"map(s) {', '.join(unmatched)}: on neither the reference's nor the GRE's grid")
+    flags = quality_flags(similarity, ratios)
+    for row in rows:
+        row["qc_passed"] = not flags
+    _report(progress, 1.0, "labelling done")
+    return Labeling(label_images, table, rows, ratios, flags, similarity)
+
+
+def write_labeling(out_dir, labeling):
+    """Write ``labels_<space>.nii.gz``, ``labels.ctbl``, ``roi_stats.csv`` and ``quality.json``; return the paths."""
+    out_dir = Path(out_dir)
+    outputs = []
+    for space, (label_image, affine) in labeling.label_images.items():
+        outputs.append(out_dir / f"labels_{space}.nii.gz")
+        io.save_image(outputs[-1], label_image, affine, dtype=np.int16)
+    outputs += [out_dir / "labels.ctbl", out_dir / "roi_stats.csv", out_dir / "quality.json"]
+    io.write_color_table(outputs[-3], labeling.table.as_list())
+    io.write_table(outputs[-2], labeling.rows)
+    io.write_json(
+        outputs[-1],
+        {
+            "template_correlation": labeling.similarity,
+            "volume_ratio": {f"{r}_{s}": v for (r, s), v in labeling.ratios.items()},
+            "flags": labeling.flags,
+            "passed": labeling.passed,
+        },
+    )
+    return outputs
+
+
+def _report(progress, fraction, message):
+    if progress is not None:
+        progress(fraction, message)
+    else:
+        log.info(message)

@@ -268,95 +268,39 @@ def _run_label(args):
     if args.regions_json:
         atlas.regions = atlas_lib.load_regions_json(args.regions_json, atlas.name)
     rois = [r.strip() for r in args.rois.split(",") if r.strip()]
-    for roi in rois:
-        atlas.region(roi)
     map_paths = _parse_maps(args.maps)
+    _refuse_overwriting_inputs(
+        [args.out / n for n in ("labels_reference.nii.gz", "labels_gre.nii.gz", "roi_stats.csv", "quality.json")],
+        [args.reference, args.gre_magnitude, args.tissue_mask, *map_paths.values()],
+    )
     reference, reference_affine = io.load_image(args.reference, ndim=3, what="reference")
-    use_fa = args.reference_contrast == "FA" and atlas.template_fa is not None
-    template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
-    labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
-    raw_labels = labels.astype(np.int32)
-    labels = atlas_lib.split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
-    outputs = [args.out / "labels_reference.nii.gz", args.out / "roi_stats.csv", args.out / "quality.json"]
-    _refuse_overwriting_inputs(outputs, [args.reference, args.gre_magnitude, args.tissue_mask, *map_paths.values()])
-
-    print(f"registering {args.reference} to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", flush=True)
-    registration = atlas_lib.register(reference, reference_affine, template, template_affine, random_seed=args.seed)
-    link = None
-    grids = {"reference": (reference.shape, reference_affine)}
-    try:
-        label_images = {"reference": atlas_lib.propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration)}
-        if args.gre_magnitude:
-            gre, gre_affine = io.load_image(args.gre_magnitude, ndim=(3, 4), what="GRE magnitude")
-            gre = gre[..., 0] if gre.ndim == 4 else gre
-            print("linking the GRE to the reference (rigid)", flush=True)
-            link = atlas_lib.register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=args.seed)
-            grids["gre"] = (gre.shape, gre_affine)
-            label_images["gre"] = atlas_lib.propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link)
-        template_masks = atlas_lib.region_masks(raw_labels, labels_affine, atlas, rois)
-        table = atlas_lib.LabelTable(dict(atlas.table.entries))
-        for value in np.unique(labels[labels >= 1000]):
-            name, rgb = table.entries.get(int(value) - 1000, (f"label_{int(value) - 1000}", (128, 128, 128)))
-            table.entries[int(value)] = (f"{name}_right", rgb)
-        rows, ratios = [], {}
-        for space, label_image in label_images.items():
-            shape, affine = grids[space]
-            io.save_image(args.out / f"labels_{space}.nii.gz", label_image, affine, dtype=np.int16)
-            masks = {key: np.isin(label_image, _values(atlas, key)) for key in template_masks}
-            if space == "reference":
-                ratios = atlas_lib.volume_ratios(masks, affine, template_masks, labels_affine)
-            maps = {}
-            for name, path in map_paths.items():
-                data, map_affine = io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True)
-                if data.shape == tuple(shape) and np.allclose(map_affine, affine, atol=1e-3):
-                    maps[name] = data
-            fa = maps.get("fa")
-            tissue = None
-            if args.tissue_mask:
-                tissue_data, tissue_affine = io.load_image(args.tissue_mask, ndim=3, what="tissue mask")
-                if tissue_data.shape == tuple(shape) and np.allclose(tissue_affine, affine, atol=1e-3):
-                    tissue = tissue_data > 0
-            rows += [
-                {**row, "space": space}
-                for row in atlas_lib.roi_statistics(
-                    maps, masks, subject=args.subject, erosion_voxels=args.erosion, fa=fa, tissue_mask=tissue,
-                    fa_threshold=args.fa_threshold, kinds={r: atlas.region(r).kind for r in rois},
-                )
-            ]  # fmt: skip
-        io.write_color_table(args.out / "labels.ctbl", table.as_list())
-        matched = {row["map"] for row in rows}
-        unmatched = sorted(set(map_paths) - matched)
-        if unmatched:
-            raise InputError(f"map(s) {', '.join(unmatched)}: on neither the reference's nor the GRE's grid")
-        flags = atlas_lib.quality_flags(registration, ratios)
-        for row in rows:
-            row["qc_passed"] = not flags
-        io.write_table(args.out / "roi_stats.csv", rows)
-        atlas_lib.write_quality(args.out / "quality.json", registration, ratios, flags)
-        provenance.write(
-            args.out / "provenance.json", "label",
-            parameters={"atlas": atlas.name, "rois": rois, "seed": args.seed, "erosion": args.erosion,
-                        "fa_threshold": args.fa_threshold, "template": str(atlas.template_fa if use_fa else atlas.template)},
-            inputs={"reference": args.reference, **({"gre_magnitude": args.gre_magnitude} if args.gre_magnitude else {}), **map_paths},
-            outputs=outputs,
-        )  # fmt: skip
-    finally:
-        registration.cleanup()
-        if link is not None:
-            link.cleanup()
-    for flag in flags:
+    labeling = atlas_lib.label_subject(
+        reference,
+        reference_affine,
+        atlas,
+        rois,
+        template_contrast=args.reference_contrast,
+        maps={name: io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True) for name, path in map_paths.items()},
+        gre_magnitude=io.load_image(args.gre_magnitude, ndim=(3, 4), what="GRE magnitude") if args.gre_magnitude else None,
+        tissue_mask=io.load_image(args.tissue_mask, ndim=3, what="tissue mask") if args.tissue_mask else None,
+        erosion_voxels=args.erosion,
+        fa_threshold=args.fa_threshold,
+        seed=args.seed,
+        subject=args.subject,
+        progress=_print_progress,
+    )
+    outputs = atlas_lib.write_labeling(args.out, labeling)
+    provenance.write(
+        args.out / "provenance.json", "label",
+        parameters={"atlas": atlas.name, "rois": rois, "seed": args.seed, "erosion": args.erosion,
+                    "fa_threshold": args.fa_threshold, "reference_contrast": args.reference_contrast},
+        inputs={"reference": args.reference, **({"gre_magnitude": args.gre_magnitude} if args.gre_magnitude else {}), **map_paths},
+        outputs=outputs,
+    )  # fmt: skip
+    for flag in labeling.flags:
         print(f"quality warning: {flag}")
-    print(f"wrote labels, roi_stats.csv ({len(rows)} rows) and quality.json to {args.out}")
+    print(f"wrote labels, roi_stats.csv ({len(labeling.rows)} rows) and quality.json to {args.out}")
     return 0
-
-
-def _values(atlas, key):
-    region_name, side = key
-    region = atlas.region(region_name)
-    if region.split_hemisphere:
-        base = region.labels["both"]
-        return base if side == "left" else tuple(v + 1000 for v in base)
-    return region.labels[side]
 
 
 # ----------------------------------------------------------------------------------------------------------------

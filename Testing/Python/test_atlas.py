@@ -164,9 +164,9 @@ def test_quality_flags_catch_a_failed_registration(registered_subject):
     subject, fit, template, registration, labels_dwi, _ = registered_subject
     tmasks = {("CST", "left"): template["label"] == phantom.CST_LEFT}
     good = atlas.volume_ratios({("CST", "left"): labels_dwi == phantom.CST_LEFT}, subject.dwi.affine, tmasks, template["affine"])
-    assert atlas.quality_flags(registration, good) == []
+    assert atlas.quality_flags(registration.similarity, good) == []
     shrunk = atlas.volume_ratios({("CST", "left"): np.zeros_like(labels_dwi, bool)}, subject.dwi.affine, tmasks, template["affine"])
-    assert "volume is 0.00 x" in atlas.quality_flags(registration, shrunk)[0]
+    assert "volume is 0.00 x" in atlas.quality_flags(registration.similarity, shrunk)[0]
 
 
 def test_label_command_on_a_phantom_subject(tmp_path):
