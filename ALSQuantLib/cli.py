@@ -76,13 +76,14 @@ def _add_demo(subparsers):
     p.add_argument("--als", type=int, default=20, help="ALS subjects (default 20)")
     p.add_argument("--controls", type=int, default=15, help="control subjects (default 15)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help="subjects processed in parallel (default: the cores available)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args):
     from . import demo
 
-    return demo.run(args.out, n_als=args.als, n_controls=args.controls, seed=args.seed, progress=_print_progress)
+    return demo.run(args.out, n_als=args.als, n_controls=args.controls, seed=args.seed, workers=args.workers, progress=_print_progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,6 +376,89 @@ def _run_classify(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# run-subject, run-cohort
+# ----------------------------------------------------------------------------------------------------------------
+def _add_pipeline_options(p):
+    p.add_argument("--atlas", default="eve", help="built-in atlas name (default eve)")
+    p.add_argument("--atlas-dir", type=Path, help="folder holding the atlas files (default: $FSLDIR/data/atlases)")
+    p.add_argument("--fit-method", choices=("OLS", "WLS", "CWLS"), default="WLS")
+    p.add_argument("--denoise", action="store_true", help="MP-PCA denoising of the DWI first")
+    p.add_argument("--gibbs", action="store_true", help="Gibbs-ringing removal of the DWI first")
+    p.add_argument("--background", choices=("vsharp", "pdf"), default="vsharp")
+    p.add_argument("--inversion", choices=("tkd", "cg", "tv"), default="tv")
+    p.add_argument("--roi-erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def _pipeline_options(args):
+    from . import pipeline
+
+    return pipeline.Options(
+        atlas=args.atlas, atlas_dir=str(args.atlas_dir) if args.atlas_dir else None, fit_method=args.fit_method,
+        denoise=args.denoise, gibbs=args.gibbs, background=args.background, inversion=args.inversion,
+        roi_erosion=args.roi_erosion, seed=args.seed,
+    )  # fmt: skip
+
+
+def _add_run_subject(subparsers):
+    p = subparsers.add_parser("run-subject", help="one subject: DKI maps, QSM, atlas labels and ROI values")
+    p.add_argument("--dwi", type=Path, required=True, help="DWI as NIfTI (with FSL bval/bvec beside it) or NRRD")
+    p.add_argument("--bval", type=Path)
+    p.add_argument("--bvec", type=Path)
+    p.add_argument("--gre-magnitude", type=Path, nargs="+", required=True, help="one 4D file or one per echo")
+    p.add_argument("--gre-phase", type=Path, nargs="+", required=True, help="one 4D file or one per echo")
+    p.add_argument("--te", type=float, nargs="+", help="echo times in seconds (default: from the JSON sidecars)")
+    p.add_argument("--b0", type=float, help="field strength in tesla (default: from the JSON sidecar)")
+    p.add_argument("--subject", default="subject", help="subject identifier for the tables")
+    p.add_argument("--group", default="", help="group label for the tables")
+    _add_pipeline_options(p)
+    p.set_defaults(run=_run_run_subject)
+
+
+def _run_run_subject(args):
+    from . import io, pipeline
+
+    bval, bvec = args.bval, args.bvec
+    if not args.dwi.name.endswith(io.NRRD_SUFFIXES):
+        stem = io.strip_image_suffix(args.dwi)
+        bval, bvec = bval or stem.with_suffix(".bval"), bvec or stem.with_suffix(".bvec")
+    inputs = pipeline.SubjectInputs(
+        args.subject, args.dwi, tuple(args.gre_magnitude), tuple(args.gre_phase), bval, bvec,
+        tuple(args.te) if args.te else None, args.b0,
+    )  # fmt: skip
+    _refuse_overwriting_inputs([args.out / s for s in ("dki", "qsm", "label")], inputs.files().values())
+    logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
+    result = pipeline.run_subject(inputs, args.out, _pipeline_options(args), group=args.group)
+    for column in pipeline.MARKERS:
+        print(f"{column}: {result[column]:.4g}")
+    print(f"stages run: {', '.join(result['stages_run']) or 'none (all current)'}; quality {'passed' if result['qc_passed'] else 'FLAGGED'}")
+    print(f"outputs in {args.out}")
+    return 0
+
+
+def _add_run_cohort(subparsers):
+    p = subparsers.add_parser("run-cohort", help="every subject of a BIDS-like dataset, in parallel, resumable")
+    p.add_argument("dataset", type=Path, help="dataset folder with participants.tsv (participant_id, group)")
+    p.add_argument("--workers", type=int, help="parallel local processes (default: the cores available)")
+    p.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:port) to run the subjects on")
+    p.add_argument("--subjects", nargs="+", help="only these participants")
+    _add_pipeline_options(p)
+    p.set_defaults(run=_run_run_cohort)
+
+
+def _run_run_cohort(args):
+    from . import pipeline
+
+    result = pipeline.run_cohort(
+        args.dataset, args.out, _pipeline_options(args), workers=args.workers, scheduler=args.scheduler, subjects=args.subjects
+    )
+    if result.rows:
+        print(f"next: alsquant roc {result.table} --subject-column participant_id --markers {' '.join(pipeline.MARKERS)} --out ROC_DIR")
+    return 1 if result.failures else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="alsquant", description="ALS imaging biomarkers: DKI, QSM, atlas labelling and ROC diagnosis."
@@ -382,7 +466,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"alsquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_dki, _add_qsm, _add_label, _add_roc, _add_classify, _add_demo):
+    for add in (_add_simulate, _add_dki, _add_qsm, _add_label, _add_run_subject, _add_run_cohort, _add_roc, _add_classify, _add_demo):
         add(subparsers)
     return parser
 

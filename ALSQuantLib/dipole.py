@@ -33,7 +33,10 @@ GYROMAGNETIC_RATIO_HZ_PER_T = 42.58e6
 
 
 def fft_workers():
-    """Threads for scipy.fft: the cores this process may use."""
+    """Threads for scipy.fft: ``$ALSQUANT_THREADS`` when set (a cohort run gives each parallel subject its share),
+    else the cores this process may use."""
+    if os.environ.get("ALSQUANT_THREADS", "").isdigit():
+        return max(1, int(os.environ["ALSQUANT_THREADS"]))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -32,7 +32,7 @@ def versions():
     return found
 
 
-def record(step, *, parameters, inputs, outputs=()):
+def record(step, *, parameters, inputs, outputs=(), details=None):
     """A provenance record.
 
     Parameters
@@ -44,6 +44,8 @@ def record(step, *, parameters, inputs, outputs=()):
     inputs : dict
         Name → path of each input file; each gets its SHA-256.
     outputs : iterable of path
+    details : dict, optional
+        What the step found or measured (counts, timings): recorded, but not part of its parameters.
     """
     return {
         "step": step,
@@ -51,12 +53,13 @@ def record(step, *, parameters, inputs, outputs=()):
         "parameters": parameters,
         "inputs": {name: {"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for name, p in inputs.items()},
         "outputs": [str(Path(p).name) for p in outputs],
+        "details": details or {},
         "versions": versions(),
     }
 
 
-def write(path, step, *, parameters, inputs, outputs=()):
+def write(path, step, *, parameters, inputs, outputs=(), details=None):
     """Write a provenance record (`record`) as JSON, atomically; return the record."""
-    rec = record(step, parameters=parameters, inputs=inputs, outputs=outputs)
+    rec = record(step, parameters=parameters, inputs=inputs, outputs=outputs, details=details)
     io.write_json(path, rec)
     return rec

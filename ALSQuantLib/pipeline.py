@@ -1,0 +1,410 @@
+"""One subject's whole pipeline, and a cohort's: DWI and GRE in; DKI maps, susceptibility, atlas labels and the
+study's markers out.
+
+A subject runs in three stages, each in its own folder: ``dki`` (MK, FA, MD, mask), ``qsm`` (susceptibility, local
+field, mask) and ``label`` (the atlas registered to the FA, labels in DWI and GRE space, ROI statistics). Every
+output is written atomically, and each stage's provenance record (its parameters and the SHA-256 of its inputs) is
+written last: a stage whose record matches the current parameters and inputs, with all its outputs present, is
+skipped. A killed run therefore resumes at the first stage without a matching record, and changing an option or an
+input reruns exactly the stages that depend on it.
+
+A cohort (a BIDS-like folder with ``participants.tsv``) runs its subjects in parallel: a local process pool by
+default, or a Dask distributed cluster. One subject's failure is logged and reported; the others go on.
+"""
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import atlas as atlas_lib
+from . import dipole, dki, io, provenance, qsm
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+MARKERS = {"cst_mk": ("CST", "mk"), "cst_md": ("CST", "md"), "cst_fa": ("CST", "fa"), "m1_ms": ("M1", "ms")}
+"""The study's markers: column → (region, map). Each is the voxel-weighted mean of the region's left and right."""
+
+COHORT_TABLE = "cohort.csv"
+FAILURES = "failures.json"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that shapes a subject's results (recorded in each stage's provenance)."""
+
+    atlas: str = "eve"
+    atlas_dir: str = None
+    fit_method: str = "WLS"
+    denoise: bool = False
+    gibbs: bool = False
+    unwrap: str = "laplacian"
+    background: str = "vsharp"
+    inversion: str = "tv"
+    qsm_erosion_mm: float = 2.0
+    roi_erosion: int = 0
+    fa_threshold: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SubjectInputs:
+    """One subject's files. GRE magnitude and phase: one file per echo, in echo order (or one 4D file each)."""
+
+    subject: str
+    dwi: Path
+    gre_magnitude: tuple
+    gre_phase: tuple
+    bval: Path = None
+    bvec: Path = None
+    echo_times: tuple = None
+    field_strength: float = None
+
+    def files(self):
+        named = {"dwi": self.dwi, "bval": self.bval, "bvec": self.bvec}
+        named.update({f"gre_magnitude_{i + 1}": p for i, p in enumerate(self.gre_magnitude)})
+        named.update({f"gre_phase_{i + 1}": p for i, p in enumerate(self.gre_phase)})
+        return {k: Path(v) for k, v in named.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding a subject's files
+# ----------------------------------------------------------------------------------------------------------------
+def _one(folder, pattern, what):
+    found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    if len(found) != 1:
+        raise InputError(f"{what}: expected one file {folder / pattern}, found {len(found)}")
+    return found[0]
+
+
+def find_subject(dataset, subject):
+    """A subject's DWI (with FSL bval/bvec) and GRE magnitude/phase in a BIDS-like dataset.
+
+    ``<subject>/dwi/<subject>*_dwi.nii.gz`` (or ``.nrrd``/``.nhdr``), and ``<subject>/anat/*_part-mag_*`` and
+    ``*_part-phase_*`` NIfTI files (several echoes sorted by their ``echo-N`` entity).
+    """
+    folder = Path(dataset) / subject
+    if not folder.is_dir():
+        raise InputError(f"subject {subject}: no folder {folder}")
+    dwi_dir = folder / "dwi"
+    nrrd = sorted(dwi_dir.glob(f"{subject}*_dwi.nrrd")) + sorted(dwi_dir.glob(f"{subject}*_dwi.nhdr"))
+    if nrrd:
+        dwi, bval, bvec = nrrd[0], None, None
+    else:
+        dwi = _one(dwi_dir, f"{subject}*_dwi.nii*", f"subject {subject} DWI")
+        stem = io.strip_image_suffix(dwi)
+        bval, bvec = stem.with_suffix(".bval"), stem.with_suffix(".bvec")
+    anat = folder / "anat"
+
+    def echoes(part):
+        found = sorted(anat.glob(f"{subject}*_part-{part}_*.nii*"), key=_echo_number) if anat.is_dir() else []
+        if not found:
+            raise InputError(f"subject {subject} GRE: no {anat}/{subject}*_part-{part}_*.nii.gz")
+        return tuple(found)
+
+    return SubjectInputs(subject, dwi, echoes("mag"), echoes("phase"), bval, bvec)
+
+
+def _echo_number(path):
+    for entity in path.name.split("_"):
+        if entity.startswith("echo-") and entity[5:].isdigit():
+            return int(entity[5:])
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+def _normalised(obj):
+    """Parameters as JSON would give them back (tuples → lists, paths → strings), for comparison."""
+    if isinstance(obj, dict):
+        return {str(k): _normalised(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_normalised(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def stage_is_current(folder, parameters, inputs):
+    """Whether ``folder/provenance.json`` records these parameters and these inputs' checksums, and every output it
+    lists exists."""
+    record_path = Path(folder) / "provenance.json"
+    if not record_path.exists():
+        return False
+    try:
+        record = io.read_json(record_path)
+    except InputError:
+        return False
+    if record.get("parameters") != _normalised(parameters):
+        return False
+    recorded = record.get("inputs", {})
+    if set(recorded) != set(inputs):
+        return False
+    for name, path in inputs.items():
+        if recorded[name].get("sha256") != provenance.file_sha256(path):
+            return False
+    return all((Path(folder) / name).exists() for name in record.get("outputs", []))
+
+
+def run_stage(name, folder, parameters, inputs, compute):
+    """Run `compute(folder) → (output paths, details)` unless the stage is current; then record its provenance.
+
+    Returns True when the stage ran, False when it was skipped.
+    """
+    folder = Path(folder)
+    if stage_is_current(folder, parameters, inputs):
+        log.info("%s: current, skipped", name)
+        return False
+    record_path = folder / "provenance.json"
+    if record_path.exists():
+        record_path.unlink()  # a stale record must not vouch for half-rewritten outputs
+    start = time.perf_counter()
+    outputs, details = compute(folder)
+    seconds = time.perf_counter() - start
+    provenance.write(
+        record_path, name, parameters=_normalised(parameters), inputs=inputs, outputs=outputs, details={**details, "seconds": seconds}
+    )
+    log.info("%s: done in %.1f s", name, seconds)
+    return True
+
+
+def _dki_stage(inputs, options):
+    def compute(folder):
+        dwi = io.read_dwi(inputs.dwi, bval=inputs.bval, bvec=inputs.bvec)
+        fit, mask, details = dki.reconstruct(dwi, fit_method=options.fit_method, denoise=options.denoise, gibbs=options.gibbs)
+        outputs = [folder / f"{name}.nii.gz" for name in ("mk", "fa", "md")]
+        for path in outputs:
+            io.save_image(path, getattr(fit, path.name.split(".")[0]), dwi.affine, description=f"ALSQuant {path.name[:2]}")
+        outputs.append(folder / "mask.nii.gz")
+        io.save_image(outputs[-1], mask, dwi.affine, dtype=np.uint8)
+        return outputs, details
+
+    parameters = {"fit_method": options.fit_method, "denoise": options.denoise, "gibbs": options.gibbs}
+    return parameters, {k: v for k, v in inputs.files().items() if not k.startswith("gre")}, compute
+
+
+def _qsm_stage(inputs, options):
+    def compute(folder):
+        gre = io.read_gre(
+            list(inputs.gre_magnitude), list(inputs.gre_phase), echo_times=inputs.echo_times, field_strength=inputs.field_strength
+        )
+        result = qsm.reconstruct_qsm(
+            gre, unwrap=options.unwrap, background=options.background, inversion=options.inversion, erosion_mm=options.qsm_erosion_mm
+        )
+        outputs = [folder / f"{name}.nii.gz" for name in ("susceptibility", "local_field", "mask")]
+        io.save_image(outputs[0], result.susceptibility, gre.affine, description="ALSQuant chi ppm")
+        io.save_image(outputs[1], result.local_field, gre.affine, description="ALSQuant local field ppm")
+        io.save_image(outputs[2], result.mask, gre.affine, dtype=np.uint8)
+        return outputs, {**result.parameters, "timings_s": result.timings}
+
+    parameters = {
+        "unwrap": options.unwrap, "background": options.background, "inversion": options.inversion,
+        "erosion_mm": options.qsm_erosion_mm, "echo_times": inputs.echo_times, "field_strength": inputs.field_strength,
+    }  # fmt: skip
+    return parameters, {k: v for k, v in inputs.files().items() if k.startswith("gre")}, compute
+
+
+def _label_stage(inputs, options, dki_dir, qsm_dir):
+    atlas = atlas_lib.find_atlas(options.atlas, atlas_dir=options.atlas_dir)
+    maps = {"mk": dki_dir / "mk.nii.gz", "fa": dki_dir / "fa.nii.gz", "md": dki_dir / "md.nii.gz", "ms": qsm_dir / "susceptibility.nii.gz"}
+
+    masks = {"mk": dki_dir / "mask.nii.gz", "fa": dki_dir / "mask.nii.gz", "md": dki_dir / "mask.nii.gz", "ms": qsm_dir / "mask.nii.gz"}
+
+    def compute(folder):
+        loaded = {}
+        for name, path in maps.items():  # voxels outside a map's own mask hold no value and are not measured
+            data, affine = io.load_image(path, ndim=3, what=f"map {name}")
+            valid, _ = io.load_image(masks[name], ndim=3, what=f"mask of {name}")
+            loaded[name] = (np.where(valid > 0, data, np.nan), affine)
+        labeling = atlas_lib.label_subject(
+            *io.load_image(maps["fa"], ndim=3, what="FA"), atlas, list(atlas_lib.STUDY_MAPS), maps=loaded,
+            gre_magnitude=io.load_image(inputs.gre_magnitude[0], ndim=(3, 4), what="GRE magnitude"),
+            erosion_voxels=options.roi_erosion, fa_threshold=options.fa_threshold, seed=options.seed, subject=inputs.subject,
+        )  # fmt: skip
+        return atlas_lib.write_labeling(folder, labeling), {"flags": labeling.flags, "template_correlation": labeling.similarity}
+
+    parameters = {"atlas": atlas.name, "roi_erosion": options.roi_erosion, "fa_threshold": options.fa_threshold, "seed": options.seed}
+    files = {**maps, "dki_mask": masks["mk"], "qsm_mask": masks["ms"], "gre_magnitude": inputs.gre_magnitude[0], "atlas_template": atlas.template_fa or atlas.template, "atlas_labels": atlas.labels}
+    return parameters, files, compute
+
+
+def markers_from_rows(rows):
+    """The study's markers (`MARKERS`) from ROI statistics rows: each region's left and right means, weighted by
+    their voxel counts; DKI maps in DWI space, susceptibility in GRE space."""
+    out = {}
+    for column, (region, name) in MARKERS.items():
+        space = "gre" if name == "ms" else "reference"
+        chosen = [r for r in rows if r["region"] == region and r["map"] == name and r["space"] == space and int(r["n"]) > 0]
+        n = sum(int(r["n"]) for r in chosen)
+        out[column] = sum(float(r["mean"]) * int(r["n"]) for r in chosen) / n if n else float("nan")
+    return out
+
+
+def run_subject(inputs, out_dir, options=Options(), *, group=""):
+    """Run DKI, QSM and labelling for one subject into `out_dir` (stages skipped when current).
+
+    Returns
+    -------
+    dict
+        ``participant_id``, ``group``, the `MARKERS` columns, ``qc_passed`` and ``stages_run``.
+    """
+    out_dir = Path(out_dir)
+    for path in inputs.files().values():
+        if not path.exists():
+            raise InputError(f"subject {inputs.subject}: input {path} does not exist")
+    ran = []
+    stages = [("dki", _dki_stage(inputs, options)), ("qsm", _qsm_stage(inputs, options))]
+    for name, (parameters, stage_inputs, compute) in stages:
+        if run_stage(name, out_dir / name, parameters, stage_inputs, compute):
+            ran.append(name)
+    parameters, stage_inputs, compute = _label_stage(inputs, options, out_dir / "dki", out_dir / "qsm")
+    if run_stage("label", out_dir / "label", parameters, stage_inputs, compute):
+        ran.append("label")
+    rows = io.read_table(out_dir / "label" / "roi_stats.csv")
+    quality = io.read_json(out_dir / "label" / "quality.json")
+    result = {"participant_id": inputs.subject, "group": group, **markers_from_rows(rows), "qc_passed": bool(quality["passed"])}
+    io.write_json(out_dir / "markers.json", result)
+    return {**result, "stages_run": ran}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cohorts
+# ----------------------------------------------------------------------------------------------------------------
+def read_participants(dataset):
+    """(participant_id, group) pairs from ``participants.tsv``."""
+    path = Path(dataset) / "participants.tsv"
+    rows = io.read_table(path)
+    if not rows or "participant_id" not in rows[0]:
+        raise InputError(f"{path}: expected a table with a participant_id column (and group)")
+    return [(r["participant_id"], r.get("group", "")) for r in rows]
+
+
+def _subject_job(dataset, subject, group, out_dir, options, threads):
+    """Run one subject in a worker; log to ``logs/<subject>.log``; return (subject, result or None, error or None)."""
+    if threads:
+        os.environ["ALSQUANT_THREADS"] = str(threads)
+    log_path = Path(out_dir) / "logs" / f"{subject}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("ALSQuantLib")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    try:
+        log.info("%s (%s): start", subject, group)
+        result = run_subject(find_subject(dataset, subject), Path(out_dir) / "subjects" / subject, options, group=group)
+        log.info("%s: finished; stages run: %s", subject, ", ".join(result["stages_run"]) or "none")
+        return subject, result, None
+    except Exception as error:  # one subject's failure must not stop the cohort: it is logged and reported
+        log.error("%s: failed\n%s", subject, traceback.format_exc())
+        return subject, None, f"{type(error).__name__}: {error}"
+    finally:
+        package_log.removeHandler(handler)
+        handler.close()
+
+
+@dataclass
+class CohortResult:
+    rows: list
+    failures: dict
+    table: Path
+
+
+def _bar(done, total, width=30):
+    filled = int(width * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def run_cohort(dataset, out_dir, options=Options(), *, workers=None, scheduler=None, subjects=None, echo=print):
+    """Every subject of `dataset`, in parallel; the cohort table ``cohort.csv`` (for `stats.read_cohort`) at the end.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Local processes (default: the cores available). Each gets an equal share of the cores for its FFTs.
+    scheduler : str, optional
+        Address of a Dask distributed scheduler (``tcp://host:8786``): the subjects run on its workers instead.
+    subjects : sequence of str, optional
+        Only these participants.
+    echo : callable(str)
+        Progress lines (a bar per finished subject).
+
+    Returns
+    -------
+    CohortResult
+        Rows of the finished subjects (in participants order) and ``failures`` (subject → error).
+    """
+    dataset, out_dir = Path(dataset), Path(out_dir)
+    if not dataset.is_dir():
+        raise InputError(f"dataset {dataset}: not a folder")
+    if out_dir.resolve() == dataset.resolve():
+        raise InputError(f"output folder {out_dir}: it is the dataset itself; choose another (e.g. derivatives/alsquant)")
+    participants = read_participants(dataset)
+    if subjects:
+        unknown = sorted(set(subjects) - {p for p, _ in participants})
+        if unknown:
+            raise InputError(f"subjects {', '.join(unknown)}: not in {dataset / 'participants.tsv'}")
+        participants = [(p, g) for p, g in participants if p in subjects]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cores = dipole.fft_workers()
+    workers = max(1, min(workers or cores, len(participants)))
+    threads = max(1, cores // workers)
+    echo(f"{len(participants)} subjects, {'Dask scheduler ' + scheduler if scheduler else f'{workers} local processes'}; logs in {out_dir / 'logs'}")
+    results, failures = {}, {}
+    start = time.perf_counter()
+
+    def collect(subject, result, error):
+        if error:
+            failures[subject] = error
+        else:
+            results[subject] = result
+        done = len(results) + len(failures)
+        status = f"FAILED ({error})" if error else ("done" if result["stages_run"] else "already done")
+        echo(f"{_bar(done, len(participants))} {subject} {status} ({time.perf_counter() - start:.0f} s)")
+
+    jobs = [(str(dataset), subject, group, str(out_dir), options, threads) for subject, group in participants]
+    if scheduler:
+        from dask.distributed import Client, as_completed
+
+        with Client(scheduler) as client:
+            pending = [client.submit(_subject_job, *job, key=f"alsquant-{job[1]}", pure=False) for job in jobs]
+            for future in as_completed(pending):
+                collect(*future.result())
+    elif workers == 1:
+        for job in jobs:
+            collect(*_subject_job(*job))
+    else:
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or ITK state
+        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            pending = [pool.submit(_subject_job, *job) for job in jobs]
+            for future in futures.as_completed(pending):
+                collect(*future.result())
+    rows = [{k: v for k, v in results[s].items() if k != "stages_run"} for s, _ in participants if s in results]
+    table = out_dir / COHORT_TABLE
+    if rows:
+        io.write_table(table, rows)
+    elif table.exists():
+        table.unlink()  # a table from an earlier run must not pass for this one's
+    io.write_json(out_dir / FAILURES, failures)
+    echo(f"{len(rows)} subjects measured, {len(failures)} failed; cohort table {table}")
+    for subject, error in failures.items():
+        echo(f"  {subject}: {error} (log: {out_dir / 'logs' / (subject + '.log')})")
+    return CohortResult(rows, failures, table)
+
+
+def options_from(**values):
+    """`Options` from keyword values, None meaning the default; unknown names are an error."""
+    known = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"pipeline options {', '.join(unknown)}: unknown; expected some of {', '.join(sorted(known))}")
+    return Options(**{k: v for k, v in values.items() if v is not None})

@@ -1,0 +1,132 @@
+"""ALSQuantLib.pipeline and the run-subject / run-cohort commands, on simulated subjects with known truth."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ALSQuantLib import cli, io, phantom, pipeline, provenance
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Four phantom subjects (2 ALS, 2 control) with their truth."""
+    folder = tmp_path_factory.mktemp("cohort") / "ds"
+    rows = phantom.simulate_cohort(folder, 4, seed=11)
+    return folder, {row["participant_id"]: row for row in rows}
+
+
+def _options(folder, **changes):
+    return pipeline.Options(atlas="phantom", atlas_dir=str(folder / phantom.TRUTH_DIR / "template"), **changes)
+
+
+def _checksums(folder):
+    return {p: provenance.file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, tmp_path, capsys):
+    folder, truth = cohort
+    inputs = pipeline.find_subject(folder, "sub-01")
+    before = _checksums(folder / "sub-01")
+    out = tmp_path / "sub-01"
+    args = ["run-subject", "--dwi", str(inputs.dwi), "--gre-magnitude", *map(str, inputs.gre_magnitude),
+            "--gre-phase", *map(str, inputs.gre_phase), "--atlas", "phantom",
+            "--atlas-dir", str(folder / phantom.TRUTH_DIR / "template"), "--subject", "sub-01", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    assert "stages run: dki, qsm, label" in capsys.readouterr().out
+    markers = io.read_json(out / "markers.json")
+    true = truth["sub-01"]
+    assert markers["cst_mk"] == pytest.approx(float(true["cst_mk"]), rel=0.03)  # the atlas issue measured -1.8 % bias
+    assert markers["cst_md"] == pytest.approx(float(true["cst_md"]), rel=0.03)
+    assert 0 < markers["m1_ms"] < float(true["m1_chi"])  # positive, and underestimated (test_qsm measures the slope)
+    assert markers["qc_passed"]
+    for stage, names in (("dki", ["mk", "fa", "md", "mask"]), ("qsm", ["susceptibility", "local_field", "mask"]), ("label", ["labels_reference", "labels_gre"])):
+        for name in names:
+            assert (out / stage / f"{name}.nii.gz").exists()
+    _, chi_affine = io.load_image(out / "qsm" / "susceptibility.nii.gz")
+    _, gre_affine = io.load_image(inputs.gre_magnitude[0])
+    np.testing.assert_allclose(chi_affine, gre_affine, atol=1e-5)
+    assert not list(out.rglob("*.tmp*"))  # every atomic write finished
+    assert _checksums(folder / "sub-01") == before  # inputs untouched
+
+    assert cli.main(args) == 0
+    assert "stages run: none" in capsys.readouterr().out
+    # Another inversion changes the susceptibility, hence the labelling stage's input: DKI stays.
+    result = pipeline.run_subject(inputs, out, _options(folder, inversion="tkd"))
+    assert result["stages_run"] == ["qsm", "label"]
+    assert result["cst_mk"] == markers["cst_mk"]
+    # A stage whose output vanished runs again.
+    (out / "dki" / "md.nii.gz").unlink()
+    assert pipeline.run_subject(inputs, out, _options(folder, inversion="tkd"))["stages_run"] == ["dki"]
+
+
+def test_run_cohort_resumes_after_a_kill_and_reports_a_failing_subject(cohort, tmp_path, capsys):
+    folder, truth = cohort
+    broken = tmp_path / "ds"
+    broken.mkdir()
+    for item in folder.iterdir():  # the same dataset, with sub-03's b-values truncated
+        (broken / item.name).symlink_to(item)
+    (broken / "sub-03").unlink()
+    for source in (folder / "sub-03").rglob("*"):
+        if source.is_file():
+            target = broken / "sub-03" / source.relative_to(folder / "sub-03")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    bval = broken / "sub-03" / "dwi" / "sub-03_dwi.bval"
+    bval.write_text(" ".join(bval.read_text().split()[:5]) + "\n")
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ALSQuantLib.cli", "run-cohort", str(broken), "--out", str(out), "--workers", "2",
+               "--atlas", "phantom", "--atlas-dir", str(folder / phantom.TRUTH_DIR / "template")]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("subjects/*/markers.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the run, its workers and all
+    process.wait()
+    finished = {p.parent.name for p in out.glob("subjects/*/markers.json")}
+    assert finished and not (out / pipeline.COHORT_TABLE).exists()
+
+    assert cli.main(command[3:]) == 1  # resumed; one subject failed
+    printed = capsys.readouterr().out
+    failures = io.read_json(out / pipeline.FAILURES)
+    assert list(failures) == ["sub-03"] and "sub-03_dwi.bval" in failures["sub-03"]
+    assert "sub-03 FAILED" in printed
+    rows = io.read_table(out / pipeline.COHORT_TABLE)
+    assert [r["participant_id"] for r in rows] == ["sub-01", "sub-02", "sub-04"]
+    for subject in finished:  # nothing done before the kill was done again
+        log = (out / "logs" / f"{subject}.log").read_text()
+        assert log.count("current, skipped") == 3, log
+        assert f"{subject} already done" in printed
+    for row in rows:
+        assert float(row["cst_mk"]) == pytest.approx(float(truth[row["participant_id"]]["cst_mk"]), rel=0.03)
+    assert "Traceback" in (out / "logs" / "sub-03.log").read_text()
+
+
+def test_run_cohort_on_a_dask_cluster_gives_the_local_results(cohort, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    folder, _ = cohort
+    subjects = ["sub-02", "sub-03"]
+    local = pipeline.run_cohort(folder, tmp_path / "local", _options(folder), workers=2, subjects=subjects, echo=lambda line: None)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = pipeline.run_cohort(
+            folder, tmp_path / "dask", _options(folder), scheduler=cluster.scheduler_address, subjects=subjects, echo=lambda line: None
+        )
+    assert not remote.failures and len(remote.rows) == 2
+    assert remote.rows == local.rows  # single-threaded ANTs with a fixed seed: the same numbers everywhere
+
+
+def test_run_cohort_refuses_bad_requests(cohort, tmp_path):
+    folder, _ = cohort
+    with pytest.raises(pipeline.InputError, match="sub-99"):
+        pipeline.run_cohort(folder, tmp_path / "o", _options(folder), subjects=["sub-99"])
+    with pytest.raises(pipeline.InputError, match="dataset itself"):
+        pipeline.run_cohort(folder, folder, _options(folder))
+    with pytest.raises(pipeline.InputError, match="participant_id"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "participants.tsv").write_text("name\tgroup\nx\tALS\n")
+        pipeline.run_cohort(tmp_path / "empty", tmp_path / "o2", _options(folder))
