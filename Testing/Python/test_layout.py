@@ -63,20 +63,28 @@ def test_ci_runs_the_readme_test_command():
     assert "alsquant demo" in readme
 
 
-def test_demo_runs_and_labels_what_it_did(tmp_path, capsys):
+def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     from ALSQuantLib import cli, io
 
     assert cli.main(["demo", "--als", "3", "--controls", "3", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "3 ALS, 3 control" in out
-    assert "Not yet built, so not run: QSM" in out
-    measured = io.read_table(tmp_path / "demo" / "cst_dki.csv")
+    measured = io.read_table(tmp_path / "demo" / "markers.csv")
     assert len(measured) == 6
     # measured through the atlas registration, close to each subject's truth
     for row in measured:
         assert float(row["cst_mk"]) == pytest.approx(float(row["true_cst_mk"]), abs=0.05)
         assert float(row["cst_dice"]) > 0.7
+        assert 0 < float(row["m1_ms"]) < float(row["true_m1_chi"])  # QSM ran; the cortex is underestimated
+    results = io.read_json(tmp_path / "demo" / "roc" / "results.json")
+    assert set(results["markers"]) == {"cst_mk", "cst_md", "cst_fa", "m1_ms"}
+    assert "cst_mk+m1_ms" in results["combinations"]
     assert (tmp_path / "demo" / "roc" / "report.html").is_file()
     assert (tmp_path / "demo" / "demo_summary.txt").read_text() in out
+    # A second run finds the cohort and every stage current, and gives the same numbers.
+    assert cli.main(["demo", "--als", "3", "--controls", "3", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "Using the cohort simulated earlier" in out and out.count("already done") == 6
+    assert io.read_table(tmp_path / "demo" / "markers.csv") == measured
     assert cli.main(["demo", "--als", "2", "--out", str(tmp_path / "small")]) == 2
     assert not (tmp_path / "small").exists()  # refused before any work
