@@ -537,7 +537,8 @@ class Labeling:
 
     ``label_images``: space ("reference", "gre") → (label image, affine), split-hemisphere regions' right halves as
     value + 1000; ``table``: the label table naming those values; ``rows``: `roi_statistics` rows with ``space`` and
-    ``qc_passed``; ``ratios``: (region, side) → volume / template volume; ``flags``: quality warnings.
+    ``qc_passed``; ``ratios``: (region, side) → volume / template volume; ``flags``: quality warnings;
+    ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, then SyN warps), if asked.
     """
 
     label_images: dict
@@ -546,6 +547,7 @@ class Labeling:
     ratios: dict
     flags: list
     similarity: float
+    transforms: list = field(default_factory=list)
 
     @property
     def passed(self):
@@ -580,6 +582,7 @@ def label_subject(
     fa_threshold=0.2,
     seed=0,
     subject="",
+    keep_transforms=None,
     progress=None,
 ):
     """Register the subject to the atlas, bring the regions back, and measure the maps in them.
@@ -598,6 +601,8 @@ def label_subject(
         GRE magnitude (first echo if 4D): rigidly linked to the reference, the labels are also brought onto its grid.
     tissue_mask : (ndarray, affine), optional
         Grey-matter mask on either grid: cortex regions keep only its voxels.
+    keep_transforms : path, optional
+        Folder to copy the registration's transform files into (else they are deleted).
 
     Returns
     -------
@@ -627,6 +632,13 @@ def label_subject(
             grids["gre"] = (gre.shape, gre_affine)
             label_images["gre"] = (propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link), gre_affine)
         similarity = registration.similarity
+        kept = []
+        if keep_transforms is not None:
+            Path(keep_transforms).mkdir(parents=True, exist_ok=True)
+            for path in registration.forward:
+                kept.append(Path(keep_transforms) / Path(path).name)
+                with io.atomic_path(kept[-1]) as tmp:
+                    shutil.copyfile(path, tmp)
     finally:
         registration.cleanup()
         if link is not None:
@@ -658,7 +670,7 @@ def label_subject(
     for row in rows:
         row["qc_passed"] = not flags
     _report(progress, 1.0, "labelling done")
-    return Labeling(label_images, table, rows, ratios, flags, similarity)
+    return Labeling(label_images, table, rows, ratios, flags, similarity, kept)
 
 
 def write_labeling(out_dir, labeling):

@@ -246,6 +246,7 @@ def _add_label(subparsers):
         help="grey-matter mask (on the reference's or the GRE's grid): cortex regions keep only its voxels",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-transforms", action="store_true", help="keep the ANTs transforms (subject -> atlas) in OUT/transforms")
     p.add_argument("--subject", default="", help="subject identifier for the table")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_run_label)
@@ -288,6 +289,7 @@ def _run_label(args):
         fa_threshold=args.fa_threshold,
         seed=args.seed,
         subject=args.subject,
+        keep_transforms=args.out / "transforms" if args.keep_transforms else None,
         progress=_print_progress,
     )
     outputs = atlas_lib.write_labeling(args.out, labeling)

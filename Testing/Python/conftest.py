@@ -1,11 +1,14 @@
 """Shared fixtures: the real data beside the project, and a real MRML scene from slicer-core."""
 
+import sys
 from pathlib import Path
 
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+MODULES_DIR = PROJECT_ROOT / "ALSQuant"
+MODULE_NAMES = ("ALSQuantCommon", "DKIReconstruction", "QSMReconstruction", "AtlasLabeling", "ALSClassification")
 
 
 @pytest.fixture
@@ -14,6 +17,17 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def module_logic():
+    """The Slicer modules' Qt-free packages (ALSQuantCommonLib, <Module>Lib) importable, as inside Slicer where every
+    module's folder is on the path."""
+    pytest.importorskip("slicer")
+    for name in MODULE_NAMES:
+        if str(MODULES_DIR / name) not in sys.path:
+            sys.path.append(str(MODULES_DIR / name))
+    return MODULES_DIR
 
 
 @pytest.fixture

@@ -1,0 +1,160 @@
+"""ALS Classification: ROC analysis of a cohort's markers, and the diagnosis of the current subject."""
+
+import pathlib
+
+import slicer
+from slicer import vtkMRMLTableNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# ALSClassificationLib.logic imports ALSQuantLib and scikit-learn, installed on first use: imported when needed.
+
+
+class ALSClassification(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "ALS Classification"
+        self.parent.categories = ["ALSQuant"]
+        self.parent.dependencies = ["ALSQuantCommon"]
+        self.parent.contributors = ["ALSQuant developers"]
+        self.parent.helpText = (
+            "Group statistics and ROC analysis (DeLong CIs, Youden cut-offs, cross-validated combinations) of a cohort "
+            "table, a diagnostic model saved as JSON, and the diagnosis of one subject. See the ALSQuant README, "
+            "section ALS Classification."
+        )
+        self.parent.acknowledgementText = "Statistics checked against R's pROC."
+
+
+@parameterNodeWrapper
+class ALSClassificationParameterNode:
+    cohortTable: vtkMRMLTableNode
+    markers: str = "cst_mk,cst_md,cst_fa,m1_ms"
+    combinations: str = "cst_mk+m1_ms"
+    positive: str = "ALS"
+    modelPath: pathlib.Path
+    subjectTable: vtkMRMLTableNode
+
+
+def splitList(text, separator=","):
+    return [item.strip() for item in text.split(separator) if item.strip()]
+
+
+class ALSClassificationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ALSClassification.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.cancelButton.visible = False  # the analysis takes seconds: no background process
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
+        self.ui.diagnoseButton.connect("clicked(bool)", self.onDiagnose)
+        self.initializeParameterNode()
+
+    def _logic(self):
+        if self.logic is None:
+            from ALSQuantCommon import ensureDependencies
+
+            ensureDependencies()
+            from ALSClassificationLib.logic import ALSClassificationLogic
+
+            self.logic = ALSClassificationLogic()
+        return self.logic
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(ALSClassificationParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    def onApplyButton(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("The ROC analysis failed.", waitCursor=True):
+            out = self._logic().analyze(p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive)
+            for name, r in out["results"]["markers"].items():
+                self.ui.logText.appendPlainText(f"{name}: AUC {r['auc']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}]")
+            for name, r in out["results"]["combinations"].items():
+                self.ui.logText.appendPlainText(f"{name}: AUC {r['auc_apparent']:.2f}, cross-validated {r['auc_cv']:.2f}")
+            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
+            slicer.modules.plots.logic().ShowChartInLayout(out["chart"])
+
+    def onSaveModel(self):
+        p = self._parameterNode
+        combinations = splitList(p.combinations)
+        markers = combinations[0].split("+") if combinations else splitList(p.markers)
+        with slicer.util.tryWithErrorDisplay("Could not save the model.", waitCursor=True):
+            self._logic().saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
+            self.ui.logText.appendPlainText(f"model of {'+'.join(markers)} saved to {p.modelPath}")
+
+    def onDiagnose(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not diagnose the subject.", waitCursor=True):
+            result = self._logic().classify(p.modelPath, p.subjectTable)
+            flags = f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
+            self.ui.logText.appendPlainText(f"P(ALS) = {result['probability']:.3f} -> {result['decision']}{flags}")
+
+
+class ALSClassificationTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: a simulated cohort table through the analysis; one ROC series per marker and combination."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_ALSClassification_cohort()
+
+    def test_ALSClassification_cohort(self):
+        import numpy as np
+        from ALSQuantCommon import ensureDependencies
+
+        ensureDependencies()
+        from ALSClassificationLib.logic import ALSClassificationLogic
+        from ALSQuantCommonLib import nodes
+        from ALSQuantLib import phantom
+
+        rng = np.random.default_rng(0)
+        rows = []
+        for n, group in enumerate(["ALS"] * 20 + ["control"] * 20):
+            values = phantom.draw_subject_values(group, rng)
+            rows.append({"participant_id": f"sub-{n:02d}", "group": group, "cst_mk": values["cst_mk"], "m1_ms": values["m1_chi"]})
+        table = nodes.tableFromRows(slicer.mrmlScene, rows, "cohort")
+        out = ALSClassificationLogic().analyze(table, ["cst_mk", "m1_ms"], combinations=["cst_mk+m1_ms"])
+        self.assertEqual(out["chart"].GetNumberOfPlotSeriesNodes(), 3)
+        self.assertGreater(out["results"]["markers"]["cst_mk"]["auc"], 0.7)
+        self.delayDisplay("ALS Classification test passed")

@@ -1,0 +1,85 @@
+"""ALS Classification logic: a cohort table in; group statistics, ROC tables and curves (plot series on a chart), a
+diagnostic model (JSON), and the diagnosis of one subject from a saved model out."""
+
+import numpy as np
+import slicer
+
+from ALSQuantCommonLib import nodes
+from ALSQuantLib import io, stats
+
+STUDY_MARKERS = ("cst_mk", "cst_md", "cst_fa", "m1_ms")
+
+
+class ALSClassificationLogic:
+    """ROC analysis of a cohort (`ALSQuantLib.stats`, checked against R's pROC) and individual diagnosis."""
+
+    def __init__(self, scene=None):
+        self.scene = scene or slicer.mrmlScene
+
+    @staticmethod
+    def cohortRows(cohort):
+        """Rows of a table node, or of a CSV/TSV file."""
+        if hasattr(cohort, "GetTable"):
+            return nodes.rowsFromTable(cohort)
+        return io.read_table(cohort)
+
+    def analyze(self, cohort, markers=STUDY_MARKERS, *, combinations=("cst_mk+m1_ms",), positive="ALS", groupColumn="group",
+                subjectColumn="participant_id", seed=0):  # fmt: skip
+        """Run the analysis and make its nodes.
+
+        Returns
+        -------
+        dict
+            ``results`` (as `stats.analyze`), ``markerTable`` and ``combinationTable`` (table nodes), ``curves``
+            (name → table node with 1 − specificity and sensitivity), ``chart`` (plot chart node with one series
+            per ROC curve).
+        """
+        table = stats.read_cohort(self.cohortRows(cohort), markers=list(markers), group_column=groupColumn, positive=positive, subject_column=subjectColumn)
+        results, rocs, _ = stats.analyze(table, list(combinations), random_seed=seed)
+        markerRows = [{"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple))}} for m, r in results["markers"].items()]
+        combinationRows = [{"combination": c, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple, dict))}} for c, r in results["combinations"].items()]
+        out = {
+            "results": results,
+            "markerTable": nodes.tableFromRows(self.scene, markerRows, "ALSQuant_ROC_markers"),
+            "combinationTable": nodes.tableFromRows(self.scene, combinationRows, "ALSQuant_ROC_combinations") if combinationRows else None,
+            "curves": {},
+        }
+        chart = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", self.scene.GenerateUniqueName("ALSQuant_ROC"))
+        chart.SetTitle("ROC curves")
+        chart.SetXAxisTitle("1 - specificity")
+        chart.SetYAxisTitle("sensitivity")
+        for roc in rocs:
+            fpr = 1.0 - np.asarray(roc.curve["specificity"], dtype=float)
+            tpr = np.asarray(roc.curve["sensitivity"], dtype=float)
+            order = np.lexsort((tpr, fpr))  # from (0, 0) to (1, 1)
+            fpr, tpr = fpr[order], tpr[order]
+            curve = nodes.tableFromRows(self.scene, [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)], f"ALSQuant_ROC_{roc.name}")
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{roc.name} (AUC {roc.auc:.2f})")
+            series.SetAndObserveTableNodeID(curve.GetID())
+            series.SetXColumnName("fpr")
+            series.SetYColumnName("tpr")
+            series.SetPlotType(series.PlotTypeScatter)
+            series.SetMarkerStyle(series.MarkerStyleNone)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            out["curves"][roc.name] = curve
+        out["chart"] = chart
+        return out
+
+    def saveModel(self, cohort, markers, path, *, positive="ALS", groupColumn="group", subjectColumn="participant_id", seed=0):
+        """Fit the diagnostic model of `markers` on the cohort and save it as JSON; return the model."""
+        table = stats.read_cohort(self.cohortRows(cohort), markers=list(markers), group_column=groupColumn, positive=positive, subject_column=subjectColumn)
+        model = stats.diagnostic_model(table, list(markers), random_seed=seed)
+        stats.save_model(model, path)
+        return model
+
+    def classify(self, modelPath, values):
+        """Diagnose one subject from a saved model. `values`: marker → value, or a table node whose first row holds
+        them (e.g. Atlas Labeling's output reduced to markers). Returns `stats.classify`'s result with a table node."""
+        model = stats.load_model(modelPath)
+        if hasattr(values, "GetTable"):
+            row = nodes.rowsFromTable(values)[0]
+            values = {m: float(row[m]) for m in model["markers"] if row.get(m, "") != ""}
+        result = stats.classify(model, values)
+        rows = [{"marker": m, "value": float(values[m]), "z_score": float(z)} for m, z in result["z_scores"].items()]
+        result["table"] = nodes.tableFromRows(self.scene, rows, "ALSQuant_diagnosis")
+        return result

@@ -1,0 +1,162 @@
+"""Atlas Labeling: atlas regions brought into the subject's space by ANTs, and the maps measured in them."""
+
+import pathlib
+from typing import Annotated
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# AtlasLabelingLib.logic imports ALSQuantLib and antspyx, installed on first use: imported only when needed.
+
+
+class AtlasLabeling(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Atlas Labeling"
+        self.parent.categories = ["ALSQuant"]
+        self.parent.dependencies = ["ALSQuantCommon"]
+        self.parent.contributors = ["ALSQuant developers"]
+        self.parent.helpText = (
+            "Registers the subject's FA to an atlas template (ANTs rigid, affine, SyN), brings the atlas labels back "
+            "through the inverse transform, and measures MK, FA, MD in the CST and susceptibility in M1. See the "
+            "ALSQuant README, section Atlas Labeling."
+        )
+        self.parent.acknowledgementText = "Registration by ANTs (antspyx); runs in a background process."
+
+
+@parameterNodeWrapper
+class AtlasLabelingParameterNode:
+    referenceVolume: vtkMRMLScalarVolumeNode
+    greMagnitudeVolume: vtkMRMLScalarVolumeNode
+    mkVolume: vtkMRMLScalarVolumeNode
+    faVolume: vtkMRMLScalarVolumeNode
+    mdVolume: vtkMRMLScalarVolumeNode
+    msVolume: vtkMRMLScalarVolumeNode
+    atlasName: Annotated[str, Choice(["eve", "jhu-icbm-labels", "jhu-tracts", "harvard-oxford", "phantom"])] = "eve"
+    atlasDir: pathlib.Path
+    rois: str = "CST,M1"
+    erosion: int = 0
+    faThreshold: float = 0.2
+    seed: int = 0
+
+
+def mapNodesOf(parameterNode):
+    """The maps chosen in the panel: name → node."""
+    chosen = {"mk": parameterNode.mkVolume, "fa": parameterNode.faVolume, "md": parameterNode.mdVolume, "ms": parameterNode.msVolume}
+    return {name: node for name, node in chosen.items() if node is not None}
+
+
+class AtlasLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        from ALSQuantCommon import JobMonitor
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AtlasLabeling.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self.ui.applyButton)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.initializeParameterNode()
+
+    def _logic(self):
+        if self.logic is None:
+            from ALSQuantCommon import ensureDependencies
+
+            ensureDependencies()
+            from AtlasLabelingLib.logic import AtlasLabelingLogic
+
+            self.logic = AtlasLabelingLogic()
+        return self.logic
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(AtlasLabelingParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    def onApplyButton(self):
+        logic = self._logic()
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Atlas labelling could not start.", waitCursor=True):
+            job = logic.startBackground(
+                p.referenceVolume, atlasName=p.atlasName, atlasDir=str(p.atlasDir) if str(p.atlasDir) not in ("", ".") else None,
+                rois=[r.strip() for r in p.rois.split(",") if r.strip()], mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume,
+                erosion=p.erosion, faThreshold=p.faThreshold, seed=p.seed,
+            )  # fmt: skip
+            self.monitor.start(job, self.showResult)
+
+    def showResult(self, outputs):
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.referenceVolume, label=outputs["labels"], fit=True)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(outputs["table"].GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+
+class AtlasLabelingTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: the phantom atlas onto a simulated subject's true FA; CST Dice against its true labels."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_AtlasLabeling_phantom()
+
+    def test_AtlasLabeling_phantom(self):
+        import tempfile
+
+        import numpy as np
+        from ALSQuantCommon import ensureDependencies
+
+        ensureDependencies()
+        from ALSQuantCommonLib import nodes, sample
+        from ALSQuantLib import phantom
+        from AtlasLabelingLib.logic import AtlasLabelingLogic
+
+        subject = sample.loadSampleSubject(slicer.mrmlScene)
+        fa = nodes.volumeFromImage(slicer.mrmlScene, subject.truth.truth_dwi["fa"], nodes.ijkToRas(subject.dwi), "FA")
+        with tempfile.TemporaryDirectory() as folder:
+            phantom.write_template(folder, phantom.PhantomConfig())
+            out = AtlasLabelingLogic().run(fa, atlasName="phantom", atlasDir=f"{folder}/{phantom.TRUTH_DIR}/template", mapNodes={"fa": fa})
+        labels, _ = nodes.imageFromVolume(out["labels"])
+        truth = subject.truth.truth_dwi["label"]
+        cst, true_cst = np.isin(labels, phantom.REGIONS["CST"]), np.isin(truth, phantom.REGIONS["CST"])
+        self.assertGreater(2 * (cst & true_cst).sum() / (cst.sum() + true_cst.sum()), 0.7)
+        self.delayDisplay("Atlas Labeling test passed")

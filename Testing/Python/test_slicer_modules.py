@@ -1,0 +1,298 @@
+"""The Slicer modules: their logic on real MRML (slicer-core, no Qt) against the phantom's truth, and static checks of
+the module files (.ui, parameter nodes, CMake lists) that Slicer itself would only find at build or load time."""
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from importlib import metadata
+
+import numpy as np
+import pytest
+from conftest import MODULE_NAMES, MODULES_DIR, PROJECT_ROOT
+
+from ALSQuantLib import phantom, stats
+
+PANELS = MODULE_NAMES[1:]
+
+
+@pytest.fixture(scope="module")
+def subject():
+    """One simulated ALS subject, three echoes (so multi-echo inputs are exercised)."""
+    return phantom.simulate_subject("ALS", 21, phantom.with_overrides(phantom.PhantomConfig(), echo_times=(0.005, 0.010, 0.015)))
+
+
+def _ijk_to_ras(node):
+    from ALSQuantCommonLib import nodes
+
+    return nodes.ijkToRas(node)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logic on real MRML
+# ----------------------------------------------------------------------------------------------------------------
+def test_dwi_node_round_trip_honours_the_measurement_frame(module_logic, mrml_scene, subject):
+    import slicer
+    from ALSQuantCommonLib import nodes
+
+    node = nodes.dwiNodeFromDWI(mrml_scene, subject.dwi, "dwi")
+    assert node.IsA("vtkMRMLDiffusionWeightedVolumeNode")
+    back = nodes.dwiFromNode(node)
+    np.testing.assert_array_equal(back.data, subject.dwi.data)
+    np.testing.assert_allclose(back.bvecs, subject.dwi.bvecs, atol=1e-6)
+    # The same RAS gradients stored in a rotated measurement frame: g_frame = Rᵀ g_RAS.
+    angle = np.deg2rad(30)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    node.SetMeasurementFrameMatrix(slicer.util.vtkMatrixFromArray(rotation))
+    for i, g in enumerate(subject.dwi.bvecs):
+        node.SetDiffusionGradient(i, list(rotation[:3, :3].T @ g))
+    np.testing.assert_allclose(nodes.dwiFromNode(node).bvecs, subject.dwi.bvecs, atol=1e-6)
+
+
+def test_dki_logic_makes_maps_on_the_dwi_grid_near_the_truth(module_logic, mrml_scene, subject):
+    from ALSQuantCommonLib import nodes
+    from DKIReconstructionLib.logic import DKIReconstructionLogic
+
+    dwi_node = nodes.dwiNodeFromDWI(mrml_scene, subject.dwi, "dwi")
+    logic = DKIReconstructionLogic(mrml_scene)
+    maps = logic.run(dwi_node)
+    assert set(maps) == {"mk", "fa", "md"}
+    cst = np.isin(subject.truth_dwi["label"], phantom.REGIONS["CST"])
+    for name, node in maps.items():
+        assert node.GetClassName() == "vtkMRMLScalarVolumeNode"
+        np.testing.assert_array_equal(_ijk_to_ras(node), _ijk_to_ras(dwi_node))
+        values, _ = nodes.imageFromVolume(node)
+        assert np.median(values[cst]) == pytest.approx(np.median(subject.truth_dwi[name][cst]), rel=0.04), name
+    # The panel's way: the same fit by `alsquant dki` in another process.
+    job = logic.startBackground(dwi_node)
+    assert job.task.wait(600) == 0
+    assert job.task.progress == 1.0 and any("DKI" in line or "fit" in line for line in job.task.log)
+    background = job.finish()
+    for name, node in background.items():
+        np.testing.assert_array_equal(_ijk_to_ras(node), _ijk_to_ras(dwi_node))
+        np.testing.assert_allclose(nodes.imageFromVolume(node)[0], nodes.imageFromVolume(maps[name])[0], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="maps"):
+        logic.run(dwi_node, maps=["mk", "bogus"])
+
+
+def test_qsm_logic_per_echo_nodes_and_a_vector_volume_agree(module_logic, mrml_scene, subject):
+    from ALSQuantCommonLib import nodes
+    from QSMReconstructionLib.logic import QSMReconstructionLogic
+
+    gre = subject.gre
+    magnitude = [nodes.volumeFromImage(mrml_scene, gre.magnitude[..., e], gre.affine, f"mag{e}") for e in range(3)]
+    phase = [nodes.volumeFromImage(mrml_scene, gre.phase[..., e], gre.affine, f"phase{e}") for e in range(3)]
+    logic = QSMReconstructionLogic(mrml_scene)
+    out = logic.run(magnitude, phase, gre.echo_times, gre.field_strength)
+    assert out["susceptibility"].GetClassName() == "vtkMRMLScalarVolumeNode"
+    assert out["mask"].GetClassName() == "vtkMRMLLabelMapVolumeNode"
+    for node in out.values():
+        np.testing.assert_array_equal(_ijk_to_ras(node), _ijk_to_ras(phase[0]))
+    chi, _ = nodes.imageFromVolume(out["susceptibility"])
+    mask = nodes.imageFromVolume(out["mask"])[0] > 0
+    m1 = np.isin(subject.truth_gre["label"], phantom.REGIONS["M1"]) & mask
+    deep = np.isin(subject.truth_gre["label"], (phantom.DEEP_GM_LEFT, phantom.DEEP_GM_RIGHT)) & mask
+    assert 0 < chi[m1].mean() < subject.values["m1_chi"]  # paramagnetic cortex, underestimated (see test_qsm)
+    assert chi[deep].mean() == pytest.approx(subject.truth_gre["chi"][deep].mean() - subject.truth_gre["chi"][mask].mean(), abs=0.03)
+    vector_mag = nodes.volumeFromImage(mrml_scene, gre.magnitude, gre.affine, "mag", className="vtkMRMLVectorVolumeNode")
+    vector_phase = nodes.volumeFromImage(mrml_scene, gre.phase, gre.affine, "phase", className="vtkMRMLVectorVolumeNode")
+    assert vector_phase.GetImageData().GetNumberOfScalarComponents() == 3
+    again = logic.run(vector_mag, vector_phase, gre.echo_times, gre.field_strength)
+    np.testing.assert_array_equal(nodes.imageFromVolume(again["susceptibility"])[0], chi)
+    with pytest.raises(Exception, match="millisecond"):
+        logic.run(magnitude, phase, [5, 10, 15], gre.field_strength)
+
+
+def test_background_task_cancel_stops_the_process(module_logic, mrml_scene, subject):
+    from ALSQuantCommonLib import nodes
+    from QSMReconstructionLib.logic import QSMReconstructionLogic
+
+    gre = subject.gre
+    magnitude = nodes.volumeFromImage(mrml_scene, gre.magnitude, gre.affine, "mag", className="vtkMRMLVectorVolumeNode")
+    phase = nodes.volumeFromImage(mrml_scene, gre.phase, gre.affine, "phase", className="vtkMRMLVectorVolumeNode")
+    job = QSMReconstructionLogic(mrml_scene).startBackground(magnitude, phase, gre.echo_times, gre.field_strength, unwrap="path")
+    job.task.cancel()
+    assert not job.task.running and job.task.cancelled
+    with pytest.raises(RuntimeError, match="cancelled"):
+        job.finish()
+    with pytest.raises(Exception, match="field strength"):  # checked before any process starts
+        QSMReconstructionLogic(mrml_scene).startBackground(magnitude, phase, gre.echo_times, 0.0)
+    failing = QSMReconstructionLogic(mrml_scene).startBackground(magnitude, phase, gre.echo_times, 3.0, erosionMm=500.0)
+    assert failing.task.wait(300) != 0
+    with pytest.raises(RuntimeError, match="alsquant qsm failed:(.|\n)*mask"):  # the command's own error reaches the user
+        failing.finish()
+
+
+def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_scene, subject, tmp_path):
+    import vtk
+    from AtlasLabelingLib.logic import AtlasLabelingLogic
+    from ALSQuantCommonLib import nodes
+
+    config = phantom.PhantomConfig()
+    phantom.write_template(tmp_path, config)
+    atlas_dir = str(tmp_path / phantom.TRUTH_DIR / "template")
+    fa = nodes.volumeFromImage(mrml_scene, subject.truth_dwi["fa"].astype(np.float32), subject.dwi.affine, "FA")  # as written to NIfTI
+    mk = nodes.volumeFromImage(mrml_scene, subject.truth_dwi["mk"], subject.dwi.affine, "MK")
+    gre = nodes.volumeFromImage(mrml_scene, subject.gre.magnitude[..., 0], subject.gre.affine, "GRE")
+    ms = nodes.volumeFromImage(mrml_scene, subject.truth_gre["chi"], subject.gre.affine, "chi")
+    logic = AtlasLabelingLogic(mrml_scene)
+    out = logic.run(fa, atlasName="phantom", atlasDir=atlas_dir, mapNodes={"mk": mk, "fa": fa, "ms": ms}, greMagnitudeNode=gre)
+    assert out["labels"].GetClassName() == out["greLabels"].GetClassName() == "vtkMRMLLabelMapVolumeNode"
+    np.testing.assert_array_equal(_ijk_to_ras(out["labels"]), _ijk_to_ras(fa))
+    np.testing.assert_array_equal(_ijk_to_ras(out["greLabels"]), _ijk_to_ras(gre))
+    colors = out["colorTable"]
+    assert out["labels"].GetDisplayNode().GetColorNodeID() == colors.GetID()
+    assert colors.GetColorName(phantom.CST_LEFT).lower().startswith("cst")
+    labels, _ = nodes.imageFromVolume(out["labels"])
+    true_cst = np.isin(subject.truth_dwi["label"], phantom.REGIONS["CST"])
+    cst = np.isin(labels, phantom.REGIONS["CST"])
+    assert 2 * (cst & true_cst).sum() / (cst.sum() + true_cst.sum()) > 0.7
+    rows = nodes.rowsFromTable(out["table"])
+    cst_mk = [float(r["mean"]) for r in rows if r["region"] == "CST" and r["map"] == "mk"]
+    assert len(cst_mk) == 2 and np.mean(cst_mk) == pytest.approx(subject.values["cst_mk"], rel=0.03)
+    assert any(r["region"] == "M1" and r["map"] == "ms" and r["space"] == "gre" for r in rows)
+    # The affine part of the registration, as Slicer's "from parent" transform: template points land near the
+    # subject's anatomy (the SyN warp is not in it).
+    template_labels, template_affine = phantom.make_template(config)["label"], phantom.make_template(config)["affine"]
+    from ALSQuantLib import geometry
+
+    centre_template = geometry.voxel_centers_world(template_labels.shape, template_affine)[np.isin(template_labels, phantom.REGIONS["CST"])].mean(axis=0)
+    centre_subject = geometry.voxel_centers_world(true_cst.shape, subject.dwi.affine)[true_cst].mean(axis=0)
+    matrix = vtk.vtkMatrix4x4()
+    out["transform"].GetMatrixTransformFromParent(matrix)
+    moved = np.array(matrix.MultiplyPoint([*centre_template, 1.0])[:3])
+    assert np.linalg.norm(moved - centre_subject) < 4.0, (moved, centre_subject)
+    assert np.linalg.norm(centre_template - centre_subject) > np.linalg.norm(moved - centre_subject)
+    # The panel's way gives the same labels.
+    job = logic.startBackground(fa, atlasName="phantom", atlasDir=atlas_dir, mapNodes={"mk": mk})
+    assert job.task.wait(600) == 0, job.task.errorText()
+    np.testing.assert_array_equal(nodes.imageFromVolume(job.finish()["labels"])[0], labels)
+
+
+def test_classification_logic_curves_model_and_diagnosis(module_logic, mrml_scene, tmp_path):
+    from ALSClassificationLib.logic import ALSClassificationLogic
+    from ALSQuantCommonLib import nodes
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for n, group in enumerate(["ALS"] * 25 + ["control"] * 20):
+        values = phantom.draw_subject_values(group, rng)
+        rows.append({"participant_id": f"sub-{n:02d}", "group": group, "cst_mk": values["cst_mk"], "m1_ms": values["m1_chi"]})
+    cohort = nodes.tableFromRows(mrml_scene, rows, "cohort")
+    logic = ALSClassificationLogic(mrml_scene)
+    out = logic.analyze(cohort, ["cst_mk", "m1_ms"], combinations=["cst_mk+m1_ms"])
+    chart = out["chart"]
+    assert chart.GetNumberOfPlotSeriesNodes() == 3
+    for name, curve in out["curves"].items():
+        points = nodes.rowsFromTable(curve)
+        fpr, tpr = np.array([float(p["fpr"]) for p in points]), np.array([float(p["tpr"]) for p in points])
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+        reported = out["results"]["markers"].get(name) or out["results"]["combinations"][name]
+        auc = reported.get("auc", reported.get("auc_apparent"))
+        assert np.trapezoid(tpr, fpr) == pytest.approx(auc, abs=1e-9)  # the plotted curve's area is the reported AUC
+    assert out["results"]["markers"]["cst_mk"]["direction"] == ">"  # lower MK in ALS
+    model_path = tmp_path / "model.json"
+    logic.saveModel(cohort, ["cst_mk", "m1_ms"], model_path)
+    assert stats.load_model(model_path)["markers"] == ["cst_mk", "m1_ms"]
+    als_like = nodes.tableFromRows(mrml_scene, [{"cst_mk": 0.98, "m1_ms": 0.33}], "subject")
+    result = logic.classify(model_path, als_like)
+    assert result["decision"] == "ALS" and result["probability"] > 0.9
+    assert nodes.rowsFromTable(result["table"])[0]["marker"] == "cst_mk"
+    assert logic.classify(model_path, {"cst_mk": 1.11, "m1_ms": 0.08})["decision"] == "control"
+
+
+def test_sample_subject_is_built_offline_into_nodes(module_logic, mrml_scene):
+    from ALSQuantCommonLib import nodes, sample
+
+    loaded = sample.loadSampleSubject(mrml_scene, group="control", seed=3)
+    assert loaded.dwi.GetNumberOfGradients() == len(loaded.truth.dwi.bvals)
+    assert len(loaded.magnitude) == len(loaded.echoTimes) == len(phantom.PhantomConfig().echo_times)
+    np.testing.assert_array_equal(nodes.imageFromVolume(loaded.truthLabels)[0], loaded.truth.truth_dwi["label"])
+    assert loaded.values["cst_mk"] > 0
+
+
+def test_dependencies_pin_slicers_own_packages(module_logic, tmp_path, monkeypatch):
+    import types
+
+    from ALSQuantCommonLib import dependencies
+
+    assert dependencies.missingRequirements() == []  # this environment has everything
+    pins = dict(p.split("==") for p in dependencies.constraints())
+    assert pins["numpy"] == metadata.version("numpy") and pins["scipy"] == metadata.version("scipy")
+    assert pins["SimpleITK"] == metadata.version("SimpleITK")
+    # A missing package: installed through Slicer's pip_install with the pins as constraints, after asking.
+    monkeypatch.setitem(dependencies.REQUIREMENTS, "alsquant_absent_module", "alsquant-absent-package>=1")
+    calls = []
+    stand_in = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=calls.append))
+    assert dependencies.ensureDependencies(stand_in, confirm=lambda text: "alsquant-absent-package" in text) == ["alsquant-absent-package>=1"]
+    (arguments,) = calls
+    assert arguments[0] == "-c" and arguments[2:] == ["alsquant-absent-package>=1"]
+    assert f"scipy=={metadata.version('scipy')}" in open(arguments[1]).read()
+    with pytest.raises(RuntimeError, match="cannot run"):
+        dependencies.ensureDependencies(stand_in, confirm=lambda text: False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Static checks of the module files
+# ----------------------------------------------------------------------------------------------------------------
+def _parameter_fields(module):
+    tree = ast.parse((MODULES_DIR / module / f"{module}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+            return {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+    raise AssertionError(f"{module}: no @parameterNodeWrapper class")
+
+
+@pytest.mark.parametrize("module", PANELS)
+def test_ui_parses_and_binds_only_parameter_node_fields(module):
+    root = ET.parse(MODULES_DIR / module / "Resources" / "UI" / f"{module}.ui").getroot()
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    bound = {p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"}
+    fields = _parameter_fields(module)
+    assert bound <= fields, bound - fields
+    assert fields <= bound, fields - bound  # every parameter has its widget
+    names = {w.get("name") for w in root.iter("widget")}
+    assert {"applyButton", "cancelButton", "progressBar", "logText"} <= names
+    combos = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.find("receiver").text for c in root.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    assert combos == connected  # each node selector sees the scene
+
+
+@pytest.mark.parametrize("module", MODULE_NAMES)
+def test_cmake_lists_name_every_module_file(module):
+    folder = MODULES_DIR / module
+    text = (folder / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module)
+    named = set(re.findall(r"^\s+([\w./-]+\.(?:py|ui|png))\s*$", text, flags=re.M))
+    for path in named:
+        assert (folder / path).is_file(), path
+    python_files = {str(p.relative_to(folder)) for p in folder.rglob("*.py")}
+    assert python_files <= named, python_files - named
+    resources = {str(p.relative_to(folder)) for p in (folder / "Resources").rglob("*") if p.is_file()} if (folder / "Resources").exists() else set()
+    assert resources <= named, resources - named
+
+
+def test_top_level_cmake_adds_every_module_and_the_library():
+    text = (PROJECT_ROOT / "CMakeLists.txt").read_text()
+    assert set(re.findall(r"add_subdirectory\(ALSQuant/(\w+)\)", text)) == set(MODULE_NAMES)
+    listed = set(re.findall(r"^\s+(ALSQuantLib/\w+\.py)\s*$", text, flags=re.M))
+    assert listed == {f"ALSQuantLib/{p.name}" for p in (PROJECT_ROOT / "ALSQuantLib").glob("*.py")}
+
+
+@pytest.mark.parametrize("module", MODULE_NAMES)
+def test_module_files_follow_the_scripted_module_shape(module):
+    source = (MODULES_DIR / module / f"{module}.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert {module, f"{module}Test"} <= classes
+    if module != "ALSQuantCommon":
+        assert {f"{module}Widget", f"{module}ParameterNode"} <= classes
+        assert "connectGui" in source and "tryWithErrorDisplay" in source and '"ALSQuant"' in source
+    else:
+        assert "self.parent.hidden = True" in source
+    # Dependencies are installed on first use: nothing at the top of a module file imports the compute library.
+    top_imports = {alias.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                   for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}  # fmt: skip
+    forbidden = {"ALSQuantLib", "numpy", "nibabel", "dipy", "ants", "sklearn"}
+    if module != "ALSQuantCommon":  # the common module imports only its standard-library installer at the top
+        forbidden.add(f"{module}Lib")
+    assert not top_imports & forbidden, top_imports
