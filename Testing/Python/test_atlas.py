@@ -149,12 +149,24 @@ def test_propagated_labels_match_the_phantom_truth(registered_subject, capsys):
     assert min(m1) >= 0.65 and np.mean(m1) >= 0.7
 
 
+def test_propagated_labels_measure_the_true_maps_within_two_percent(registered_subject, capsys):
+    """The labelling's own error: the subject's true MK and MD maps measured through the propagated CST labels."""
+    subject, fit, template, registration, labels_dwi, labels_gre = registered_subject
+    masks = {("CST", side): labels_dwi == value for side, value in (("left", phantom.CST_LEFT), ("right", phantom.CST_RIGHT))}
+    rows = atlas.roi_statistics({"mk": subject.truth_dwi["mk"], "md": subject.truth_dwi["md"]}, masks, fa=fit.fa, erosion_voxels=1)
+    errors = {(r["side"], r["map"]): r["mean"] / subject.values[f"cst_{r['map']}"] - 1 for r in rows}
+    with capsys.disabled():
+        print("\n  true maps through the propagated CST labels, error %:", {k: round(100 * v, 2) for k, v in errors.items()})
+    assert max(abs(e) for e in errors.values()) < 0.02  # measured within 0.6 % on subjects 7-9
+
+
 def test_cst_measured_through_propagated_labels_is_close_to_truth(registered_subject):
     subject, fit, template, registration, labels_dwi, _ = registered_subject
     masks = {("CST", "left"): labels_dwi == phantom.CST_LEFT, ("CST", "right"): labels_dwi == phantom.CST_RIGHT}
     rows = atlas.roi_statistics({"mk": fit.mk, "md": fit.md}, masks, fa=fit.fa)
     by = {(r["side"], r["map"]): r["mean"] for r in rows}
-    # Partial volume with the surrounding white matter (MK 1.0) and the fit's own noise: within 3 % (measured ~2 %).
+    # The fitted maps add the DKI estimator's own bias at SNR 30 (-0.7 to -1.6 % for MK with the true labels):
+    # within 3 % (measured about -2 %).
     for side in ("left", "right"):
         assert by[(side, "mk")] == pytest.approx(subject.values["cst_mk"], rel=0.03)
         assert by[(side, "md")] == pytest.approx(subject.values["cst_md"], rel=0.03)
