@@ -5,13 +5,9 @@ import pathlib
 import slicer
 from slicer import vtkMRMLTableNode
 from slicer.parameterNodeWrapper import parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
+
+from ALSQuantCommon import PanelWidget
 
 # ALSClassificationLib.logic imports ALSQuantLib and scikit-learn, installed on first use: imported when needed.
 
@@ -45,70 +41,19 @@ def splitList(text, separator=","):
     return [item.strip() for item in text.split(separator) if item.strip()]
 
 
-class ALSClassificationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+class ALSClassificationWidget(PanelWidget):
+    moduleName = "ALSClassification"
+    parameterNodeClass = ALSClassificationParameterNode
 
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ALSClassification.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+    def setupPanel(self):
         self.ui.cancelButton.visible = False  # the analysis takes seconds: no background process
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.diagnoseButton.connect("clicked(bool)", self.onDiagnose)
-        self.initializeParameterNode()
-
-    def _logic(self):
-        if self.logic is None:
-            from ALSQuantCommon import ensureDependencies
-
-            ensureDependencies()
-            from ALSClassificationLib.logic import ALSClassificationLogic
-
-            self.logic = ALSClassificationLogic()
-        return self.logic
-
-    def cleanup(self):
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        self.setParameterNode(ALSClassificationParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
     def onApplyButton(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("The ROC analysis failed.", waitCursor=True):
-            out = self._logic().analyze(p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive)
+            out = self.getLogic().analyze(p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive)
             for name, r in out["results"]["markers"].items():
                 self.ui.logText.appendPlainText(f"{name}: AUC {r['auc']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}]")
             for name, r in out["results"]["combinations"].items():
@@ -121,13 +66,13 @@ class ALSClassificationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         combinations = splitList(p.combinations)
         markers = combinations[0].split("+") if combinations else splitList(p.markers)
         with slicer.util.tryWithErrorDisplay("Could not save the model.", waitCursor=True):
-            self._logic().saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
+            self.getLogic().saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
             self.ui.logText.appendPlainText(f"model of {'+'.join(markers)} saved to {p.modelPath}")
 
     def onDiagnose(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not diagnose the subject.", waitCursor=True):
-            result = self._logic().classify(p.modelPath, p.subjectTable)
+            result = self.getLogic().classify(p.modelPath, p.subjectTable)
             flags = f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
             self.ui.logText.appendPlainText(f"P(ALS) = {result['probability']:.3f} -> {result['decision']}{flags}")
 

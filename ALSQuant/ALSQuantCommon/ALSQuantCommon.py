@@ -2,9 +2,17 @@
 ``ALSQuantCommonLib`` (node conversion, background processes, dependencies, sample data); this file adds the small
 Qt piece every panel uses to follow a background job."""
 
+import importlib
+
 import qt
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
 
 from ALSQuantCommonLib import dependencies
 
@@ -71,6 +79,79 @@ class JobMonitor:
             self.progressBar.setValue(100)
             if self.onDone:
                 self.onDone(outputs)
+
+
+class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """What the four panels share: the .ui bound to the module's parameter node (``connectGui``), the scene
+    observers, the job monitor, and the logic created on first use (after the dependencies are installed).
+
+    A panel sets ``moduleName`` and ``parameterNodeClass``, and connects its own buttons in `setupPanel`.
+    """
+
+    moduleName = None
+    parameterNodeClass = None
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self.ui.applyButton)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.setupPanel()
+        self.initializeParameterNode()
+
+    def setupPanel(self):
+        """Connect the panel's own widgets (override)."""
+
+    def onApplyButton(self):
+        raise NotImplementedError
+
+    def getLogic(self):
+        """The module's logic (``<Module>Lib.logic.<Module>Logic``), imported once the dependencies are there."""
+        if self.logic is None:
+            ensureDependencies()
+            module = importlib.import_module(f"{self.moduleName}Lib.logic")
+            self.logic = getattr(module, f"{self.moduleName}Logic")()
+        return self.logic
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.parameterNodeClass(ScriptedLoadableModuleLogic().getParameterNode()))
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
 
 class ALSQuantCommonTest(ScriptedLoadableModuleTest):

@@ -6,13 +6,9 @@ from typing import Annotated
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
+
+from ALSQuantCommon import PanelWidget
 
 # AtlasLabelingLib.logic imports ALSQuantLib and antspyx, installed on first use: imported only when needed.
 
@@ -54,68 +50,12 @@ def mapNodesOf(parameterNode):
     return {name: node for name, node in chosen.items() if node is not None}
 
 
-class AtlasLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        from ALSQuantCommon import JobMonitor
-
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AtlasLabeling.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self.ui.applyButton)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.initializeParameterNode()
-
-    def _logic(self):
-        if self.logic is None:
-            from ALSQuantCommon import ensureDependencies
-
-            ensureDependencies()
-            from AtlasLabelingLib.logic import AtlasLabelingLogic
-
-            self.logic = AtlasLabelingLogic()
-        return self.logic
-
-    def cleanup(self):
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        self.setParameterNode(AtlasLabelingParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+class AtlasLabelingWidget(PanelWidget):
+    moduleName = "AtlasLabeling"
+    parameterNodeClass = AtlasLabelingParameterNode
 
     def onApplyButton(self):
-        logic = self._logic()
+        logic = self.getLogic()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Atlas labelling could not start.", waitCursor=True):
             job = logic.startBackground(

@@ -1,16 +1,13 @@
 """DKI Reconstruction: MK, FA, MD (and other DKI/DTI maps) from a multi-shell DWI node."""
 
+from typing import Annotated
+
 import slicer
 from slicer import vtkMRMLDiffusionWeightedVolumeNode, vtkMRMLLabelMapVolumeNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
-from typing import Annotated
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
+
+from ALSQuantCommon import PanelWidget
 
 # The logic (DKIReconstructionLib.logic) imports ALSQuantLib, whose packages are installed on first use: it is
 # imported only when needed, never when Slicer loads this module.
@@ -40,73 +37,22 @@ class DKIReconstructionParameterNode:
     allMaps: bool = False
 
 
-class DKIReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+class DKIReconstructionWidget(PanelWidget):
+    moduleName = "DKIReconstruction"
+    parameterNodeClass = DKIReconstructionParameterNode
 
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        from ALSQuantCommon import JobMonitor
-
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DKIReconstruction.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self.ui.applyButton)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+    def setupPanel(self):
         self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleData)
-        self.initializeParameterNode()
-
-    def _logic(self):
-        if self.logic is None:
-            from ALSQuantCommon import ensureDependencies
-
-            ensureDependencies()
-            from DKIReconstructionLib.logic import DKIReconstructionLogic
-
-            self.logic = DKIReconstructionLogic()
-        return self.logic
-
-    def cleanup(self):
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        self.setParameterNode(DKIReconstructionParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+        PanelWidget.initializeParameterNode(self)
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLDiffusionWeightedVolumeNode")
             if first:
                 self._parameterNode.inputVolume = first
 
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-
     def onSampleData(self):
-        self._logic()
+        self.getLogic()
         from ALSQuantCommonLib import sample
 
         with slicer.util.tryWithErrorDisplay("Could not build the sample subject.", waitCursor=True):
@@ -115,7 +61,7 @@ class DKIReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onApplyButton(self):
         from ALSQuantLib.cli import DKI_MAPS
 
-        logic = self._logic()
+        logic = self.getLogic()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("DKI reconstruction could not start.", waitCursor=True):
             job = logic.startBackground(

@@ -5,13 +5,9 @@ from typing import Annotated
 import slicer
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
+
+from ALSQuantCommon import PanelWidget
 
 # QSMReconstructionLib.logic imports ALSQuantLib, installed on first use: imported only when needed.
 
@@ -52,69 +48,15 @@ def parseEchoTimes(text):
         raise ValueError(f"echo times {text!r}: expected seconds separated by commas, e.g. 0.015") from None
 
 
-class QSMReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+class QSMReconstructionWidget(PanelWidget):
+    moduleName = "QSMReconstruction"
+    parameterNodeClass = QSMReconstructionParameterNode
 
-    def setup(self):
-        ScriptedLoadableModuleWidget.setup(self)
-        from ALSQuantCommon import JobMonitor
-
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/QSMReconstruction.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self.ui.applyButton)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+    def setupPanel(self):
         self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleData)
-        self.initializeParameterNode()
-
-    def _logic(self):
-        if self.logic is None:
-            from ALSQuantCommon import ensureDependencies
-
-            ensureDependencies()
-            from QSMReconstructionLib.logic import QSMReconstructionLogic
-
-            self.logic = QSMReconstructionLogic()
-        return self.logic
-
-    def cleanup(self):
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        self.setParameterNode(QSMReconstructionParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
     def onSampleData(self):
-        self._logic()
+        self.getLogic()
         from ALSQuantCommonLib import sample
 
         with slicer.util.tryWithErrorDisplay("Could not build the sample subject.", waitCursor=True):
@@ -125,7 +67,7 @@ class QSMReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p.fieldStrength = subject.fieldStrength
 
     def onApplyButton(self):
-        logic = self._logic()
+        logic = self.getLogic()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("QSM reconstruction could not start.", waitCursor=True):
             job = logic.startBackground(

@@ -286,9 +286,11 @@ def test_module_files_follow_the_scripted_module_shape(module):
     assert {module, f"{module}Test"} <= classes
     if module != "ALSQuantCommon":
         assert {f"{module}Widget", f"{module}ParameterNode"} <= classes
-        assert "connectGui" in source and "tryWithErrorDisplay" in source and '"ALSQuant"' in source
+        widget = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == f"{module}Widget")
+        assert [b.id for b in widget.bases] == ["PanelWidget"]  # the shared widget binds the .ui with connectGui
+        assert f'moduleName = "{module}"' in source and "tryWithErrorDisplay" in source and '"ALSQuant"' in source
     else:
-        assert "self.parent.hidden = True" in source
+        assert "self.parent.hidden = True" in source and "connectGui(self.ui)" in source
     # Dependencies are installed on first use: nothing at the top of a module file imports the compute library.
     top_imports = {alias.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                    for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}  # fmt: skip
