@@ -81,6 +81,12 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert "cst_mk+m1_ms" in results["combinations"]
     assert (tmp_path / "demo" / "roc" / "report.html").is_file()
     assert (tmp_path / "demo" / "demo_summary.txt").read_text() in out
+    # run-cohort's table feeds `alsquant roc` as it is.
+    roc_args = ["roc", str(tmp_path / "demo" / "pipeline" / "cohort.csv"), "--subject-column", "participant_id",
+                "--markers", "cst_mk", "m1_ms", "--combine", "cst_mk+m1_ms", "--out", str(tmp_path / "roc")]  # fmt: skip
+    assert cli.main(roc_args) == 0
+    assert io.read_json(tmp_path / "roc" / "results.json")["markers"]["cst_mk"]["auc"] == results["markers"]["cst_mk"]["auc"]
+    capsys.readouterr()
     # A second run finds the cohort and every stage current, and gives the same numbers.
     assert cli.main(["demo", "--als", "3", "--controls", "3", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
