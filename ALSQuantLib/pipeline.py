@@ -338,6 +338,9 @@ def run_cohort(dataset, out_dir, options=Options(), *, workers=None, scheduler=N
     echo : callable(str)
         Progress lines (a bar per finished subject).
 
+    Local processes are spawned: a script calling this with more than one worker needs the usual
+    ``if __name__ == "__main__":`` guard.
+
     Returns
     -------
     CohortResult
@@ -385,9 +388,12 @@ def run_cohort(dataset, out_dir, options=Options(), *, workers=None, scheduler=N
     else:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or ITK state
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending = [pool.submit(_subject_job, *job) for job in jobs]
+            pending = {pool.submit(_subject_job, *job): job[1] for job in jobs}
             for future in futures.as_completed(pending):
-                collect(*future.result())
+                try:
+                    collect(*future.result())
+                except futures.process.BrokenProcessPool as error:  # a worker died (e.g. out of memory)
+                    collect(pending[future], None, f"worker process died: {error}")
     rows = [{k: v for k, v in results[s].items() if k != "stages_run"} for s, _ in participants if s in results]
     table = out_dir / COHORT_TABLE
     if rows:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,41 @@ def test_run_cohort_refuses_bad_requests(cohort, tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "participants.tsv").write_text("name\tgroup\nx\tALS\n")
         pipeline.run_cohort(tmp_path / "empty", tmp_path / "o2", _options(folder))
+
+
+def _children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the worker processes")
+def test_a_worker_that_dies_is_reported_and_the_run_goes_on(cohort, tmp_path):
+    import threading
+
+    folder, _ = cohort
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(r=pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None))
+    )
+    before = set(_children(os.getpid()))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "out").glob("subjects/*/dki")):
+        time.sleep(0.1)  # the workers are at work
+    workers = [pid for pid in _children(os.getpid()) if pid not in before and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(300)
+    failures = result["r"].failures
+    assert failures and all("worker process died" in message for message in failures.values())
+    assert set(failures) | {r["participant_id"] for r in result["r"].rows} == {"sub-01", "sub-02", "sub-03", "sub-04"}
+    # A rerun finishes them.
+    again = pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None)
+    assert not again.failures and len(again.rows) == 4
