@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from . import geometry, io, phantom
 from .errors import InputError
+from .progress import report as report_progress
 
 log = logging.getLogger(__name__)
 
@@ -616,7 +617,7 @@ def label_subject(
     raw_labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
     raw_labels = raw_labels.astype(np.int32)
     labels = split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
-    _report(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN")
+    report_progress(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", log)
     registration = register(reference, reference_affine, template, template_affine, random_seed=seed)
     link = None
     try:
@@ -627,7 +628,7 @@ def label_subject(
         if gre_magnitude is not None:
             gre, gre_affine = gre_magnitude
             gre = gre[..., 0] if gre.ndim == 4 else gre
-            _report(progress, 0.8, "linking the GRE to the reference (rigid)")
+            report_progress(progress, 0.8, "linking the GRE to the reference (rigid)", log)
             link = register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=seed)
             grids["gre"] = (gre.shape, gre_affine)
             label_images["gre"] = (propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link), gre_affine)
@@ -669,7 +670,7 @@ def label_subject(
     flags = quality_flags(similarity, ratios)
     for row in rows:
         row["qc_passed"] = not flags
-    _report(progress, 1.0, "labelling done")
+    report_progress(progress, 1.0, "labelling done", log)
     return Labeling(label_images, table, rows, ratios, flags, similarity, kept)
 
 
@@ -693,10 +694,3 @@ def write_labeling(out_dir, labeling):
         },
     )
     return outputs
-
-
-def _report(progress, fraction, message):
-    if progress is not None:
-        progress(fraction, message)
-    else:
-        log.info(message)

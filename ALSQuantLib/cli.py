@@ -145,15 +145,13 @@ def _run_dki(args):
     )
     available = [m for m in maps if m in fit.map_names]
     skipped = [m for m in maps if m not in fit.map_names]
-    for name in available:
-        io.save_image(args.out / f"{name}.nii.gz", getattr(fit, name), dwi.affine, description=f"ALSQuant {name}")
-    io.save_image(args.out / "mask.nii.gz", mask, dwi.affine, dtype=np.uint8)
+    written = dki.save_maps(args.out, fit, mask, dwi.affine, available)
     provenance.write(
         args.out / "provenance.json",
         "dki",
         parameters={**parameters, "maps": available},
         inputs={k: v for k, v in inputs.items() if v},
-        outputs=[args.out / f"{n}.nii.gz" for n in available] + [args.out / "mask.nii.gz"],
+        outputs=written,
     )
     if skipped:
         print(f"not available from a DTI-only fit, not written: {', '.join(skipped)}")
@@ -192,8 +190,7 @@ def _run_qsm(args):
         field_strength=args.b0,
     )
     mask = io.load_mask(args.mask, gre.phase.shape, gre.affine, matching="GRE phase") if args.mask else None
-    names = ("susceptibility", "local_field", "mask")
-    outputs = [args.out / f"{n}.nii.gz" for n in names]
+    outputs = [args.out / f"{n}.nii.gz" for n in qsm.QSM_OUTPUTS]
     inputs = {f"magnitude_{i + 1}": p for i, p in enumerate(args.magnitude)}
     inputs.update({f"phase_{i + 1}": p for i, p in enumerate(args.phase)})
     if args.mask:
@@ -208,9 +205,7 @@ def _run_qsm(args):
         erosion_mm=args.erosion_mm,
         progress=_print_progress,
     )
-    io.save_image(outputs[0], result.susceptibility, gre.affine, description="ALSQuant chi ppm")
-    io.save_image(outputs[1], result.local_field, gre.affine, description="ALSQuant local field ppm")
-    io.save_image(outputs[2], result.mask, gre.affine, dtype=np.uint8)
+    qsm.save_result(args.out, result, gre.affine)
     provenance.write(
         args.out / "provenance.json",
         "qsm",
@@ -429,7 +424,6 @@ def _run_run_subject(args):
         args.subject, args.dwi, tuple(args.gre_magnitude), tuple(args.gre_phase), bval, bvec,
         tuple(args.te) if args.te else None, args.b0,
     )  # fmt: skip
-    _refuse_overwriting_inputs([args.out / s for s in ("dki", "qsm", "label")], inputs.files().values())
     logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
     result = pipeline.run_subject(inputs, args.out, _pipeline_options(args), group=args.group)
     for column in pipeline.MARKERS:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, phantom, pipeline, report, stats
+from . import atlas, io, phantom, pipeline, report, stats
 from .errors import InputError
 
 COMBINATIONS = ("cst_mk+m1_ms", "cst_mk+cst_md")
@@ -34,8 +34,7 @@ def score_labels(cohort_dir, pipeline_dir, subject):
         truth_space = "dwi" if space == "reference" else "gre"
         truth, _ = io.load_image(cohort_dir / phantom.TRUTH_DIR / subject / f"{subject}_space-{truth_space}_label.nii.gz")
         values = phantom.REGIONS[region]
-        a, b = np.isin(measured.astype(int), values), np.isin(truth.astype(int), values)
-        scores[key] = float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+        scores[key] = atlas.dice(np.isin(measured.astype(int), values), np.isin(truth.astype(int), values))
     return scores
 
 
@@ -84,7 +83,7 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
     ]
     column = {key: np.array([m[key] for m in measured], dtype=float) for key in measured[0] if key not in ("participant_id", "group")}
     mk_error = column["cst_mk"] - column["true_cst_mk"]
-    ms_slope, ms_intercept = np.polyfit(column["true_m1_chi"], column["m1_ms"], 1)
+    ms_slope, _ = np.polyfit(column["true_m1_chi"], column["m1_ms"], 1)
     lines = [
         f"Simulated cohort: {cohort_dir} ({n_als} ALS, {n_controls} control; seed {seed})",
         "",

@@ -44,10 +44,12 @@ Glenn GR, Helpern JA, Tabesh A, Jensen JH. Quantitative assessment of diffusiona
 import logging
 import warnings
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 from scipy.special import elliprd, elliprf
 
+from . import io
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -797,3 +799,16 @@ def reconstruct(
         "failed_voxels": fit.n_failed,
     }
     return fit, mask, parameters
+
+
+def save_maps(out_dir, fit, mask, affine, names):
+    """Write each of `names` the fit has as ``<name>.nii.gz`` and the mask as ``mask.nii.gz`` (atomically, with
+    `affine`); return the paths written."""
+    paths = []
+    for name in names:
+        if name in fit.map_names:
+            paths.append(Path(out_dir) / f"{name}.nii.gz")
+            io.save_image(paths[-1], getattr(fit, name), affine, description=f"ALSQuant {name}")
+    paths.append(Path(out_dir) / "mask.nii.gz")
+    io.save_image(paths[-1], mask, affine, dtype=np.uint8)
+    return paths

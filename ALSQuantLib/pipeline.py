@@ -12,7 +12,6 @@ A cohort (a BIDS-like folder with ``participants.tsv``) runs its subjects in par
 default, or a Dask distributed cluster. One subject's failure is logged and reported; the others go on.
 """
 
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -181,12 +180,7 @@ def _dki_stage(inputs, options):
     def compute(folder):
         dwi = io.read_dwi(inputs.dwi, bval=inputs.bval, bvec=inputs.bvec)
         fit, mask, details = dki.reconstruct(dwi, fit_method=options.fit_method, denoise=options.denoise, gibbs=options.gibbs)
-        outputs = [folder / f"{name}.nii.gz" for name in ("mk", "fa", "md")]
-        for path in outputs:
-            io.save_image(path, getattr(fit, path.name.split(".")[0]), dwi.affine, description=f"ALSQuant {path.name[:2]}")
-        outputs.append(folder / "mask.nii.gz")
-        io.save_image(outputs[-1], mask, dwi.affine, dtype=np.uint8)
-        return outputs, details
+        return dki.save_maps(folder, fit, mask, dwi.affine, ("mk", "fa", "md")), details
 
     parameters = {"fit_method": options.fit_method, "denoise": options.denoise, "gibbs": options.gibbs}
     return parameters, {k: v for k, v in inputs.files().items() if not k.startswith("gre")}, compute
@@ -200,11 +194,7 @@ def _qsm_stage(inputs, options):
         result = qsm.reconstruct_qsm(
             gre, unwrap=options.unwrap, background=options.background, inversion=options.inversion, erosion_mm=options.qsm_erosion_mm
         )
-        outputs = [folder / f"{name}.nii.gz" for name in ("susceptibility", "local_field", "mask")]
-        io.save_image(outputs[0], result.susceptibility, gre.affine, description="ALSQuant chi ppm")
-        io.save_image(outputs[1], result.local_field, gre.affine, description="ALSQuant local field ppm")
-        io.save_image(outputs[2], result.mask, gre.affine, dtype=np.uint8)
-        return outputs, {**result.parameters, "timings_s": result.timings}
+        return qsm.save_result(folder, result, gre.affine), {**result.parameters, "timings_s": result.timings}
 
     parameters = {
         "unwrap": options.unwrap, "background": options.background, "inversion": options.inversion,
@@ -215,25 +205,26 @@ def _qsm_stage(inputs, options):
 
 def _label_stage(inputs, options, dki_dir, qsm_dir):
     atlas = atlas_lib.find_atlas(options.atlas, atlas_dir=options.atlas_dir)
-    maps = {"mk": dki_dir / "mk.nii.gz", "fa": dki_dir / "fa.nii.gz", "md": dki_dir / "md.nii.gz", "ms": qsm_dir / "susceptibility.nii.gz"}
-
-    masks = {"mk": dki_dir / "mask.nii.gz", "fa": dki_dir / "mask.nii.gz", "md": dki_dir / "mask.nii.gz", "ms": qsm_dir / "mask.nii.gz"}
+    dki_mask, qsm_mask = dki_dir / "mask.nii.gz", qsm_dir / "mask.nii.gz"
+    maps = {name: (dki_dir / f"{name}.nii.gz", dki_mask) for name in ("mk", "fa", "md")}
+    maps["ms"] = (qsm_dir / "susceptibility.nii.gz", qsm_mask)
 
     def compute(folder):
-        loaded = {}
-        for name, path in maps.items():  # voxels outside a map's own mask hold no value and are not measured
-            data, affine = io.load_image(path, ndim=3, what=f"map {name}")
-            valid, _ = io.load_image(masks[name], ndim=3, what=f"mask of {name}")
-            loaded[name] = (np.where(valid > 0, data, np.nan), affine)
+        valid = {path: io.load_image(path, ndim=3, what="mask")[0] > 0 for path in (dki_mask, qsm_mask)}
+        raw = {name: io.load_image(path, ndim=3, what=f"map {name}") for name, (path, _) in maps.items()}
+        # Voxels outside a map's own mask hold no value and are not measured.
+        measured = {name: (np.where(valid[maps[name][1]], data, np.nan), affine) for name, (data, affine) in raw.items()}
         labeling = atlas_lib.label_subject(
-            *io.load_image(maps["fa"], ndim=3, what="FA"), atlas, list(atlas_lib.STUDY_MAPS), maps=loaded,
+            *raw["fa"], atlas, list(atlas_lib.STUDY_MAPS), maps=measured,
             gre_magnitude=io.load_image(inputs.gre_magnitude[0], ndim=(3, 4), what="GRE magnitude"),
             erosion_voxels=options.roi_erosion, fa_threshold=options.fa_threshold, seed=options.seed, subject=inputs.subject,
         )  # fmt: skip
         return atlas_lib.write_labeling(folder, labeling), {"flags": labeling.flags, "template_correlation": labeling.similarity}
 
     parameters = {"atlas": atlas.name, "roi_erosion": options.roi_erosion, "fa_threshold": options.fa_threshold, "seed": options.seed}
-    files = {**maps, "dki_mask": masks["mk"], "qsm_mask": masks["ms"], "gre_magnitude": inputs.gre_magnitude[0], "atlas_template": atlas.template_fa or atlas.template, "atlas_labels": atlas.labels}
+    files = {name: path for name, (path, _) in maps.items()}
+    files.update(dki_mask=dki_mask, qsm_mask=qsm_mask, gre_magnitude=inputs.gre_magnitude[0],
+                 atlas_template=atlas.template_fa or atlas.template, atlas_labels=atlas.labels)  # fmt: skip
     return parameters, files, compute
 
 
@@ -258,9 +249,12 @@ def run_subject(inputs, out_dir, options=Options(), *, group=""):
         ``participant_id``, ``group``, the `MARKERS` columns, ``qc_passed`` and ``stages_run``.
     """
     out_dir = Path(out_dir)
+    stage_dirs = [(out_dir / stage).resolve() for stage in ("dki", "qsm", "label")]
     for path in inputs.files().values():
         if not path.exists():
             raise InputError(f"subject {inputs.subject}: input {path} does not exist")
+        if any(folder in path.resolve().parents for folder in stage_dirs):
+            raise InputError(f"subject {inputs.subject}: input {path} lies in an output folder of {out_dir}; choose another")
     ran = []
     stages = [("dki", _dki_stage(inputs, options)), ("qsm", _qsm_stage(inputs, options))]
     for name, (parameters, stage_inputs, compute) in stages:
@@ -406,11 +400,3 @@ def run_cohort(dataset, out_dir, options=Options(), *, workers=None, scheduler=N
         echo(f"  {subject}: {error} (log: {out_dir / 'logs' / (subject + '.log')})")
     return CohortResult(rows, failures, table)
 
-
-def options_from(**values):
-    """`Options` from keyword values, None meaning the default; unknown names are an error."""
-    known = {f.name for f in dataclasses.fields(Options)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"pipeline options {', '.join(unknown)}: unknown; expected some of {', '.join(sorted(known))}")
-    return Options(**{k: v for k, v in values.items() if v is not None})

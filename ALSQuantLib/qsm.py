@@ -34,6 +34,7 @@ Milovic C et al. XSIM: a structural similarity index measure optimized for MRI Q
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import scipy.fft
@@ -41,18 +42,13 @@ from scipy import ndimage
 
 from . import dipole, geometry, io
 from .errors import InputError
+from .progress import report as report_progress
 
 log = logging.getLogger(__name__)
 
 UNWRAP_METHODS = ("laplacian", "path")
 BACKGROUND_METHODS = ("vsharp", "pdf")
 INVERSION_METHODS = ("tkd", "cg", "tv")
-
-
-def _report(progress, fraction, message):
-    log.info(message)
-    if progress:
-        progress(fraction, message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -643,7 +639,7 @@ def reconstruct_qsm(
     timings = {}
 
     def step(name, fraction, func):
-        _report(progress, fraction, name)
+        report_progress(progress, fraction, name, log)
         start = time.perf_counter()
         value = func()
         timings[name] = time.perf_counter() - start
@@ -673,7 +669,7 @@ def reconstruct_qsm(
         lambda: dipole_inversion(local, local_mask, voxel_size, b0_direction=b0, method=inversion, **(inversion_options or {})),
     )
     chi = step("referencing", 0.95, lambda: reference(chi, local_mask, reference_region))
-    _report(progress, 1.0, "QSM done")
+    report_progress(progress, 1.0, "QSM done", log)
     parameters = {
         "phase_scaling": scaling,
         "unwrap": unwrap,
@@ -689,3 +685,16 @@ def reconstruct_qsm(
         "background_options": background_options or {},
     }
     return QSMResult(chi, local, total, local_mask, mask, parameters, timings)
+
+
+QSM_OUTPUTS = ("susceptibility", "local_field", "mask")
+
+
+def save_result(out_dir, result, affine):
+    """Write ``susceptibility.nii.gz`` (ppm), ``local_field.nii.gz`` (ppm) and ``mask.nii.gz`` atomically; return
+    the paths."""
+    paths = [Path(out_dir) / f"{name}.nii.gz" for name in QSM_OUTPUTS]
+    io.save_image(paths[0], result.susceptibility, affine, description="ALSQuant chi ppm")
+    io.save_image(paths[1], result.local_field, affine, description="ALSQuant local field ppm")
+    io.save_image(paths[2], result.mask, affine, dtype=np.uint8)
+    return paths

@@ -169,3 +169,14 @@ def test_a_worker_that_dies_is_reported_and_the_run_goes_on(cohort, tmp_path):
     # A rerun finishes them.
     again = pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None)
     assert not again.failures and len(again.rows) == 4
+
+
+def test_run_subject_refuses_inputs_inside_its_output_folders(cohort, tmp_path):
+    folder, _ = cohort
+    inputs = pipeline.find_subject(folder, "sub-01")
+    inside = tmp_path / "out" / "qsm" / inputs.gre_phase[0].name
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(inputs.gre_phase[0].read_bytes())
+    moved = pipeline.SubjectInputs("sub-01", inputs.dwi, inputs.gre_magnitude, (inside,), inputs.bval, inputs.bvec)
+    with pytest.raises(pipeline.InputError, match="output folder"):
+        pipeline.run_subject(moved, tmp_path / "out", _options(folder))

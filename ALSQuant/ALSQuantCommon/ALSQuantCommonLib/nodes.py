@@ -12,15 +12,11 @@ from ALSQuantLib import geometry, io
 from ALSQuantLib.errors import InputError
 
 
-def _matrix_to_array(matrix):
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
 def ijkToRas(volumeNode):
     """The node's IJK→RAS matrix as a 4×4 array."""
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return _matrix_to_array(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def imageFromVolume(volumeNode, what="volume"):
@@ -51,7 +47,7 @@ def dwiFromNode(dwiNode):
     gradients = np.array([dwiNode.GetDiffusionGradient(i) for i in range(n)]).reshape(-1, 3)
     frame = vtk.vtkMatrix4x4()
     dwiNode.GetMeasurementFrameMatrix(frame)
-    bvecs = gradients @ _matrix_to_array(frame)[:3, :3].T
+    bvecs = gradients @ slicer.util.arrayFromVTKMatrix(frame)[:3, :3].T
     norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
     bvecs = np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
     return io.DWI(data, affine, bvals, bvecs, source=dwiNode.GetName())

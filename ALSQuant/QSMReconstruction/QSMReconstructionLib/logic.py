@@ -36,8 +36,6 @@ def greFromNodes(magnitudeNodes, phaseNodes, echoTimes, fieldStrength):
 class QSMReconstructionLogic:
     """Susceptibility from GRE nodes: `run` in this process, `startBackground` through ``alsquant qsm``."""
 
-    OUTPUTS = ("susceptibility", "local_field", "mask")
-
     def __init__(self, scene=None):
         self.scene = scene or slicer.mrmlScene
 
@@ -73,6 +71,6 @@ class QSMReconstructionLogic:
         referenceNode = _echoNodes(phaseNodes, "phase")[0]
 
         def load():
-            return self._outputs({key: io.load_image(folder / "out" / f"{key}.nii.gz")[0] for key in self.OUTPUTS}, referenceNode)
+            return self._outputs({key: io.load_image(folder / "out" / f"{key}.nii.gz")[0] for key in qsm.QSM_OUTPUTS}, referenceNode)
 
         return tasks.Job(tasks.BackgroundTask(arguments).start(), load)

@@ -1,0 +1,10 @@
+"""Progress of long steps: to the caller's callback when given, always to the log."""
+
+import logging
+
+
+def report(progress, fraction, message, logger=logging.getLogger("ALSQuantLib")):
+    """Log `message` and pass (`fraction` in [0, 1], `message`) to `progress` when it is given."""
+    logger.info(message)
+    if progress is not None:
+        progress(fraction, message)
