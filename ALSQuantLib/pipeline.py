@@ -14,10 +14,10 @@ default, or a Dask distributed cluster. One subject's failure is logged and repo
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import time
 import traceback
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +306,40 @@ def _subject_job(dataset, subject, group, out_dir, options, threads):
         handler.close()
 
 
+def _subject_process(sender, *job):
+    sender.send(_subject_job(*job))
+    sender.close()
+
+
+def _run_in_processes(jobs, workers, collect):
+    """Each subject in its own spawned process, `workers` at a time.
+
+    One process per subject (rather than a pool) ties a process that dies (killed, out of memory) to its subject:
+    that subject is reported, and the others go on (a process pool would break and fail every pending subject).
+    """
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or ITK state
+    pending, running = list(jobs), {}
+    while pending or running:
+        while pending and len(running) < workers:
+            job = pending.pop(0)
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_subject_process, args=(sender, *job), name=f"alsquant-{job[1]}")
+            process.start()
+            sender.close()
+            running[receiver] = (process, job[1])
+        for receiver in multiprocessing.connection.wait([*running, *(p.sentinel for p, _ in running.values())]):
+            if receiver not in running:  # a sentinel: its pipe is readable too (a message, or end of file)
+                continue
+            process, subject = running.pop(receiver)
+            try:
+                message = receiver.recv()
+            except EOFError:  # the process ended without an answer
+                message = None
+            receiver.close()
+            process.join()
+            collect(*(message or (subject, None, f"worker process died (exit code {process.exitcode})")))
+
+
 @dataclass
 class CohortResult:
     rows: list
@@ -380,14 +414,7 @@ def run_cohort(dataset, out_dir, options=Options(), *, workers=None, scheduler=N
         for job in jobs:
             collect(*_subject_job(*job))
     else:
-        context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or ITK state
-        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending = {pool.submit(_subject_job, *job): job[1] for job in jobs}
-            for future in futures.as_completed(pending):
-                try:
-                    collect(*future.result())
-                except futures.process.BrokenProcessPool as error:  # a worker died (e.g. out of memory)
-                    collect(pending[future], None, f"worker process died: {error}")
+        _run_in_processes(jobs, workers, collect)
     rows = [{k: v for k, v in results[s].items() if k != "stages_run"} for s, _ in participants if s in results]
     table = out_dir / COHORT_TABLE
     if rows:

@@ -72,6 +72,7 @@ class JobMonitor:
         self.cancelButton.enabled, self.applyButton.enabled = False, True
         job, self.job = self.job, None
         if job.task.cancelled:
+            job.discard()
             self.logWidget.appendPlainText("Cancelled.")
             return
         with slicer.util.tryWithErrorDisplay("ALSQuant: the computation failed.", waitCursor=True):

@@ -164,8 +164,10 @@ def test_a_worker_that_dies_is_reported_and_the_run_goes_on(cohort, tmp_path):
     os.kill(workers[0], signal.SIGKILL)
     thread.join(300)
     failures = result["r"].failures
-    assert failures and all("worker process died" in message for message in failures.values())
+    # Only the killed process's subject fails; the others are measured in the same run.
+    assert len(failures) == 1 and "worker process died (exit code -9)" in next(iter(failures.values()))
     assert set(failures) | {r["participant_id"] for r in result["r"].rows} == {"sub-01", "sub-02", "sub-03", "sub-04"}
+    assert len(result["r"].rows) == 3
     # A rerun finishes them.
     again = pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None)
     assert not again.failures and len(again.rows) == 4

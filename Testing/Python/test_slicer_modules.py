@@ -65,9 +65,12 @@ def test_dki_logic_makes_maps_on_the_dwi_grid_near_the_truth(module_logic, mrml_
         assert np.median(values[cst]) == pytest.approx(np.median(subject.truth_dwi[name][cst]), rel=0.04), name
     # The panel's way: the same fit by `alsquant dki` in another process.
     job = logic.startBackground(dwi_node)
+    folder = job.temporary
+    assert (folder / "dwi.nii.gz").is_file()
     assert job.task.wait(600) == 0
     assert job.task.progress == 1.0 and any("DKI" in line or "fit" in line for line in job.task.log)
     background = job.finish()
+    assert not folder.exists()  # the DWI copy and the command's outputs are deleted once loaded
     for name, node in background.items():
         np.testing.assert_array_equal(_ijk_to_ras(node), _ijk_to_ras(dwi_node))
         np.testing.assert_allclose(nodes.imageFromVolume(node)[0], nodes.imageFromVolume(maps[name])[0], rtol=1e-5, atol=1e-9)
@@ -113,14 +116,17 @@ def test_background_task_cancel_stops_the_process(module_logic, mrml_scene, subj
     job = QSMReconstructionLogic(mrml_scene).startBackground(magnitude, phase, gre.echo_times, gre.field_strength, unwrap="path")
     job.task.cancel()
     assert not job.task.running and job.task.cancelled
+    folder = job.temporary
     with pytest.raises(RuntimeError, match="cancelled"):
         job.finish()
+    assert not folder.exists()
     with pytest.raises(Exception, match="field strength"):  # checked before any process starts
         QSMReconstructionLogic(mrml_scene).startBackground(magnitude, phase, gre.echo_times, 0.0)
     failing = QSMReconstructionLogic(mrml_scene).startBackground(magnitude, phase, gre.echo_times, 3.0, erosionMm=500.0)
     assert failing.task.wait(300) != 0
     with pytest.raises(RuntimeError, match="alsquant qsm failed:(.|\n)*mask"):  # the command's own error reaches the user
         failing.finish()
+    assert failing.temporary is None
 
 
 def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_scene, subject, tmp_path):

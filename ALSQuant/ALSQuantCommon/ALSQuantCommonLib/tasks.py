@@ -97,16 +97,28 @@ class BackgroundTask:
 
 
 class Job:
-    """A started `BackgroundTask` and how to turn its outputs into nodes once it has succeeded."""
+    """A started `BackgroundTask`, how to turn its outputs into nodes once it has succeeded, and the temporary folder
+    (inputs written for the command, its outputs) to delete once the nodes are made or the task has failed."""
 
-    def __init__(self, task, load):
+    def __init__(self, task, load, temporary=None):
         self.task = task
         self._load = load
+        self.temporary = temporary
 
     def finish(self):
-        """Load the outputs (call when the task is no longer running); raise with the command's error otherwise."""
-        if self.task.cancelled:
-            raise RuntimeError("cancelled")
-        if self.task.returncode != 0:
-            raise RuntimeError(f"alsquant {self.task.arguments[0]} failed:\n{self.task.errorText()}")
-        return self._load()
+        """Load the outputs (call when the task is no longer running); raise with the command's error otherwise.
+        The temporary folder is deleted either way."""
+        try:
+            if self.task.cancelled:
+                raise RuntimeError("cancelled")
+            if self.task.returncode != 0:
+                raise RuntimeError(f"alsquant {self.task.arguments[0]} failed:\n{self.task.errorText()}")
+            return self._load()
+        finally:
+            self.discard()
+
+    def discard(self):
+        """Delete the temporary folder (a cancelled job's too)."""
+        if self.temporary is not None:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            self.temporary = None

@@ -83,7 +83,7 @@ class AtlasLabelingLogic:
             affine = next(iter(sorted((out / "transforms").glob("*.mat"))), None)
             return self._outputs(referenceNode, greMagnitudeNode, images, entries, rows, affine, referenceNode.GetName())
 
-        return tasks.Job(tasks.BackgroundTask(arguments).start(), load)
+        return tasks.Job(tasks.BackgroundTask(arguments).start(), load, temporary=None if workdir else folder)
 
 
 def _typed(row):

@@ -68,4 +68,4 @@ class DKIReconstructionLogic:
                     out[m] = nodes.volumeFromImage(self.scene, io.load_image(path)[0], affine, f"{name}_{m.upper()}")
             return out
 
-        return tasks.Job(tasks.BackgroundTask(arguments).start(), load)
+        return tasks.Job(tasks.BackgroundTask(arguments).start(), load, temporary=None if workdir else folder)

@@ -73,4 +73,4 @@ class QSMReconstructionLogic:
         def load():
             return self._outputs({key: io.load_image(folder / "out" / f"{key}.nii.gz")[0] for key in qsm.QSM_OUTPUTS}, referenceNode)
 
-        return tasks.Job(tasks.BackgroundTask(arguments).start(), load)
+        return tasks.Job(tasks.BackgroundTask(arguments).start(), load, temporary=None if workdir else folder)
