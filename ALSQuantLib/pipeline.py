@@ -306,38 +306,54 @@ def _subject_job(dataset, subject, group, out_dir, options, threads):
         handler.close()
 
 
-def _subject_process(sender, *job):
-    sender.send(_subject_job(*job))
-    sender.close()
+def _worker(connection):
+    """A worker process: run the subjects the parent sends, one at a time, until it sends None."""
+    while (job := connection.recv()) is not None:
+        connection.send(_subject_job(*job))
 
 
 def _run_in_processes(jobs, workers, collect):
-    """Each subject in its own spawned process, `workers` at a time.
+    """The subjects in `workers` spawned processes, each taking the next subject when it has finished one.
 
-    One process per subject (rather than a pool) ties a process that dies (killed, out of memory) to its subject:
-    that subject is reported, and the others go on (a process pool would break and fail every pending subject).
+    The parent knows which subject each process is on, so a process that dies (killed, out of memory) fails only
+    that subject, and a new process takes over the rest (a process pool would break and fail every pending one).
     """
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or ITK state
-    pending, running = list(jobs), {}
-    while pending or running:
-        while pending and len(running) < workers:
+    pending, busy = list(jobs), {}  # busy: parent's end of the pipe → (process, subject)
+
+    def start_worker():
+        connection, child = context.Pipe()
+        process = context.Process(target=_worker, args=(child,), name="alsquant-worker", daemon=True)  # ends with the parent
+        process.start()
+        child.close()
+        return connection, process
+
+    def hand_out(connection, process):
+        if pending:
             job = pending.pop(0)
-            receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_subject_process, args=(sender, *job), name=f"alsquant-{job[1]}")
-            process.start()
-            sender.close()
-            running[receiver] = (process, job[1])
-        for receiver in multiprocessing.connection.wait([*running, *(p.sentinel for p, _ in running.values())]):
-            if receiver not in running:  # a sentinel: its pipe is readable too (a message, or end of file)
-                continue
-            process, subject = running.pop(receiver)
-            try:
-                message = receiver.recv()
-            except EOFError:  # the process ended without an answer
-                message = None
-            receiver.close()
+            connection.send(job)
+            busy[connection] = (process, job[1])
+        else:
+            connection.send(None)
+            connection.close()
             process.join()
-            collect(*(message or (subject, None, f"worker process died (exit code {process.exitcode})")))
+
+    for _ in range(min(workers, len(pending))):
+        hand_out(*start_worker())
+    while busy:
+        for connection in multiprocessing.connection.wait(list(busy)):
+            process, subject = busy.pop(connection)
+            try:
+                message = connection.recv()
+            except EOFError:  # the process died on this subject
+                connection.close()
+                process.join()
+                collect(subject, None, f"worker process died (exit code {process.exitcode})")
+                if pending:
+                    hand_out(*start_worker())
+                continue
+            collect(*message)
+            hand_out(connection, process)
 
 
 @dataclass
