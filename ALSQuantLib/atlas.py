@@ -246,16 +246,34 @@ def load_regions_json(path, atlas_name=None):
     return regions
 
 
-def fetch(url, sha256, cache_dir=None, *, timeout=60):
+def default_cache_dir():
+    """``$ALSQUANT_CACHE``, else ``~/.cache/alsquant``."""
+    return Path(os.environ.get("ALSQUANT_CACHE", Path.home() / ".cache" / "alsquant"))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url, sha256, cache_dir=None, *, filename=None, timeout=60):
     """Download `url` into the cache (once) and check its SHA-256; return the cached path.
 
     The file is written to a temporary name and renamed only when its checksum matches, so the cache never holds a
-    partial or corrupted file.
+    partial or corrupted file; a cached file whose checksum no longer matches is downloaded again.
+
+    Parameters
+    ----------
+    filename : str, optional
+        Name in the cache folder (default: the URL's file name behind the checksum's first 16 digits).
     """
-    cache_dir = Path(cache_dir or os.environ.get("ALSQUANT_CACHE", Path.home() / ".cache" / "alsquant"))
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{sha256[:16]}-{Path(url.split('?')[0]).name}"
-    if target.is_file():
+    target = cache_dir / (filename or f"{sha256[:16]}-{Path(url.split('?')[0]).name}")
+    if target.is_file() and _sha256(target) == sha256:
         return target
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
@@ -275,12 +293,44 @@ def fetch(url, sha256, cache_dir=None, *, timeout=60):
     return target
 
 
-def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None):
+def fetch_atlas(name, sources, cache_dir=None):
+    """Download a built-in atlas's files into ``<cache>/atlases/<name>/`` and return that folder (for `find_atlas`).
+
+    Parameters
+    ----------
+    sources : str, Path or dict
+        A JSON file (or its content) naming where each file comes from:
+        ``{"files": {"<file name>": {"url": "https://...", "sha256": "<64 hex digits>"}, ...}}``. It must cover the
+        atlas's template, label image and label table; an FA template (``template_FA.nii.gz``) is fetched too when
+        listed. Every file is checked against its SHA-256 before it enters the cache.
+    """
+    if name not in BUILTIN_ATLASES:
+        raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}")
+    where = "atlas sources" if isinstance(sources, dict) else f"atlas sources {sources}"
+    files = (sources if isinstance(sources, dict) else io.read_json(sources)).get("files")
+    if not isinstance(files, dict):
+        raise InputError(f"{where}: expected {{\"files\": {{name: {{\"url\": ..., \"sha256\": ...}}}}}}")
+    definition = BUILTIN_ATLASES[name]
+    needed = [definition.template, definition.labels, definition.table]
+    missing = [f for f in needed if f not in files]
+    if missing:
+        raise InputError(f"{where}: no entry for {', '.join(missing)} (atlas {name} needs {', '.join(needed)})")
+    folder = Path(cache_dir or default_cache_dir()) / "atlases" / name
+    for filename in needed + (["template_FA.nii.gz"] if "template_FA.nii.gz" in files else []):
+        entry = files[filename]
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or len(str(entry.get("sha256", ""))) != 64:
+            raise InputError(f"{where}: entry {filename!r} needs a url and a 64-digit sha256")
+        fetch(entry["url"], entry["sha256"].lower(), folder, filename=filename)
+    return folder
+
+
+def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None, cache_dir=None):
     """Resolve a built-in atlas to files.
 
     Looks in `atlas_dir` (the user's folder holding the files named in the definition), then in
-    ``$FSLDIR/data/atlases`` (FSL's layout). `template` overrides the template image (e.g. an MNI152 T1 for the
-    FSL atlases, which ship without one).
+    ``$FSLDIR/data/atlases`` (FSL's layout), then, when `sources` is given, downloads the files it lists into the
+    cache (`fetch_atlas`). `template` overrides the template image (e.g. an MNI152 T1 for the FSL atlases, which
+    ship without one).
     """
     if name not in BUILTIN_ATLASES:
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}, or give your own files")
@@ -292,6 +342,9 @@ def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None):
     if fsldir and definition.fsl_paths:
         base = Path(fsldir) / "data" / "atlases"
         candidates.append((base / definition.fsl_paths[0], base / definition.fsl_paths[1]))
+    if sources is not None and not any(labels.is_file() and table.is_file() for labels, table in candidates):
+        folder = fetch_atlas(name, sources, cache_dir)
+        candidates.append((folder / definition.labels, folder / definition.table))
     for labels, table in candidates:
         if labels.is_file() and table.is_file():
             template_path = Path(template) if template else labels.parent / definition.template
@@ -310,7 +363,10 @@ def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None):
                 midline_x_mm=definition.midline_x_mm,
             )
     looked = ", ".join(str(c[0].parent) for c in candidates) or "nowhere (no atlas folder given, FSLDIR unset)"
-    raise InputError(f"atlas {name}: files {definition.labels} and {definition.table} not found; looked in {looked}")
+    raise InputError(
+        f"atlas {name}: files {definition.labels} and {definition.table} not found; looked in {looked}"
+        + ("" if sources is not None else "; or give atlas sources (URLs and SHA-256) to download them")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

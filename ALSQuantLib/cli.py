@@ -13,6 +13,11 @@ from .errors import InputError
 log = logging.getLogger("alsquant")
 
 
+ATLAS_SOURCES_HELP = (
+    "JSON naming a URL and SHA-256 for each atlas file: files missing locally are downloaded once into the cache "
+    "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
+)
+
 def _print_progress(fraction, message):
     print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
 
@@ -230,6 +235,7 @@ def _add_label(subparsers):
     p.add_argument("--gre-magnitude", type=Path, help="GRE magnitude, rigidly linked to the reference")
     p.add_argument("--atlas", default="eve", help="built-in atlas name (default eve)")
     p.add_argument("--atlas-dir", type=Path, help="folder holding the atlas files (default: $FSLDIR/data/atlases)")
+    p.add_argument("--atlas-sources", type=Path, help=ATLAS_SOURCES_HELP)
     p.add_argument("--template", type=Path, help="template image overriding the atlas's")
     p.add_argument("--regions-json", type=Path, help="user region definitions (JSON)")
     p.add_argument("--rois", default="CST,M1", help="regions to measure (default CST,M1)")
@@ -261,7 +267,7 @@ def _run_label(args):
     from . import atlas as atlas_lib
     from . import io, provenance
 
-    atlas = atlas_lib.find_atlas(args.atlas, atlas_dir=args.atlas_dir, template=args.template)
+    atlas = atlas_lib.find_atlas(args.atlas, atlas_dir=args.atlas_dir, template=args.template, sources=args.atlas_sources)
     if args.regions_json:
         atlas.regions = atlas_lib.load_regions_json(args.regions_json, atlas.name)
     rois = [r.strip() for r in args.rois.split(",") if r.strip()]
@@ -378,6 +384,7 @@ def _run_classify(args):
 def _add_pipeline_options(p):
     p.add_argument("--atlas", default="eve", help="built-in atlas name (default eve)")
     p.add_argument("--atlas-dir", type=Path, help="folder holding the atlas files (default: $FSLDIR/data/atlases)")
+    p.add_argument("--atlas-sources", type=Path, help=ATLAS_SOURCES_HELP)
     p.add_argument("--fit-method", choices=("OLS", "WLS", "CWLS"), default="WLS")
     p.add_argument("--denoise", action="store_true", help="MP-PCA denoising of the DWI first")
     p.add_argument("--gibbs", action="store_true", help="Gibbs-ringing removal of the DWI first")
@@ -392,7 +399,8 @@ def _pipeline_options(args):
     from . import pipeline
 
     return pipeline.Options(
-        atlas=args.atlas, atlas_dir=str(args.atlas_dir) if args.atlas_dir else None, fit_method=args.fit_method,
+        atlas=args.atlas, atlas_dir=str(args.atlas_dir) if args.atlas_dir else None,
+        atlas_sources=str(args.atlas_sources) if args.atlas_sources else None, fit_method=args.fit_method,
         denoise=args.denoise, gibbs=args.gibbs, background=args.background, inversion=args.inversion,
         roi_erosion=args.roi_erosion, seed=args.seed,
     )  # fmt: skip

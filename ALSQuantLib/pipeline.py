@@ -42,6 +42,7 @@ class Options:
 
     atlas: str = "eve"
     atlas_dir: str = None
+    atlas_sources: str = None
     fit_method: str = "WLS"
     denoise: bool = False
     gibbs: bool = False
@@ -204,7 +205,7 @@ def _qsm_stage(inputs, options):
 
 
 def _label_stage(inputs, options, dki_dir, qsm_dir):
-    atlas = atlas_lib.find_atlas(options.atlas, atlas_dir=options.atlas_dir)
+    atlas = atlas_lib.find_atlas(options.atlas, atlas_dir=options.atlas_dir, sources=options.atlas_sources)
     dki_mask, qsm_mask = dki_dir / "mask.nii.gz", qsm_dir / "mask.nii.gz"
     maps = {name: (dki_dir / f"{name}.nii.gz", dki_mask) for name in ("mk", "fa", "md")}
     maps["ms"] = (qsm_dir / "susceptibility.nii.gz", qsm_mask)

@@ -69,6 +69,34 @@ def test_download_checks_sha256_and_caches(http_server, tmp_path):
         atlas.fetch(f"{base}/missing.nii.gz", digest[::-1], cache)
 
 
+def test_find_atlas_downloads_from_its_sources_once(http_server, tmp_path):
+    """An atlas missing locally comes from the URLs of a sources file, each checked by SHA-256, into the cache."""
+    root, base = http_server
+    phantom.write_template(root, CONFIG)
+    served = root / phantom.TRUTH_DIR / "template"
+    definition = atlas.BUILTIN_ATLASES["phantom"]
+    names = [definition.template, definition.labels, definition.table, "template_FA.nii.gz"]
+    relative = served.relative_to(root).as_posix()
+    files = {n: {"url": f"{base}/{relative}/{n}", "sha256": hashlib.sha256((served / n).read_bytes()).hexdigest()} for n in names}
+    io.write_json(tmp_path / "sources.json", {"files": files})
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match="not found.*atlas sources"):
+        atlas.find_atlas("phantom", atlas_dir=tmp_path / "empty")
+    found = atlas.find_atlas("phantom", atlas_dir=tmp_path / "empty", sources=tmp_path / "sources.json", cache_dir=cache)
+    assert found.labels == cache / "atlases" / "phantom" / definition.labels and found.template_fa is not None
+    assert found.labels.read_bytes() == (served / definition.labels).read_bytes()
+    assert found.table.name(phantom.CST_LEFT) == phantom.LABELS[phantom.CST_LEFT][0]
+    for name in names:
+        (served / name).unlink()  # the cache answers from now on
+    again = atlas.find_atlas("phantom", sources=tmp_path / "sources.json", cache_dir=cache)
+    assert again.labels == found.labels
+    tampered = {**files, definition.labels: {**files[definition.labels], "sha256": "0" * 64}}
+    with pytest.raises(InputError, match="does not match|failed"):
+        atlas.find_atlas("phantom", sources={"files": tampered}, cache_dir=tmp_path / "other")
+    with pytest.raises(InputError, match="no entry for template_label.ctbl"):
+        atlas.find_atlas("phantom", sources={"files": {k: v for k, v in files.items() if k != definition.table}}, cache_dir=cache)
+
+
 def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
     eve = atlas.find_atlas("eve", atlas_dir=shared_data / "atlases" / "eve")
     assert eve.region("CST").labels == {"left": (29,), "right": (117,)}
