@@ -276,7 +276,7 @@ def vsharp(total_field, mask, voxel_size, *, radii_mm=None, threshold=0.05):
     Parameters
     ----------
     radii_mm : sequence of float, optional
-        Default: from 12 mm down to about two voxels.
+        Default: five radii from 12 mm down to the coarsest voxel size (2 mm at least).
 
     Returns
     -------
@@ -286,7 +286,10 @@ def vsharp(total_field, mask, voxel_size, *, radii_mm=None, threshold=0.05):
     """
     voxel_size = np.asarray(voxel_size, dtype=float)
     if radii_mm is None:
-        smallest = max(2.0, 2.0 * float(voxel_size.min()))
+        # Down to one voxel along the coarsest axis (2 mm at least): the cortex lies within a few millimetres of the
+        # mask's edge. On the 2 mm phantom, 2 mm instead of 4 mm measures 98 % of M1 instead of 63 %, and its mean
+        # at 0.74 × the truth instead of 0.61 ×, with the same whole-brain NRMSE.
+        smallest = max(2.0, float(voxel_size.max()))
         radii_mm = np.unique(np.round(np.linspace(12.0, smallest, 5), 1))
     radii_mm = sorted((float(r) for r in radii_mm), reverse=True)
     mask = np.asarray(mask, dtype=bool)

@@ -224,4 +224,4 @@ def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
         print(f"\n  whole chain, M1 mean over 6 subjects: correlation with the truth {correlation:.3f}, slope {slope:.2f}, "
               f"intercept {intercept:+.3f} ppm, mean error {np.mean(measured - truth):+.3f} ppm")
     assert correlation > 0.9  # measured 0.98 (12 subjects)
-    assert 0.3 < slope < 1.2  # measured 0.61: the cortex is underestimated
+    assert 0.5 < slope < 1.2  # measured 0.69 (0.61 with V-SHARP radii down to 4 mm only): the cortex is underestimated
