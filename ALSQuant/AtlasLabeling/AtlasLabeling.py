@@ -38,10 +38,16 @@ class AtlasLabelingParameterNode:
     msVolume: vtkMRMLScalarVolumeNode
     atlasName: Annotated[str, Choice(["eve", "jhu-icbm-labels", "jhu-tracts", "harvard-oxford", "phantom"])] = "eve"
     atlasDir: pathlib.Path
+    atlasSources: pathlib.Path
     rois: str = "CST,M1"
     erosion: int = 0
     faThreshold: float = 0.2
     seed: int = 0
+
+
+def _optionalPath(path):
+    """A path field left empty reads back as "." : None then."""
+    return str(path) if path is not None and str(path) not in ("", ".") else None
 
 
 def mapNodesOf(parameterNode):
@@ -59,7 +65,7 @@ class AtlasLabelingWidget(PanelWidget):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Atlas labelling could not start.", waitCursor=True):
             job = logic.startBackground(
-                p.referenceVolume, atlasName=p.atlasName, atlasDir=str(p.atlasDir) if str(p.atlasDir) not in ("", ".") else None,
+                p.referenceVolume, atlasName=p.atlasName, atlasDir=_optionalPath(p.atlasDir), atlasSources=_optionalPath(p.atlasSources),
                 rois=[r.strip() for r in p.rois.split(",") if r.strip()], mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume,
                 erosion=p.erosion, faThreshold=p.faThreshold, seed=p.seed,
             )  # fmt: skip

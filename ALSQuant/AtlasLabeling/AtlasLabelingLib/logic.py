@@ -39,10 +39,10 @@ class AtlasLabelingLogic:
         out["transform"] = nodes.linearTransformFromItkFile(self.scene, transformPath, f"{name}_to_atlas_affine") if transformPath else None
         return out
 
-    def run(self, referenceNode, *, atlasName="eve", atlasDir=None, rois=("CST", "M1"), mapNodes=None, greMagnitudeNode=None,
+    def run(self, referenceNode, *, atlasName="eve", atlasDir=None, atlasSources=None, rois=("CST", "M1"), mapNodes=None, greMagnitudeNode=None,
             referenceContrast="FA", erosion=0, faThreshold=0.2, seed=0, progress=None):  # fmt: skip
         """Label and measure. Returns {"labels", "greLabels" (with a GRE), "colorTable", "table", "transform"}."""
-        atlas = atlas_lib.find_atlas(atlasName, atlas_dir=atlasDir)
+        atlas = atlas_lib.find_atlas(atlasName, atlas_dir=atlasDir, sources=atlasSources)
         reference = nodes.imageFromVolume(referenceNode, "reference")
         maps = {name: nodes.imageFromVolume(node, f"map {name}") for name, node in (mapNodes or {}).items()}
         gre = nodes.imageFromVolume(greMagnitudeNode, "GRE magnitude") if greMagnitudeNode is not None else None
@@ -56,7 +56,7 @@ class AtlasLabelingLogic:
             images = {space: image for space, (image, _) in labeling.label_images.items()}
             return self._outputs(referenceNode, greMagnitudeNode, images, labeling.table.as_list(), labeling.rows, affine, referenceNode.GetName())
 
-    def startBackground(self, referenceNode, *, atlasName="eve", atlasDir=None, rois=("CST", "M1"), mapNodes=None,
+    def startBackground(self, referenceNode, *, atlasName="eve", atlasDir=None, atlasSources=None, rois=("CST", "M1"), mapNodes=None,
                         greMagnitudeNode=None, referenceContrast="FA", erosion=0, faThreshold=0.2, seed=0, workdir=None):  # fmt: skip
         folder = Path(workdir or tempfile.mkdtemp(prefix="alsquant-label-"))
         io.save_image(folder / "reference.nii.gz", *nodes.imageFromVolume(referenceNode, "reference"))
@@ -65,6 +65,8 @@ class AtlasLabelingLogic:
                      "--seed", seed, "--subject", referenceNode.GetName(), "--keep-transforms", "--out", folder / "out"]  # fmt: skip
         if atlasDir:
             arguments += ["--atlas-dir", atlasDir]
+        if atlasSources:
+            arguments += ["--atlas-sources", atlasSources]
         if greMagnitudeNode is not None:
             io.save_image(folder / "gre.nii.gz", *nodes.imageFromVolume(greMagnitudeNode, "GRE magnitude"))
             arguments += ["--gre-magnitude", folder / "gre.nii.gz"]
