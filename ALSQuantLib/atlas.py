@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import geometry, io, phantom
+from . import geometry, io, phantom, provenance
 from .errors import InputError
 from .progress import report as report_progress
 
@@ -251,14 +251,6 @@ def default_cache_dir():
     return Path(os.environ.get("ALSQUANT_CACHE", Path.home() / ".cache" / "alsquant"))
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(url, sha256, cache_dir=None, *, filename=None, timeout=60):
     """Download `url` into the cache (once) and check its SHA-256; return the cached path.
 
@@ -273,7 +265,7 @@ def fetch(url, sha256, cache_dir=None, *, filename=None, timeout=60):
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / (filename or f"{sha256[:16]}-{Path(url.split('?')[0]).name}")
-    if target.is_file() and _sha256(target) == sha256:
+    if target.is_file() and provenance.file_sha256(target) == sha256:
         return target
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-")

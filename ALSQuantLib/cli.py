@@ -18,6 +18,7 @@ ATLAS_SOURCES_HELP = (
     "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
 )
 
+
 def _print_progress(fraction, message):
     print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
 
