@@ -536,6 +536,39 @@ def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_thr
     return rows
 
 
+def grey_matter_mask(image, mask, *, seed=0):
+    """Grey matter of a brain image: the middle-intensity class of a three-class Gaussian mixture of its voxels in
+    `mask` (scikit-learn).
+
+    Grey matter lies between CSF and white matter in GRE magnitude (CSF brightest), T2w and T1w (CSF darkest) alike,
+    so the middle class is grey matter whichever the contrast. No bias-field correction: use on images without a
+    strong intensity bias (or corrected ones).
+
+    Parameters
+    ----------
+    image : ndarray, 3D
+    mask : ndarray of bool, same shape: the brain (background voxels would form a class of their own)
+    seed : int
+        Seeds the mixture's initialisation and subsample: the same input gives the same mask.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    image, mask = np.asarray(image, dtype=float), np.asarray(mask, bool)
+    if image.shape != mask.shape:
+        raise InputError(f"grey-matter segmentation: image shape {image.shape} and mask shape {mask.shape} differ")
+    values = image[mask]
+    values = values[np.isfinite(values)]
+    if values.size < 300 or np.ptp(values) == 0:
+        raise InputError(f"grey-matter segmentation: the brain mask holds {values.size} voxels of distinct values; expected a brain image")
+    subsample = np.random.default_rng(seed).choice(values, size=min(values.size, 200_000), replace=False)
+    mixture = GaussianMixture(3, random_state=seed).fit(subsample[:, None])
+    middle = int(np.argsort(mixture.means_.ravel())[1])
+    out = np.zeros(image.shape, bool)
+    inside = mask & np.isfinite(image)
+    out[inside] = mixture.predict(image[inside][:, None]) == middle
+    return out
+
+
 def dice(a, b):
     """Dice coefficient of two boolean masks."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
@@ -587,7 +620,8 @@ class Labeling:
     ``label_images``: space ("reference", "gre") → (label image, affine), split-hemisphere regions' right halves as
     value + 1000; ``table``: the label table naming those values; ``rows``: `roi_statistics` rows with ``space`` and
     ``qc_passed``; ``ratios``: (region, side) → volume / template volume; ``flags``: quality warnings;
-    ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, then SyN warps), if asked.
+    ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, then SyN warps), if asked;
+    ``grey_matter``: space → (mask, affine) of the grey matter that cortex regions were restricted to.
     """
 
     label_images: dict
@@ -597,6 +631,7 @@ class Labeling:
     flags: list
     similarity: float
     transforms: list = field(default_factory=list)
+    grey_matter: dict = field(default_factory=dict)
 
     @property
     def passed(self):
@@ -627,6 +662,7 @@ def label_subject(
     maps=None,
     gre_magnitude=None,
     tissue_mask=None,
+    cortex_segmentation=True,
     erosion_voxels=0,
     fa_threshold=0.2,
     seed=0,
@@ -649,7 +685,12 @@ def label_subject(
     gre_magnitude : (ndarray, affine), optional
         GRE magnitude (first echo if 4D): rigidly linked to the reference, the labels are also brought onto its grid.
     tissue_mask : (ndarray, affine), optional
-        Grey-matter mask on either grid: cortex regions keep only its voxels.
+        Grey-matter mask on either grid: cortex regions (their label voxels and so their statistics) keep only its
+        voxels.
+    cortex_segmentation : bool
+        Without a `tissue_mask`, segment the grey matter of the GRE magnitude (`grey_matter_mask` inside its brain
+        mask) and restrict cortex regions on the GRE grid to it: a propagated cortical ribbon misplaced by a voxel
+        spills into CSF or white matter, which this removes.
     keep_transforms : path, optional
         Folder to copy the registration's transform files into (else they are deleted).
 
@@ -660,6 +701,14 @@ def label_subject(
     maps = maps or {}
     for roi in rois:
         atlas.region(roi)
+    if tissue_mask is not None:
+        tissue_mask = (np.asarray(tissue_mask[0]) > 0, tissue_mask[1])
+    elif cortex_segmentation and gre_magnitude is not None and any(atlas.region(r).kind == "cortex" for r in rois):
+        from . import qsm
+
+        gre, gre_affine = gre_magnitude
+        gre = gre[..., 0] if gre.ndim == 4 else gre
+        tissue_mask = (grey_matter_mask(gre, qsm.brain_mask(gre, geometry.voxel_sizes(gre_affine)), seed=seed), gre_affine)
     use_fa = template_contrast == "FA" and atlas.template_fa is not None
     template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
     raw_labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
@@ -697,38 +746,51 @@ def label_subject(
     for value in np.unique(labels[labels >= 1000]):
         name, rgb = table.entries.get(int(value) - 1000, (f"label_{int(value) - 1000}", (128, 128, 128)))
         table.entries[int(value)] = (f"{name}_right", rgb)
-    rows, ratios = [], {}
+    rows, ratios, grey_matter, emptied = [], {}, {}, []
     for space, (label_image, affine) in label_images.items():
         shape = grids[space][0]
         masks = {key: np.isin(label_image, region_values(atlas, *key)) for key in template_masks}
         if space == "reference":
             ratios = volume_ratios(masks, affine, template_masks, labels_affine)
+        if tissue_mask is not None and _on_grid(tissue_mask, shape, affine):
+            grey_matter[space] = tissue_mask
+            for (region, side), mask in masks.items():
+                if atlas.region(region).kind == "cortex":
+                    label_image[mask & ~tissue_mask[0]] = 0
+                    mask &= tissue_mask[0]
+                    if not mask.any():
+                        emptied.append(f"{region} {side} has no grey-matter voxel in {space} space")
         here = {name: image[0] for name, image in maps.items() if _on_grid(image, shape, affine)}
-        tissue = tissue_mask[0] > 0 if tissue_mask is not None and _on_grid(tissue_mask, shape, affine) else None
         rows += [
             {**row, "space": space}
             for row in roi_statistics(
-                here, masks, subject=subject, erosion_voxels=erosion_voxels, fa=here.get("fa"), tissue_mask=tissue,
-                fa_threshold=fa_threshold, kinds={r: atlas.region(r).kind for r in rois},
+                here, masks, subject=subject, erosion_voxels=erosion_voxels, fa=here.get("fa"), fa_threshold=fa_threshold,
+                kinds={r: atlas.region(r).kind for r in rois},
             )
         ]  # fmt: skip
     unmatched = sorted(set(maps) - {row["map"] for row in rows})
     if unmatched:
         raise InputError(f"map(s) {', '.join(unmatched)}: on neither the reference's nor the GRE's grid")
-    flags = quality_flags(similarity, ratios)
+    if tissue_mask is not None and not grey_matter:
+        raise InputError("tissue mask: on neither the reference's nor the GRE's grid")
+    flags = quality_flags(similarity, ratios) + emptied
     for row in rows:
         row["qc_passed"] = not flags
     report_progress(progress, 1.0, "labelling done", log)
-    return Labeling(label_images, table, rows, ratios, flags, similarity, kept)
+    return Labeling(label_images, table, rows, ratios, flags, similarity, kept, grey_matter)
 
 
 def write_labeling(out_dir, labeling):
-    """Write ``labels_<space>.nii.gz``, ``labels.ctbl``, ``roi_stats.csv`` and ``quality.json``; return the paths."""
+    """Write ``labels_<space>.nii.gz``, ``grey_matter_<space>.nii.gz`` (if any), ``labels.ctbl``, ``roi_stats.csv``
+    and ``quality.json``; return the paths."""
     out_dir = Path(out_dir)
     outputs = []
     for space, (label_image, affine) in labeling.label_images.items():
         outputs.append(out_dir / f"labels_{space}.nii.gz")
         io.save_image(outputs[-1], label_image, affine, dtype=np.int16)
+    for space, (mask, affine) in labeling.grey_matter.items():
+        outputs.append(out_dir / f"grey_matter_{space}.nii.gz")
+        io.save_image(outputs[-1], mask, affine, dtype=np.uint8)
     outputs += [out_dir / "labels.ctbl", out_dir / "roi_stats.csv", out_dir / "quality.json"]
     io.write_color_table(outputs[-3], labeling.table.as_list())
     io.write_table(outputs[-2], labeling.rows)

@@ -17,6 +17,7 @@ ATLAS_SOURCES_HELP = (
     "JSON naming a URL and SHA-256 for each atlas file: files missing locally are downloaded once into the cache "
     "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
 )
+CORTEX_HELP = "do not restrict cortex regions (M1) to the grey matter segmented from the GRE magnitude"
 
 
 def _print_progress(fraction, message):
@@ -245,8 +246,10 @@ def _add_label(subparsers):
     p.add_argument("--fa-threshold", type=float, default=0.2, help="white-matter regions keep FA >= this (needs fa=)")
     p.add_argument(
         "--tissue-mask", type=Path,
-        help="grey-matter mask (on the reference's or the GRE's grid): cortex regions keep only its voxels",
+        help="grey-matter mask (on the reference's or the GRE's grid): cortex regions keep only its voxels "
+        "(default: the grey matter segmented from --gre-magnitude)",
     )  # fmt: skip
+    p.add_argument("--no-cortex-segmentation", dest="cortex_segmentation", action="store_false", help=CORTEX_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-transforms", action="store_true", help="keep the ANTs transforms (subject -> atlas) in OUT/transforms")
     p.add_argument("--subject", default="", help="subject identifier for the table")
@@ -287,6 +290,7 @@ def _run_label(args):
         maps={name: io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True) for name, path in map_paths.items()},
         gre_magnitude=io.load_image(args.gre_magnitude, ndim=(3, 4), what="GRE magnitude") if args.gre_magnitude else None,
         tissue_mask=io.load_image(args.tissue_mask, ndim=3, what="tissue mask") if args.tissue_mask else None,
+        cortex_segmentation=args.cortex_segmentation,
         erosion_voxels=args.erosion,
         fa_threshold=args.fa_threshold,
         seed=args.seed,
@@ -298,7 +302,8 @@ def _run_label(args):
     provenance.write(
         args.out / "provenance.json", "label",
         parameters={"atlas": atlas.name, "rois": rois, "seed": args.seed, "erosion": args.erosion,
-                    "fa_threshold": args.fa_threshold, "reference_contrast": args.reference_contrast},
+                    "fa_threshold": args.fa_threshold, "reference_contrast": args.reference_contrast,
+                    "cortex_segmentation": args.cortex_segmentation and not args.tissue_mask},
         inputs={"reference": args.reference, **({"gre_magnitude": args.gre_magnitude} if args.gre_magnitude else {}), **map_paths},
         outputs=outputs,
     )  # fmt: skip
@@ -392,6 +397,7 @@ def _add_pipeline_options(p):
     p.add_argument("--background", choices=("vsharp", "pdf"), default="vsharp")
     p.add_argument("--inversion", choices=("tkd", "cg", "tv"), default="tv")
     p.add_argument("--roi-erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
+    p.add_argument("--no-cortex-segmentation", dest="cortex_segmentation", action="store_false", help=CORTEX_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
 
@@ -403,7 +409,7 @@ def _pipeline_options(args):
         atlas=args.atlas, atlas_dir=str(args.atlas_dir) if args.atlas_dir else None,
         atlas_sources=str(args.atlas_sources) if args.atlas_sources else None, fit_method=args.fit_method,
         denoise=args.denoise, gibbs=args.gibbs, background=args.background, inversion=args.inversion,
-        roi_erosion=args.roi_erosion, seed=args.seed,
+        roi_erosion=args.roi_erosion, cortex_segmentation=args.cortex_segmentation, seed=args.seed,
     )  # fmt: skip
 
 

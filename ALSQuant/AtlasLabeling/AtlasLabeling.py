@@ -42,6 +42,7 @@ class AtlasLabelingParameterNode:
     rois: str = "CST,M1"
     erosion: int = 0
     faThreshold: float = 0.2
+    cortexSegmentation: bool = True
     seed: int = 0
 
 
@@ -67,7 +68,7 @@ class AtlasLabelingWidget(PanelWidget):
             job = logic.startBackground(
                 p.referenceVolume, atlasName=p.atlasName, atlasDir=_optionalPath(p.atlasDir), atlasSources=_optionalPath(p.atlasSources),
                 rois=[r.strip() for r in p.rois.split(",") if r.strip()], mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume,
-                erosion=p.erosion, faThreshold=p.faThreshold, seed=p.seed,
+                erosion=p.erosion, faThreshold=p.faThreshold, cortexSegmentation=p.cortexSegmentation, seed=p.seed,
             )  # fmt: skip
             self.monitor.start(job, self.showResult)
 

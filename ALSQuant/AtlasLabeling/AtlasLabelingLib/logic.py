@@ -40,7 +40,7 @@ class AtlasLabelingLogic:
         return out
 
     def run(self, referenceNode, *, atlasName="eve", atlasDir=None, atlasSources=None, rois=("CST", "M1"), mapNodes=None, greMagnitudeNode=None,
-            referenceContrast="FA", erosion=0, faThreshold=0.2, seed=0, progress=None):  # fmt: skip
+            referenceContrast="FA", erosion=0, faThreshold=0.2, cortexSegmentation=True, seed=0, progress=None):  # fmt: skip
         """Label and measure. Returns {"labels", "greLabels" (with a GRE), "colorTable", "table", "transform"}."""
         atlas = atlas_lib.find_atlas(atlasName, atlas_dir=atlasDir, sources=atlasSources)
         reference = nodes.imageFromVolume(referenceNode, "reference")
@@ -49,7 +49,8 @@ class AtlasLabelingLogic:
         with tempfile.TemporaryDirectory(prefix="alsquant-transforms-") as kept:
             labeling = atlas_lib.label_subject(
                 *reference, atlas, list(rois), template_contrast=referenceContrast, maps=maps, gre_magnitude=gre,
-                erosion_voxels=erosion, fa_threshold=faThreshold, seed=seed, subject=referenceNode.GetName(),
+                cortex_segmentation=cortexSegmentation, erosion_voxels=erosion, fa_threshold=faThreshold, seed=seed,
+                subject=referenceNode.GetName(),
                 keep_transforms=kept, progress=progress,
             )  # fmt: skip
             affine = next((p for p in labeling.transforms if p.suffix == ".mat"), None)
@@ -57,7 +58,8 @@ class AtlasLabelingLogic:
             return self._outputs(referenceNode, greMagnitudeNode, images, labeling.table.as_list(), labeling.rows, affine, referenceNode.GetName())
 
     def startBackground(self, referenceNode, *, atlasName="eve", atlasDir=None, atlasSources=None, rois=("CST", "M1"), mapNodes=None,
-                        greMagnitudeNode=None, referenceContrast="FA", erosion=0, faThreshold=0.2, seed=0, workdir=None):  # fmt: skip
+                        greMagnitudeNode=None, referenceContrast="FA", erosion=0, faThreshold=0.2, cortexSegmentation=True, seed=0,
+                        workdir=None):  # fmt: skip
         folder = Path(workdir or tempfile.mkdtemp(prefix="alsquant-label-"))
         io.save_image(folder / "reference.nii.gz", *nodes.imageFromVolume(referenceNode, "reference"))
         arguments = ["label", "--reference", folder / "reference.nii.gz", "--reference-contrast", referenceContrast,
@@ -67,6 +69,8 @@ class AtlasLabelingLogic:
             arguments += ["--atlas-dir", atlasDir]
         if atlasSources:
             arguments += ["--atlas-sources", atlasSources]
+        if not cortexSegmentation:
+            arguments.append("--no-cortex-segmentation")
         if greMagnitudeNode is not None:
             io.save_image(folder / "gre.nii.gz", *nodes.imageFromVolume(greMagnitudeNode, "GRE magnitude"))
             arguments += ["--gre-magnitude", folder / "gre.nii.gz"]
