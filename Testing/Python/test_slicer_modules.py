@@ -169,10 +169,15 @@ def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_
     moved = np.array(matrix.MultiplyPoint([*centre_template, 1.0])[:3])
     assert np.linalg.norm(moved - centre_subject) < 4.0, (moved, centre_subject)
     assert np.linalg.norm(centre_template - centre_subject) > np.linalg.norm(moved - centre_subject)
-    # The panel's way gives the same labels.
-    job = logic.startBackground(fa, atlasName="phantom", atlasDir=atlas_dir, mapNodes={"mk": mk})
+    # The panel's way gives the same labels; without the cortex segmentation, M1 on the GRE grid is the propagated
+    # label whole, of which the default kept the grey-matter part.
+    job = logic.startBackground(fa, atlasName="phantom", atlasDir=atlas_dir, mapNodes={"mk": mk}, greMagnitudeNode=gre, cortexSegmentation=False)
     assert job.task.wait(600) == 0, job.task.errorText()
-    np.testing.assert_array_equal(nodes.imageFromVolume(job.finish()["labels"])[0], labels)
+    background = job.finish()
+    np.testing.assert_array_equal(nodes.imageFromVolume(background["labels"])[0], labels)
+    m1_in_grey = np.isin(nodes.imageFromVolume(out["greLabels"])[0], phantom.REGIONS["M1"])
+    m1_whole = np.isin(nodes.imageFromVolume(background["greLabels"])[0], phantom.REGIONS["M1"])
+    assert m1_in_grey.sum() > 100 and not (m1_in_grey & ~m1_whole).any() and m1_whole.sum() > 1.1 * m1_in_grey.sum()
 
 
 def test_classification_logic_curves_model_and_diagnosis(module_logic, mrml_scene, tmp_path):
