@@ -569,6 +569,20 @@ def grey_matter_mask(image, mask, *, seed=0):
     return out
 
 
+def cortex_core(region, grey_matter, voxel_size, margin_mm):
+    """The part of a cortex region farther than `margin_mm` from grey matter outside it.
+
+    A propagated cortical label misplaced along the ribbon takes in the neighbouring cortex (another gyrus, with
+    other values) at its ends; this keeps its core. Plain erosion would remove the whole ribbon, which is only a
+    voxel or two thick: the ribbon's sides, against CSF and white matter, are left to the grey-matter mask.
+    """
+    region = region & grey_matter
+    if margin_mm <= 0 or not region.any():
+        return region
+    distance = ndimage.distance_transform_edt(~(grey_matter & ~region), sampling=voxel_size)
+    return region & (distance > margin_mm)
+
+
 def dice(a, b):
     """Dice coefficient of two boolean masks."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
@@ -663,6 +677,7 @@ def label_subject(
     gre_magnitude=None,
     tissue_mask=None,
     cortex_segmentation=True,
+    cortex_margin_mm=3.0,
     erosion_voxels=0,
     fa_threshold=0.2,
     seed=0,
@@ -691,6 +706,9 @@ def label_subject(
         Without a `tissue_mask`, segment the grey matter of the GRE magnitude (`grey_matter_mask` inside its brain
         mask) and restrict cortex regions on the GRE grid to it: a propagated cortical ribbon misplaced by a voxel
         spills into CSF or white matter, which this removes.
+    cortex_margin_mm : float
+        With grey matter (segmented or given), cortex regions are measured only farther than this from the grey
+        matter around them (`cortex_core`; the written labels keep them whole); 0 measures them whole.
     keep_transforms : path, optional
         Folder to copy the registration's transform files into (else they are deleted).
 
@@ -760,6 +778,10 @@ def label_subject(
                     mask &= tissue_mask[0]
                     if not mask.any():
                         emptied.append(f"{region} {side} has no grey-matter voxel in {space} space")
+            for (region, side), mask in masks.items():
+                if atlas.region(region).kind == "cortex":
+                    core = cortex_core(mask, tissue_mask[0], geometry.voxel_sizes(affine), cortex_margin_mm)
+                    masks[(region, side)] = core if core.any() else mask
         here = {name: image[0] for name, image in maps.items() if _on_grid(image, shape, affine)}
         rows += [
             {**row, "space": space}

@@ -18,6 +18,7 @@ ATLAS_SOURCES_HELP = (
     "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
 )
 CORTEX_HELP = "do not restrict cortex regions (M1) to the grey matter segmented from the GRE magnitude"
+MARGIN_HELP = "measure cortex regions only farther than this from the grey matter around them (default 3 mm; 0: whole)"
 
 
 def _print_progress(fraction, message):
@@ -250,6 +251,7 @@ def _add_label(subparsers):
         "(default: the grey matter segmented from --gre-magnitude)",
     )  # fmt: skip
     p.add_argument("--no-cortex-segmentation", dest="cortex_segmentation", action="store_false", help=CORTEX_HELP)
+    p.add_argument("--cortex-margin", type=float, default=3.0, metavar="MM", help=MARGIN_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-transforms", action="store_true", help="keep the ANTs transforms (subject -> atlas) in OUT/transforms")
     p.add_argument("--subject", default="", help="subject identifier for the table")
@@ -291,6 +293,7 @@ def _run_label(args):
         gre_magnitude=io.load_image(args.gre_magnitude, ndim=(3, 4), what="GRE magnitude") if args.gre_magnitude else None,
         tissue_mask=io.load_image(args.tissue_mask, ndim=3, what="tissue mask") if args.tissue_mask else None,
         cortex_segmentation=args.cortex_segmentation,
+        cortex_margin_mm=args.cortex_margin,
         erosion_voxels=args.erosion,
         fa_threshold=args.fa_threshold,
         seed=args.seed,
@@ -303,7 +306,7 @@ def _run_label(args):
         args.out / "provenance.json", "label",
         parameters={"atlas": atlas.name, "rois": rois, "seed": args.seed, "erosion": args.erosion,
                     "fa_threshold": args.fa_threshold, "reference_contrast": args.reference_contrast,
-                    "cortex_segmentation": args.cortex_segmentation and not args.tissue_mask},
+                    "cortex_segmentation": args.cortex_segmentation and not args.tissue_mask, "cortex_margin_mm": args.cortex_margin},
         inputs={"reference": args.reference, **({"gre_magnitude": args.gre_magnitude} if args.gre_magnitude else {}), **map_paths},
         outputs=outputs,
     )  # fmt: skip
@@ -398,6 +401,7 @@ def _add_pipeline_options(p):
     p.add_argument("--inversion", choices=("tkd", "cg", "tv"), default="tv")
     p.add_argument("--roi-erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
     p.add_argument("--no-cortex-segmentation", dest="cortex_segmentation", action="store_false", help=CORTEX_HELP)
+    p.add_argument("--cortex-margin", type=float, default=3.0, metavar="MM", help=MARGIN_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
 
@@ -409,7 +413,8 @@ def _pipeline_options(args):
         atlas=args.atlas, atlas_dir=str(args.atlas_dir) if args.atlas_dir else None,
         atlas_sources=str(args.atlas_sources) if args.atlas_sources else None, fit_method=args.fit_method,
         denoise=args.denoise, gibbs=args.gibbs, background=args.background, inversion=args.inversion,
-        roi_erosion=args.roi_erosion, cortex_segmentation=args.cortex_segmentation, seed=args.seed,
+        roi_erosion=args.roi_erosion, cortex_segmentation=args.cortex_segmentation, cortex_margin_mm=args.cortex_margin,
+        seed=args.seed,
     )  # fmt: skip
 
 

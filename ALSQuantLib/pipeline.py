@@ -53,6 +53,7 @@ class Options:
     roi_erosion: int = 0
     fa_threshold: float = 0.2
     cortex_segmentation: bool = True
+    cortex_margin_mm: float = 3.0
     seed: int = 0
 
 
@@ -219,13 +220,13 @@ def _label_stage(inputs, options, dki_dir, qsm_dir):
         labeling = atlas_lib.label_subject(
             *raw["fa"], atlas, list(atlas_lib.STUDY_MAPS), maps=measured,
             gre_magnitude=io.load_image(inputs.gre_magnitude[0], ndim=(3, 4), what="GRE magnitude"),
-            cortex_segmentation=options.cortex_segmentation, erosion_voxels=options.roi_erosion,
+            cortex_segmentation=options.cortex_segmentation, cortex_margin_mm=options.cortex_margin_mm, erosion_voxels=options.roi_erosion,
             fa_threshold=options.fa_threshold, seed=options.seed, subject=inputs.subject,
         )  # fmt: skip
         return atlas_lib.write_labeling(folder, labeling), {"flags": labeling.flags, "template_correlation": labeling.similarity}
 
     parameters = {"atlas": atlas.name, "roi_erosion": options.roi_erosion, "fa_threshold": options.fa_threshold,
-                  "cortex_segmentation": options.cortex_segmentation, "seed": options.seed}
+                  "cortex_segmentation": options.cortex_segmentation, "cortex_margin_mm": options.cortex_margin_mm, "seed": options.seed}
     files = {name: path for name, (path, _) in maps.items()}
     files.update(dki_mask=dki_mask, qsm_mask=qsm_mask, gre_magnitude=inputs.gre_magnitude[0],
                  atlas_template=atlas.template_fa or atlas.template, atlas_labels=atlas.labels)  # fmt: skip

@@ -156,7 +156,12 @@ def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_
     rows = nodes.rowsFromTable(out["table"])
     cst_mk = [float(r["mean"]) for r in rows if r["region"] == "CST" and r["map"] == "mk"]
     assert len(cst_mk) == 2 and np.mean(cst_mk) == pytest.approx(subject.values["cst_mk"], rel=0.03)
-    assert any(r["region"] == "M1" and r["map"] == "ms" and r["space"] == "gre" for r in rows)
+    # M1 on the GRE grid: the true susceptibility, measured in the grey matter's core of the label (3 mm margin)
+    m1_ms = {r["side"]: r for r in rows if r["region"] == "M1" and r["map"] == "ms" and r["space"] == "gre"}
+    gre_labels = nodes.imageFromVolume(out["greLabels"])[0]
+    for side, value in zip(("left", "right"), phantom.REGIONS["M1"]):
+        assert 50 < float(m1_ms[side]["n"]) < np.sum(gre_labels == value)
+        assert float(m1_ms[side]["mean"]) == pytest.approx(subject.values["m1_chi"], rel=0.025)
     # The affine part of the registration, as Slicer's "from parent" transform: template points land near the
     # subject's anatomy (the SyN warp is not in it).
     template_labels, template_affine = phantom.make_template(config)["label"], phantom.make_template(config)["affine"]

@@ -40,7 +40,7 @@ class AtlasLabelingLogic:
         return out
 
     def run(self, referenceNode, *, atlasName="eve", atlasDir=None, atlasSources=None, rois=("CST", "M1"), mapNodes=None, greMagnitudeNode=None,
-            referenceContrast="FA", erosion=0, faThreshold=0.2, cortexSegmentation=True, seed=0, progress=None):  # fmt: skip
+            referenceContrast="FA", erosion=0, faThreshold=0.2, cortexSegmentation=True, cortexMarginMm=3.0, seed=0, progress=None):  # fmt: skip
         """Label and measure. Returns {"labels", "greLabels" (with a GRE), "colorTable", "table", "transform"}."""
         atlas = atlas_lib.find_atlas(atlasName, atlas_dir=atlasDir, sources=atlasSources)
         reference = nodes.imageFromVolume(referenceNode, "reference")
@@ -49,7 +49,7 @@ class AtlasLabelingLogic:
         with tempfile.TemporaryDirectory(prefix="alsquant-transforms-") as kept:
             labeling = atlas_lib.label_subject(
                 *reference, atlas, list(rois), template_contrast=referenceContrast, maps=maps, gre_magnitude=gre,
-                cortex_segmentation=cortexSegmentation, erosion_voxels=erosion, fa_threshold=faThreshold, seed=seed,
+                cortex_segmentation=cortexSegmentation, cortex_margin_mm=cortexMarginMm, erosion_voxels=erosion, fa_threshold=faThreshold, seed=seed,
                 subject=referenceNode.GetName(),
                 keep_transforms=kept, progress=progress,
             )  # fmt: skip
@@ -58,12 +58,13 @@ class AtlasLabelingLogic:
             return self._outputs(referenceNode, greMagnitudeNode, images, labeling.table.as_list(), labeling.rows, affine, referenceNode.GetName())
 
     def startBackground(self, referenceNode, *, atlasName="eve", atlasDir=None, atlasSources=None, rois=("CST", "M1"), mapNodes=None,
-                        greMagnitudeNode=None, referenceContrast="FA", erosion=0, faThreshold=0.2, cortexSegmentation=True, seed=0,
-                        workdir=None):  # fmt: skip
+                        greMagnitudeNode=None, referenceContrast="FA", erosion=0, faThreshold=0.2, cortexSegmentation=True, cortexMarginMm=3.0,
+                        seed=0, workdir=None):  # fmt: skip
         folder = Path(workdir or tempfile.mkdtemp(prefix="alsquant-label-"))
         io.save_image(folder / "reference.nii.gz", *nodes.imageFromVolume(referenceNode, "reference"))
         arguments = ["label", "--reference", folder / "reference.nii.gz", "--reference-contrast", referenceContrast,
                      "--atlas", atlasName, "--rois", ",".join(rois), "--erosion", erosion, "--fa-threshold", faThreshold,
+                     "--cortex-margin", cortexMarginMm,
                      "--seed", seed, "--subject", referenceNode.GetName(), "--keep-transforms", "--out", folder / "out"]  # fmt: skip
         if atlasDir:
             arguments += ["--atlas-dir", atlasDir]
