@@ -43,6 +43,7 @@ class AtlasLabelingParameterNode:
     erosion: int = 0
     faThreshold: float = 0.2
     cortexSegmentation: bool = True
+    cortexMarginMm: float = 3.0
     seed: int = 0
 
 
@@ -68,7 +69,8 @@ class AtlasLabelingWidget(PanelWidget):
             job = logic.startBackground(
                 p.referenceVolume, atlasName=p.atlasName, atlasDir=_optionalPath(p.atlasDir), atlasSources=_optionalPath(p.atlasSources),
                 rois=[r.strip() for r in p.rois.split(",") if r.strip()], mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume,
-                erosion=p.erosion, faThreshold=p.faThreshold, cortexSegmentation=p.cortexSegmentation, seed=p.seed,
+                erosion=p.erosion, faThreshold=p.faThreshold, cortexSegmentation=p.cortexSegmentation,
+                cortexMarginMm=p.cortexMarginMm, seed=p.seed,
             )  # fmt: skip
             self.monitor.start(job, self.showResult)
 
