@@ -560,12 +560,15 @@ def grey_matter_mask(image, mask, *, seed=0):
     values = values[np.isfinite(values)]
     if values.size < 300 or np.ptp(values) == 0:
         raise InputError(f"grey-matter segmentation: the brain mask holds {values.size} voxels of distinct values; expected a brain image")
+    # Standardised, so that any intensity scale works (real magnitudes come scaled to 1e-4 as well as to 4096):
+    # scikit-learn's covariance floor is absolute.
+    centre, scale = values.mean(), values.std()
     subsample = np.random.default_rng(seed).choice(values, size=min(values.size, 200_000), replace=False)
-    mixture = GaussianMixture(3, random_state=seed).fit(subsample[:, None])
+    mixture = GaussianMixture(3, random_state=seed).fit((subsample[:, None] - centre) / scale)
     middle = int(np.argsort(mixture.means_.ravel())[1])
     out = np.zeros(image.shape, bool)
     inside = mask & np.isfinite(image)
-    out[inside] = mixture.predict(image[inside][:, None]) == middle
+    out[inside] = mixture.predict((image[inside][:, None] - centre) / scale) == middle
     return out
 
 

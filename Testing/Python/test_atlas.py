@@ -157,6 +157,7 @@ def test_grey_matter_mask_is_the_middle_class_whatever_the_contrast(order):
     gm = atlas.grey_matter_mask(image, mask)
     assert np.array_equal(gm, (tissue == 1) & mask)
     assert np.array_equal(atlas.grey_matter_mask(image, mask), gm)  # the same input gives the same mask
+    assert np.array_equal(atlas.grey_matter_mask(image * 4e-4, mask), gm)  # at any scale (a real GRE came at 4e-4)
     with pytest.raises(InputError, match="mask shape"):
         atlas.grey_matter_mask(image, mask[:-1])
     with pytest.raises(InputError, match="expected a brain image"):
