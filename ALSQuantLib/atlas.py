@@ -724,6 +724,9 @@ def label_subject(
         atlas.region(roi)
     if tissue_mask is not None:
         tissue_mask = (np.asarray(tissue_mask[0]) > 0, tissue_mask[1])
+        grids = [(reference.shape, reference_affine)] + ([(gre_magnitude[0].shape[:3], gre_magnitude[1])] if gre_magnitude is not None else [])
+        if not any(_on_grid(tissue_mask, *grid) for grid in grids):
+            raise InputError(f"tissue mask {tissue_mask[0].shape}: on neither the reference's nor the GRE's grid")
     elif cortex_segmentation and gre_magnitude is not None and any(atlas.region(r).kind == "cortex" for r in rois):
         from . import qsm
 
@@ -777,12 +780,10 @@ def label_subject(
             grey_matter[space] = tissue_mask
             for (region, side), mask in masks.items():
                 if atlas.region(region).kind == "cortex":
-                    label_image[mask & ~tissue_mask[0]] = 0
+                    label_image[mask & ~tissue_mask[0]] = 0  # the written labels: the region in grey matter, whole
                     mask &= tissue_mask[0]
                     if not mask.any():
                         emptied.append(f"{region} {side} has no grey-matter voxel in {space} space")
-            for (region, side), mask in masks.items():
-                if atlas.region(region).kind == "cortex":
                     core = cortex_core(mask, tissue_mask[0], geometry.voxel_sizes(affine), cortex_margin_mm)
                     masks[(region, side)] = core if core.any() else mask
         here = {name: image[0] for name, image in maps.items() if _on_grid(image, shape, affine)}
@@ -796,8 +797,6 @@ def label_subject(
     unmatched = sorted(set(maps) - {row["map"] for row in rows})
     if unmatched:
         raise InputError(f"map(s) {', '.join(unmatched)}: on neither the reference's nor the GRE's grid")
-    if tissue_mask is not None and not grey_matter:
-        raise InputError("tissue mask: on neither the reference's nor the GRE's grid")
     flags = quality_flags(similarity, ratios) + emptied
     for row in rows:
         row["qc_passed"] = not flags

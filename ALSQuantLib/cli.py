@@ -279,7 +279,8 @@ def _run_label(args):
     rois = [r.strip() for r in args.rois.split(",") if r.strip()]
     map_paths = _parse_maps(args.maps)
     _refuse_overwriting_inputs(
-        [args.out / n for n in ("labels_reference.nii.gz", "labels_gre.nii.gz", "roi_stats.csv", "quality.json")],
+        [args.out / n for n in ("labels_reference.nii.gz", "labels_gre.nii.gz", "grey_matter_reference.nii.gz",
+                                "grey_matter_gre.nii.gz", "roi_stats.csv", "quality.json")],
         [args.reference, args.gre_magnitude, args.tissue_mask, *map_paths.values()],
     )
     reference, reference_affine = io.load_image(args.reference, ndim=3, what="reference")
