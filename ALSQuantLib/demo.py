@@ -101,8 +101,9 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         f"  CST MK measured - true: mean {mk_error.mean():+.3f}, SD {mk_error.std():.3f}",
         f"  M1 MS against the truth: correlation {np.corrcoef(column['true_m1_chi'], column['m1_ms'])[0, 1]:.2f}, "
         f"slope {ms_slope:.2f} (the thin cortex at the brain's edge is underestimated; the ranking of subjects is largely kept)",
-        f"  Dice of the propagated labels against the truth: CST median {np.median(column['cst_dice']):.2f}, "
-        f"M1 median {np.median(column['m1_dice']):.2f}",
+        f"  Dice of the propagated labels against the truth: CST median {np.median(column['cst_dice']):.2f} "
+        f"(min {np.min(column['cst_dice']):.2f}), M1 in grey matter median {np.median(column['m1_dice']):.2f} "
+        f"(min {np.min(column['m1_dice']):.2f})",
         f"  table: {out_dir / 'markers.csv'}; per-subject outputs and logs: {pipeline_dir}",
         "",
         "ROC analysis of the measured markers (ALS vs control; DeLong 95 % CI):",
