@@ -492,7 +492,7 @@ def split_labels_by_hemisphere(labels, affine, atlas):
 # ----------------------------------------------------------------------------------------------------------------
 # ROI statistics
 # ----------------------------------------------------------------------------------------------------------------
-def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_threshold=0.2, tissue_mask=None, kinds=None):
+def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_threshold=0.2, kinds=None):
     """Tidy statistics: one row per region × side × map.
 
     Parameters
@@ -504,8 +504,6 @@ def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_thr
         its uneroded mask, and the row says so.
     fa : ndarray, optional
         FA on the same grid: white-matter regions keep voxels with FA ≥ `fa_threshold`.
-    tissue_mask : ndarray of bool, optional
-        For cortex regions (e.g. grey matter): voxels outside it are dropped.
     kinds : dict region → "white_matter" | "cortex", optional
 
     Returns
@@ -523,8 +521,6 @@ def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_thr
         kind = (kinds or {}).get(region, "white_matter")
         if kind == "white_matter" and fa is not None:
             selected &= fa >= fa_threshold
-        if kind == "cortex" and tissue_mask is not None:
-            selected &= tissue_mask
         for name, values in maps.items():
             v = values[selected]
             v = v[np.isfinite(v)]
@@ -722,16 +718,18 @@ def label_subject(
     maps = maps or {}
     for roi in rois:
         atlas.region(roi)
+    grids = {"reference": (reference.shape, reference_affine)}
+    if gre_magnitude is not None:
+        gre, gre_affine = gre_magnitude
+        gre = gre[..., 0] if gre.ndim == 4 else gre
+        grids["gre"] = (gre.shape, gre_affine)
     if tissue_mask is not None:
         tissue_mask = (np.asarray(tissue_mask[0]) > 0, tissue_mask[1])
-        grids = [(reference.shape, reference_affine)] + ([(gre_magnitude[0].shape[:3], gre_magnitude[1])] if gre_magnitude is not None else [])
-        if not any(_on_grid(tissue_mask, *grid) for grid in grids):
+        if not any(_on_grid(tissue_mask, *grid) for grid in grids.values()):
             raise InputError(f"tissue mask {tissue_mask[0].shape}: on neither the reference's nor the GRE's grid")
     elif cortex_segmentation and gre_magnitude is not None and any(atlas.region(r).kind == "cortex" for r in rois):
         from . import qsm
 
-        gre, gre_affine = gre_magnitude
-        gre = gre[..., 0] if gre.ndim == 4 else gre
         tissue_mask = (grey_matter_mask(gre, qsm.brain_mask(gre, geometry.voxel_sizes(gre_affine)), seed=seed), gre_affine)
     use_fa = template_contrast == "FA" and atlas.template_fa is not None
     template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
@@ -742,16 +740,12 @@ def label_subject(
     registration = register(reference, reference_affine, template, template_affine, random_seed=seed)
     link = None
     try:
-        grids = {"reference": (reference.shape, reference_affine)}
         label_images = {
             "reference": (propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration), reference_affine)
         }
         if gre_magnitude is not None:
-            gre, gre_affine = gre_magnitude
-            gre = gre[..., 0] if gre.ndim == 4 else gre
             report_progress(progress, 0.8, "linking the GRE to the reference (rigid)", log)
             link = register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=seed)
-            grids["gre"] = (gre.shape, gre_affine)
             label_images["gre"] = (propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link), gre_affine)
         similarity = registration.similarity
         kept = []
