@@ -285,25 +285,53 @@ def fetch(url, sha256, cache_dir=None, *, filename=None, timeout=60):
     return target
 
 
+OFFICIAL = "official"
+"""Pass as `sources` to download from the addresses built into ``atlas_sources.json``."""
+
+
+def official_sources(name):
+    """The built-in download list of atlas `name`: its distributor's files pinned to a commit, with SHA-256,
+    licence and citation (``atlas_sources.json`` beside this module)."""
+    listed = io.read_json(Path(__file__).with_name("atlas_sources.json"))["atlases"]
+    if name not in listed:
+        raise InputError(
+            f"atlas {name}: no official download address is built in (only for {', '.join(listed)}); "
+            "give its files with an atlas folder or your own atlas sources file"
+        )
+    return listed[name]
+
+
+def table_names(definition):
+    """The label-table file names an atlas folder may hold: the definition's, then FSL's XML."""
+    return (definition.table,) + ((Path(definition.fsl_paths[1]).name,) if definition.fsl_paths else ())
+
+
 def fetch_atlas(name, sources, cache_dir=None):
     """Download a built-in atlas's files into ``<cache>/atlases/<name>/`` and return that folder (for `find_atlas`).
 
     Parameters
     ----------
     sources : str, Path or dict
-        A JSON file (or its content) naming where each file comes from:
+        ``"official"`` (`OFFICIAL`) for the built-in addresses (`official_sources`), or a JSON file (or its content)
+        naming where each file comes from:
         ``{"files": {"<file name>": {"url": "https://...", "sha256": "<64 hex digits>"}, ...}}``. It must cover the
-        atlas's template, label image and label table; an FA template (``template_FA.nii.gz``) is fetched too when
-        listed. Every file is checked against its SHA-256 before it enters the cache.
+        atlas's template, label image and label table (the definition's name or FSL's XML); an FA template
+        (``template_FA.nii.gz``) is fetched too when listed. Every file is checked against its SHA-256 before it
+        enters the cache.
     """
     if name not in BUILTIN_ATLASES:
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}")
-    where = "atlas sources" if isinstance(sources, dict) else f"atlas sources {sources}"
+    if str(sources) == OFFICIAL:
+        sources, where = official_sources(name), f"official atlas sources of {name}"
+    else:
+        where = "atlas sources" if isinstance(sources, dict) else f"atlas sources {sources}"
     files = (sources if isinstance(sources, dict) else io.read_json(sources)).get("files")
     if not isinstance(files, dict):
         raise InputError(f"{where}: expected {{\"files\": {{name: {{\"url\": ..., \"sha256\": ...}}}}}}")
     definition = BUILTIN_ATLASES[name]
-    needed = [definition.template, definition.labels, definition.table]
+    tables = table_names(definition)
+    table = next((t for t in tables if t in files), tables[0])
+    needed = [definition.template, definition.labels, table]
     missing = [f for f in needed if f not in files]
     if missing:
         raise InputError(f"{where}: no entry for {', '.join(missing)} (atlas {name} needs {', '.join(needed)})")
@@ -319,26 +347,31 @@ def fetch_atlas(name, sources, cache_dir=None):
 def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None, cache_dir=None):
     """Resolve a built-in atlas to files.
 
-    Looks in `atlas_dir` (the user's folder holding the files named in the definition), then in
-    ``$FSLDIR/data/atlases`` (FSL's layout), then, when `sources` is given, downloads the files it lists into the
-    cache (`fetch_atlas`). `template` overrides the template image (e.g. an MNI152 T1 for the FSL atlases, which
-    ship without one).
+    Looks in `atlas_dir` (the user's folder holding the files named in the definition, or FSL's XML table), then in
+    ``$FSLDIR/data/atlases`` (FSL's layout), then, when `sources` is given (``"official"`` or a sources file),
+    downloads the files into the cache (`fetch_atlas`). `template` overrides the template image (e.g. an MNI152 T1
+    for the FSL atlases, which ship without one).
     """
     if name not in BUILTIN_ATLASES:
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}, or give your own files")
     definition = BUILTIN_ATLASES[name]
-    candidates = []
+    candidates = []  # (label image, label-table choices)
     if atlas_dir:
-        candidates.append((Path(atlas_dir) / definition.labels, Path(atlas_dir) / definition.table))
+        candidates.append((Path(atlas_dir) / definition.labels, [Path(atlas_dir) / t for t in table_names(definition)]))
     fsldir = fsldir or os.environ.get("FSLDIR")
     if fsldir and definition.fsl_paths:
         base = Path(fsldir) / "data" / "atlases"
-        candidates.append((base / definition.fsl_paths[0], base / definition.fsl_paths[1]))
-    if sources is not None and not any(labels.is_file() and table.is_file() for labels, table in candidates):
+        candidates.append((base / definition.fsl_paths[0], [base / definition.fsl_paths[1]]))
+
+    def resolved(labels, tables):
+        return labels.is_file() and next((t for t in tables if t.is_file()), None)
+
+    if sources is not None and not any(resolved(*c) for c in candidates):
         folder = fetch_atlas(name, sources, cache_dir)
-        candidates.append((folder / definition.labels, folder / definition.table))
-    for labels, table in candidates:
-        if labels.is_file() and table.is_file():
+        candidates.append((folder / definition.labels, [folder / t for t in table_names(definition)]))
+    for labels, tables in candidates:
+        table = resolved(labels, tables)
+        if table:
             template_path = Path(template) if template else labels.parent / definition.template
             if not template_path.is_file() and fsldir:
                 template_path = Path(fsldir) / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz"
@@ -357,7 +390,7 @@ def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None
     looked = ", ".join(str(c[0].parent) for c in candidates) or "nowhere (no atlas folder given, FSLDIR unset)"
     raise InputError(
         f"atlas {name}: files {definition.labels} and {definition.table} not found; looked in {looked}"
-        + ("" if sources is not None else "; or give atlas sources (URLs and SHA-256) to download them")
+        + ("" if sources is not None else "; or give atlas sources (URLs and SHA-256, or 'official') to download them")
     )
 
 

@@ -14,7 +14,8 @@ log = logging.getLogger("alsquant")
 
 
 ATLAS_SOURCES_HELP = (
-    "JSON naming a URL and SHA-256 for each atlas file: files missing locally are downloaded once into the cache "
+    "JSON naming a URL and SHA-256 for each atlas file, or 'official' for the addresses built in (harvard-oxford, "
+    "from FSL: non-commercial licence): files missing locally are downloaded once into the cache "
     "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
 )
 CORTEX_HELP = "do not restrict cortex regions (M1) to the grey matter segmented from the GRE magnitude"

@@ -2,7 +2,9 @@
 
 import hashlib
 import http.server
+import shutil
 import threading
+import urllib.parse
 from functools import partial
 
 import numpy as np
@@ -95,6 +97,42 @@ def test_find_atlas_downloads_from_its_sources_once(http_server, tmp_path):
         atlas.find_atlas("phantom", sources={"files": tampered}, cache_dir=tmp_path / "other")
     with pytest.raises(InputError, match="no entry for template_label.ctbl"):
         atlas.find_atlas("phantom", sources={"files": {k: v for k, v in files.items() if k != definition.table}}, cache_dir=cache)
+
+
+def test_official_sources_carry_the_checksums_of_the_real_files(shared_data, http_server, tmp_path, monkeypatch):
+    """The built-in Harvard-Oxford addresses, served on loopback under the same paths: the atlas image and the MNI152
+    template we hold (FSL's files, from other routes) pass their official checksums and resolve into an atlas read
+    through FSL's XML table. The XML is not held here, so its official checksum must refuse a stand-in."""
+    monkeypatch.delenv("FSLDIR", raising=False)
+    root, base = http_server
+    held = {
+        "HarvardOxford-cort-maxprob-thr25-1mm.nii.gz": shared_data / "atlases" / "harvard-oxford" / "HarvardOxford-cort-maxprob-thr25-1mm.nii.gz",
+        "MNI152_T1_1mm_brain.nii.gz": shared_data / "templates" / "MNI152NLin6_res-1x1x1_T1w_descr-brain.nii.gz",
+        "HarvardOxford-Cortical.xml": tmp_path / "stand-in.xml",
+    }
+    held["HarvardOxford-Cortical.xml"].write_text(
+        '<atlas><data><label index="0">Frontal Pole</label><label index="6">Precentral Gyrus</label></data></atlas>'
+    )
+    files = {}
+    for name, entry in atlas.official_sources("harvard-oxford")["files"].items():
+        path = urllib.parse.urlsplit(entry["url"]).path
+        assert path.endswith("/" + name) and entry["url"].startswith("https://")
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(held[name], root / path.lstrip("/"))
+        files[name] = {**entry, "url": base + path}
+    with pytest.raises(InputError, match=r"Cortical\.xml: SHA-256 \w+ does not match"):
+        atlas.find_atlas("harvard-oxford", sources={"files": files}, cache_dir=tmp_path / "cache")
+    files["HarvardOxford-Cortical.xml"]["sha256"] = hashlib.sha256(held["HarvardOxford-Cortical.xml"].read_bytes()).hexdigest()
+    found = atlas.find_atlas("harvard-oxford", sources={"files": files}, cache_dir=tmp_path / "cache")
+    assert found.labels.read_bytes() == held["HarvardOxford-cort-maxprob-thr25-1mm.nii.gz"].read_bytes()
+    assert found.template.read_bytes() == held["MNI152_T1_1mm_brain.nii.gz"].read_bytes()
+    assert found.table.name(7) == "Precentral_Gyrus" and found.region("M1").split_hemisphere
+
+
+def test_atlases_without_an_official_address_say_so(tmp_path):
+    with pytest.raises(InputError, match="atlas eve: no official download address is built in \\(only for harvard-oxford\\)"):
+        atlas.find_atlas("eve", atlas_dir=tmp_path, sources=atlas.OFFICIAL, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
