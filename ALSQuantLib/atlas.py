@@ -323,6 +323,7 @@ def fetch_atlas(name, sources, cache_dir=None):
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}")
     if str(sources) == OFFICIAL:
         sources, where = official_sources(name), f"official atlas sources of {name}"
+        log.info("atlas %s from %s. %s. Cite: %s", name, sources["distributor"], sources["licence"], sources["citation"])
     else:
         where = "atlas sources" if isinstance(sources, dict) else f"atlas sources {sources}"
     files = (sources if isinstance(sources, dict) else io.read_json(sources)).get("files")

@@ -129,10 +129,15 @@ def test_official_sources_carry_the_checksums_of_the_real_files(shared_data, htt
     assert found.table.name(7) == "Precentral_Gyrus" and found.region("M1").split_hemisphere
 
 
-def test_atlases_without_an_official_address_say_so(tmp_path):
+def test_atlases_without_an_official_address_say_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FSLDIR", raising=False)
     with pytest.raises(InputError, match="atlas eve: no official download address is built in \\(only for harvard-oxford\\)"):
         atlas.find_atlas("eve", atlas_dir=tmp_path, sources=atlas.OFFICIAL, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+    io.save_image(tmp_path / "fa.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
+    args = ["label", "--reference", str(tmp_path / "fa.nii.gz"), "--atlas", "eve", "--atlas-sources", "official", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    assert "atlas eve: no official download address is built in" in capsys.readouterr().err
 
 
 def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
