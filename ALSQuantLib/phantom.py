@@ -168,6 +168,9 @@ class PhantomConfig:
 _BRAIN_RADII = np.array([62.0, 78.0, 56.0])
 _CSF_SHELL_MM = 3.0
 _CORTEX_MM = 3.5
+_SULCI_Y_MM = (-25.0, -5.0)  # M1 spans y = -24 to -6, between their clefts
+_SULCUS_HALF_WIDTH_MM = 1.0
+_SULCUS_DEPTH_MM = 12.0
 _CST_RADIUS_MM = 5.0
 _VEIN_RADIUS_MM = 2.5
 
@@ -247,6 +250,13 @@ def template_anatomy(points):
     labels[brain] = WM
     cortex = brain & (d_brain > -_CORTEX_MM)
     labels[cortex] = GM
+    # The central sulcus behind M1 and the precentral sulcus in front of it: clefts of CSF lined with grey matter.
+    # They are what a registration can align M1 by; without them the ribbon is a smooth shell.
+    depth = -d_brain
+    for y0 in _SULCI_Y_MM:
+        cleft = brain & (z > 10) & (np.abs(y - y0) < _SULCUS_HALF_WIDTH_MM + _CORTEX_MM) & (depth < _SULCUS_DEPTH_MM + _CORTEX_MM)
+        labels[cleft] = GM
+        labels[cleft & (np.abs(y - y0) < _SULCUS_HALF_WIDTH_MM) & (depth < _SULCUS_DEPTH_MM)] = CSF
     for side in (-1, 1):
         deep = _inside_ellipsoid(points, (side * 22, 4, -2), (6, 11, 7))
         labels[deep] = DEEP_GM_LEFT if side < 0 else DEEP_GM_RIGHT

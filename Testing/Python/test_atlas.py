@@ -246,16 +246,17 @@ def test_propagated_labels_match_the_phantom_truth(registered_subject, capsys):
         print("\n  Dice:", ", ".join(f"{r} {v} {s} {d:.2f}" for (r, v, s), d in scores.items()))
         print(f"  template correlation after registration {registration.similarity:.3f}")
     assert registration.similarity > 0.9
-    assert min(d for (r, _, s), d in scores.items() if r == "CST") >= 0.75
-    # M1 is a 3.5 mm ribbon on 2-3 mm voxels: the propagated label alone measured 0.68-0.87 across subjects 7-12.
+    assert min(d for (r, _, s), d in scores.items() if r == "CST") >= 0.75  # measured 0.82-0.91
+    # M1 is a 3.5 mm ribbon on 2-3 mm voxels, pinned along it by the central and precentral sulci: the propagated
+    # label alone measured 0.80-0.94 here, 0.80-0.90 on the GRE grid across subjects 7-12.
     m1 = [d for (r, _, s), d in scores.items() if r == "M1"]
-    assert min(m1) >= 0.65 and np.mean(m1) >= 0.7
+    assert min(m1) >= 0.75
 
 
 def test_grey_matter_restricts_the_propagated_m1_to_the_cortex(registered_subject, capsys):
-    """What `label_subject` does by default with a GRE: the propagated M1, thicker than the truth (1.1-1.3 x its
-    volume on subjects 7-12) and spilling into CSF, restricted to the grey matter segmented from the magnitude, and
-    measured in its core, away from the neighbouring cortex."""
+    """What `label_subject` does by default with a GRE: the propagated M1, which spills into CSF and white matter,
+    restricted to the grey matter segmented from the magnitude, and measured in its core, away from the
+    neighbouring cortex."""
     subject, fit, template, registration, labels_dwi, labels_gre = registered_subject
     magnitude, truth = subject.gre.magnitude[..., 0], subject.truth_gre["label"]
     gm = atlas.grey_matter_mask(magnitude, qsm.brain_mask(magnitude, geometry.voxel_sizes(subject.gre.affine)))
@@ -264,21 +265,20 @@ def test_grey_matter_restricts_the_propagated_m1_to_the_cortex(registered_subjec
     with capsys.disabled():
         print(f"\n  grey matter Dice {gm_dice:.3f}; M1 Dice (propagated, in grey matter):", {v: tuple(round(d, 3) for d in ds) for v, ds in m1.items()})
     assert gm_dice > 0.95  # the phantom's GRE has no partial volume: 1.00 measured
-    # measured 0.85 / 0.86 on this subject (0.71 / 0.77 without), 0.81-0.96 on subjects 7-12
-    assert all(refined >= 0.8 and refined > raw + 0.05 for raw, refined in m1.values())
-    # The labelling's own error on M1: the true susceptibility measured through the labels. What remains is the
-    # neighbouring cortex (0.02 ppm) that a label misplaced along the ribbon takes in: measured -12 % / -14 % here,
-    # -5 to -9 % on subjects 8-9; without the grey matter -32 to -37 % here.
-    # Measured only farther than 3 mm from the grey matter around it (the default), most of the rest goes: -2.1 % /
-    # 0.0 % here. Not everywhere: over 35 subjects 53 of 70 sides come within 2 %, the worst -22 %, where the label
-    # landed more than 3 mm away along the ribbon (benchmarks/atlas_accuracy.py).
+    # measured 0.95 / 0.94 on this subject (0.80 / 0.84 without), 0.90-0.96 on subjects 7-12
+    assert all(refined >= 0.85 and refined > raw + 0.05 for raw, refined in m1.values())
+    # The labelling's own error on M1: the true susceptibility measured through the labels. In grey matter what
+    # remains is the neighbouring cortex (0.02 ppm) that a label misplaced along the ribbon takes in: measured
+    # -1.3 % / -2.0 % here, -0.4 to -4.4 % on subjects 8-12; without the grey matter -33 % / -22 % here.
+    # Measured only farther than 3 mm from the grey matter around it (the default): 0.0 % here and on subjects 8-12;
+    # over 35 subjects 69 of 70 sides within 2 %, the worst -4.3 % (benchmarks/atlas_accuracy.py).
     chi, true = subject.truth_gre["chi"], subject.values["m1_chi"]
     for value in phantom.REGIONS["M1"]:
         m1 = labels_gre == value
         core = atlas.cortex_core(m1, gm, geometry.voxel_sizes(subject.gre.affine), 3.0)
         raw, refined, central = (chi[mask].mean() / true - 1 for mask in (m1, m1 & gm, core))
-        assert abs(refined) < 0.17 and abs(refined) < abs(raw) - 0.1, (raw, refined)
-        assert abs(central) < 0.025 and core.sum() > 100, (central, core.sum())
+        assert abs(refined) < 0.05 and abs(refined) < abs(raw) - 0.1, (raw, refined)
+        assert abs(central) < 0.02 and core.sum() > 300, (central, core.sum())
 
 
 def test_propagated_labels_measure_the_true_maps_within_two_percent(registered_subject, capsys):
@@ -289,7 +289,8 @@ def test_propagated_labels_measure_the_true_maps_within_two_percent(registered_s
     errors = {(r["side"], r["map"]): r["mean"] / subject.values[f"cst_{r['map']}"] - 1 for r in rows}
     with capsys.disabled():
         print("\n  true maps through the propagated CST labels, error %:", {k: round(100 * v, 2) for k, v in errors.items()})
-    assert max(abs(e) for e in errors.values()) < 0.02  # measured within 0.6 % on subjects 7-9
+    # measured 0.0 % here; over 35 subjects -1.0 to 0.0 % (benchmarks/atlas_accuracy.py)
+    assert max(abs(e) for e in errors.values()) < 0.02
 
 
 def test_cst_measured_through_propagated_labels_is_close_to_truth(registered_subject):

@@ -74,8 +74,8 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     # measured through the atlas registration, close to each subject's truth
     for row in measured:
         assert float(row["cst_mk"]) == pytest.approx(float(row["true_cst_mk"]), abs=0.05)
-        assert float(row["cst_dice"]) > 0.7
-        assert float(row["m1_dice"]) > 0.7  # M1 in grey matter: 0.73-0.92 across the 35 demo subjects
+        assert float(row["cst_dice"]) > 0.75  # 0.84-0.91 across the 35 demo subjects
+        assert float(row["m1_dice"]) > 0.75  # M1 in grey matter: 0.90-0.96 across the 35 demo subjects
         assert 0 < float(row["m1_ms"]) < float(row["true_m1_chi"])  # QSM ran; the cortex is underestimated
     results = io.read_json(tmp_path / "demo" / "roc" / "results.json")
     assert set(results["markers"]) == {"cst_mk", "cst_md", "cst_fa", "m1_ms"}

@@ -161,7 +161,7 @@ def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_
     gre_labels = nodes.imageFromVolume(out["greLabels"])[0]
     for side, value in zip(("left", "right"), phantom.REGIONS["M1"]):
         assert 50 < float(m1_ms[side]["n"]) < np.sum(gre_labels == value)
-        assert float(m1_ms[side]["mean"]) == pytest.approx(subject.values["m1_chi"], rel=0.025)
+        assert float(m1_ms[side]["mean"]) == pytest.approx(subject.values["m1_chi"], rel=0.02)
     # The affine part of the registration, as Slicer's "from parent" transform: template points land near the
     # subject's anatomy (the SyN warp is not in it).
     template_labels, template_affine = phantom.make_template(config)["label"], phantom.make_template(config)["affine"]
