@@ -254,9 +254,10 @@ def template_anatomy(points):
     # They are what a registration can align M1 by; without them the ribbon is a smooth shell.
     depth = -d_brain
     for y0 in _SULCI_Y_MM:
-        cleft = brain & (z > 10) & (np.abs(y - y0) < _SULCUS_HALF_WIDTH_MM + _CORTEX_MM) & (depth < _SULCUS_DEPTH_MM + _CORTEX_MM)
+        gap = np.abs(y - y0)
+        cleft = brain & (z > 10) & (gap < _SULCUS_HALF_WIDTH_MM + _CORTEX_MM) & (depth < _SULCUS_DEPTH_MM + _CORTEX_MM)
         labels[cleft] = GM
-        labels[cleft & (np.abs(y - y0) < _SULCUS_HALF_WIDTH_MM) & (depth < _SULCUS_DEPTH_MM)] = CSF
+        labels[cleft & (gap < _SULCUS_HALF_WIDTH_MM) & (depth < _SULCUS_DEPTH_MM)] = CSF
     for side in (-1, 1):
         deep = _inside_ellipsoid(points, (side * 22, 4, -2), (6, 11, 7))
         labels[deep] = DEEP_GM_LEFT if side < 0 else DEEP_GM_RIGHT
