@@ -5,21 +5,15 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from . import __version__
+from . import __version__, options
+from .atlas.labeling import LabelingOptions
+from .dki import DKI_MAPS, DKIOptions
 from .errors import InputError
+from .pipeline import SubjectOptions
+from .qsm import QSMOptions
 
 log = logging.getLogger("alsquant")
-
-
-ATLAS_SOURCES_HELP = (
-    "JSON naming a URL and SHA-256 for each atlas file, or 'official' for the addresses built in (harvard-oxford, "
-    "from FSL: non-commercial licence): files missing locally are downloaded once into the cache "
-    "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
-)
-CORTEX_HELP = "do not restrict cortex regions (M1) to the grey matter segmented from the GRE magnitude"
-MARGIN_HELP = "measure cortex regions only farther than this from the grey matter around them (default 3 mm; 0: whole)"
 
 
 def _print_progress(fraction, message):
@@ -96,11 +90,8 @@ def _run_demo(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# dki
+# dki, qsm, label: one step each (ALSQuantLib.workflows), options from their dataclasses
 # ----------------------------------------------------------------------------------------------------------------
-DKI_MAPS = ("mk", "fa", "md", "ad", "rd", "ak", "rk", "mkt", "kfa", "s0")
-
-
 def _add_dki(subparsers):
     p = subparsers.add_parser("dki", help="fit DKI/DTI to a DWI series and write MK, FA, MD and other maps")
     p.add_argument("dwi", type=Path, help="DWI as NIfTI (with FSL bval/bvec) or NRRD")
@@ -108,72 +99,37 @@ def _add_dki(subparsers):
     p.add_argument("--bvec", type=Path, help="FSL b-vectors (default: beside the DWI, same stem)")
     p.add_argument("--mask", type=Path, help="brain mask (default: median Otsu on the mean b0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--fit-method", choices=("OLS", "WLS", "CWLS"), default="WLS")
-    p.add_argument("--denoise", action="store_true", help="MP-PCA denoising first")
-    p.add_argument("--gibbs", action="store_true", help="Gibbs-ringing removal first")
-    p.add_argument("--no-average-b0", action="store_true", help="keep every b0 volume instead of their mean")
-    p.add_argument("--dti-only", action="store_true", help="accept a single-shell acquisition and fit DTI only")
     p.add_argument(
         "--maps", default=",".join(DKI_MAPS), help=f"comma-separated maps to write (default: {','.join(DKI_MAPS)})"
     )
+    options.add_arguments(p, DKIOptions)
     p.set_defaults(run=_run_dki)
 
 
-def _refuse_overwriting_inputs(outputs, inputs):
-    resolved = {Path(p).resolve() for p in inputs if p}
-    clash = [str(o) for o in outputs if Path(o).resolve() in resolved]
-    if clash:
-        raise InputError(f"output {clash[0]} would overwrite an input; choose another --out folder")
-
-
 def _run_dki(args):
-    from . import dki, io, provenance
+    from . import workflows
 
-    maps = [m.strip().lower() for m in args.maps.split(",") if m.strip()]
-    unknown = sorted(set(maps) - set(DKI_MAPS))
-    if unknown:
-        raise InputError(f"--maps: unknown map(s) {', '.join(unknown)}; expected some of {', '.join(DKI_MAPS)}")
-    if not args.dwi.name.endswith(io.NRRD_SUFFIXES):
-        stem = io.strip_image_suffix(args.dwi)
-        args.bval = args.bval or stem.with_suffix(".bval")
-        args.bvec = args.bvec or stem.with_suffix(".bvec")
-    dwi = io.read_dwi(args.dwi, bval=args.bval, bvec=args.bvec)
-    mask = io.load_mask(args.mask, dwi.data.shape, dwi.affine, matching="DWI") if args.mask else None
-    outputs = [args.out / f"{name}.nii.gz" for name in maps] + [args.out / "mask.nii.gz"]
-    inputs = {"dwi": args.dwi, "bval": args.bval, "bvec": args.bvec, "mask": args.mask}
-    _refuse_overwriting_inputs(outputs, inputs.values())
-    fit, mask, parameters = dki.reconstruct(
-        dwi,
-        mask=mask,
-        fit_method=args.fit_method,
-        denoise=args.denoise,
-        gibbs=args.gibbs,
-        average_b0s=not args.no_average_b0,
-        dti_only=args.dti_only,
+    maps = [m for m in (m.strip() for m in args.maps.split(",")) if m]
+    step = workflows.dki_step(
+        args.dwi,
+        args.out,
+        options.from_arguments(DKIOptions, args),
+        bval=args.bval,
+        bvec=args.bvec,
+        mask=args.mask,
+        maps=maps,
         progress=_print_progress,
     )
-    available = [m for m in maps if m in fit.map_names]
-    skipped = [m for m in maps if m not in fit.map_names]
-    written = dki.save_maps(args.out, fit, mask, dwi.affine, available)
-    provenance.write(
-        args.out / "provenance.json",
-        "dki",
-        parameters={**parameters, "maps": available},
-        inputs={k: v for k, v in inputs.items() if v},
-        outputs=written,
-    )
-    if skipped:
-        print(f"not available from a DTI-only fit, not written: {', '.join(skipped)}")
+    results = step.record["results"]
+    if results["not_available"]:
+        print(f"not available from a DTI-only fit, not written: {', '.join(results['not_available'])}")
     print(
-        f"wrote {', '.join(available)} and mask to {args.out} ({parameters['mask_voxels']} voxels, "
-        f"{fit.n_invalid_signals} invalid signals masked, {fit.n_failed} voxels failed)"
+        f"wrote {', '.join(results['maps'])} and mask to {args.out} ({results['mask_voxels']} voxels, "
+        f"{results['invalid_signals']} invalid signals masked, {results['failed_voxels']} voxels failed)"
     )
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# qsm
-# ----------------------------------------------------------------------------------------------------------------
 def _add_qsm(subparsers):
     p = subparsers.add_parser("qsm", help="reconstruct susceptibility (ppm) from GRE magnitude and phase")
     p.add_argument("--magnitude", type=Path, nargs="+", required=True, help="magnitude: one 4D file or one per echo")
@@ -182,81 +138,42 @@ def _add_qsm(subparsers):
     p.add_argument("--b0", type=float, help="field strength in tesla (default: MagneticFieldStrength from the sidecar)")
     p.add_argument("--mask", type=Path, help="brain mask (default: from the magnitude, eroded)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--unwrap", choices=("laplacian", "path"), default="laplacian")
-    p.add_argument("--background", choices=("vsharp", "pdf"), default="vsharp")
-    p.add_argument("--inversion", choices=("tkd", "cg", "tv"), default="tv")
-    p.add_argument("--erosion-mm", type=float, default=2.0, help="erosion of the automatic mask (default 2 mm)")
+    options.add_arguments(p, QSMOptions)
     p.set_defaults(run=_run_qsm)
 
 
 def _run_qsm(args):
-    from . import io, provenance, qsm
+    from . import workflows
 
-    gre = io.read_gre(
-        [str(p) for p in args.magnitude] if len(args.magnitude) > 1 else args.magnitude[0],
-        [str(p) for p in args.phase] if len(args.phase) > 1 else args.phase[0],
+    step = workflows.qsm_step(
+        args.magnitude,
+        args.phase,
+        args.out,
+        options.from_arguments(QSMOptions, args),
         echo_times=args.te,
         field_strength=args.b0,
-    )
-    mask = io.load_mask(args.mask, gre.phase.shape, gre.affine, matching="GRE phase") if args.mask else None
-    outputs = [args.out / f"{n}.nii.gz" for n in qsm.QSM_OUTPUTS]
-    inputs = {f"magnitude_{i + 1}": p for i, p in enumerate(args.magnitude)}
-    inputs.update({f"phase_{i + 1}": p for i, p in enumerate(args.phase)})
-    if args.mask:
-        inputs["mask"] = args.mask
-    _refuse_overwriting_inputs(outputs, inputs.values())
-    result = qsm.reconstruct_qsm(
-        gre,
-        mask=mask,
-        unwrap=args.unwrap,
-        background=args.background,
-        inversion=args.inversion,
-        erosion_mm=args.erosion_mm,
+        mask=args.mask,
         progress=_print_progress,
     )
-    qsm.save_result(args.out, result, gre.affine)
-    provenance.write(
-        args.out / "provenance.json",
-        "qsm",
-        parameters={**result.parameters, "timings_s": result.timings},
-        inputs=inputs,
-        outputs=outputs,
-    )
-    print(f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; {result.parameters['phase_scaling']}")
+    print(f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; {step.record['results']['phase_scaling']}")
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# label
-# ----------------------------------------------------------------------------------------------------------------
 def _add_label(subparsers):
     p = subparsers.add_parser("label", help="bring atlas regions into the subject's space with ANTs and measure maps")
     p.add_argument("--reference", type=Path, required=True, help="subject reference image: FA (or b0) in DWI space")
-    p.add_argument(
-        "--reference-contrast", choices=("FA", "T1w"), default="FA",
-        help="contrast of the reference: FA registers to the atlas FA template when the atlas has one (default FA)",
-    )  # fmt: skip
     p.add_argument("--gre-magnitude", type=Path, help="GRE magnitude, rigidly linked to the reference")
-    p.add_argument("--atlas", default="eve", help="built-in atlas name (default eve)")
-    p.add_argument("--atlas-dir", type=Path, help="folder holding the atlas files (default: $FSLDIR/data/atlases)")
-    p.add_argument("--atlas-sources", type=Path, help=ATLAS_SOURCES_HELP)
-    p.add_argument("--template", type=Path, help="template image overriding the atlas's")
-    p.add_argument("--regions-json", type=Path, help="user region definitions (JSON)")
-    p.add_argument("--rois", default="CST,M1", help="regions to measure (default CST,M1)")
     p.add_argument("--maps", default="", help="name=file pairs, e.g. mk=mk.nii.gz,fa=fa.nii.gz,ms=chi.nii.gz")
-    p.add_argument("--erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
-    p.add_argument("--fa-threshold", type=float, default=0.2, help="white-matter regions keep FA >= this (needs fa=)")
     p.add_argument(
-        "--tissue-mask", type=Path,
+        "--tissue-mask",
+        type=Path,
         help="grey-matter mask (on the reference's or the GRE's grid): cortex regions keep only its voxels "
         "(default: the grey matter segmented from --gre-magnitude)",
-    )  # fmt: skip
-    p.add_argument("--no-cortex-segmentation", dest="cortex_segmentation", action="store_false", help=CORTEX_HELP)
-    p.add_argument("--cortex-margin", type=float, default=3.0, metavar="MM", help=MARGIN_HELP)
-    p.add_argument("--seed", type=int, default=0)
+    )
     p.add_argument("--keep-transforms", action="store_true", help="keep the ANTs transforms (subject -> atlas) in OUT/transforms")
     p.add_argument("--subject", default="", help="subject identifier for the table")
     p.add_argument("--out", type=Path, required=True)
+    options.add_arguments(p, LabelingOptions)
     p.set_defaults(run=_run_label)
 
 
@@ -271,50 +188,22 @@ def _parse_maps(text):
 
 
 def _run_label(args):
-    from . import atlas as atlas_lib
-    from . import io, provenance
+    from . import workflows
 
-    atlas = atlas_lib.find_atlas(args.atlas, atlas_dir=args.atlas_dir, template=args.template, sources=args.atlas_sources)
-    if args.regions_json:
-        atlas.regions = atlas_lib.load_regions_json(args.regions_json, atlas.name)
-    rois = [r.strip() for r in args.rois.split(",") if r.strip()]
-    map_paths = _parse_maps(args.maps)
-    _refuse_overwriting_inputs(
-        [args.out / n for n in ("labels_reference.nii.gz", "labels_gre.nii.gz", "grey_matter_reference.nii.gz",
-                                "grey_matter_gre.nii.gz", "roi_stats.csv", "quality.json")],
-        [args.reference, args.gre_magnitude, args.tissue_mask, *map_paths.values()],
-    )
-    reference, reference_affine = io.load_image(args.reference, ndim=3, what="reference")
-    labeling = atlas_lib.label_subject(
-        reference,
-        reference_affine,
-        atlas,
-        rois,
-        template_contrast=args.reference_contrast,
-        maps={name: io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True) for name, path in map_paths.items()},
-        gre_magnitude=io.load_image(args.gre_magnitude, ndim=(3, 4), what="GRE magnitude") if args.gre_magnitude else None,
-        tissue_mask=io.load_image(args.tissue_mask, ndim=3, what="tissue mask") if args.tissue_mask else None,
-        cortex_segmentation=args.cortex_segmentation,
-        cortex_margin_mm=args.cortex_margin,
-        erosion_voxels=args.erosion,
-        fa_threshold=args.fa_threshold,
-        seed=args.seed,
+    step = workflows.label_step(
+        args.reference,
+        args.out,
+        options.from_arguments(LabelingOptions, args),
+        maps=_parse_maps(args.maps),
+        gre_magnitude=args.gre_magnitude,
+        tissue_mask=args.tissue_mask,
         subject=args.subject,
-        keep_transforms=args.out / "transforms" if args.keep_transforms else None,
+        keep_transforms=args.keep_transforms,
         progress=_print_progress,
     )
-    outputs = atlas_lib.write_labeling(args.out, labeling)
-    provenance.write(
-        args.out / "provenance.json", "label",
-        parameters={"atlas": atlas.name, "rois": rois, "seed": args.seed, "erosion": args.erosion,
-                    "fa_threshold": args.fa_threshold, "reference_contrast": args.reference_contrast,
-                    "cortex_segmentation": args.cortex_segmentation and not args.tissue_mask, "cortex_margin_mm": args.cortex_margin},
-        inputs={"reference": args.reference, **({"gre_magnitude": args.gre_magnitude} if args.gre_magnitude else {}), **map_paths},
-        outputs=outputs,
-    )  # fmt: skip
-    for flag in labeling.flags:
+    for flag in step.record["results"]["flags"]:
         print(f"quality warning: {flag}")
-    print(f"wrote labels, roi_stats.csv ({len(labeling.rows)} rows) and quality.json to {args.out}")
+    print(f"wrote labels, roi_stats.csv and quality.json to {args.out}")
     return 0
 
 
@@ -383,7 +272,8 @@ def _run_classify(args):
         zs = ", ".join(f"z({m}) {z:+.2f}" for m, z in result["z_scores"].items())
         print(f"{subject}: P({model['positive']}) = {result['probability']:.3f} -> {result['decision']}; {zs}{flag}")
     out = args.out or args.subjects.with_name(args.subjects.stem + "_diagnosis.csv")
-    _refuse_overwriting_inputs([out], [args.subjects, args.model])
+    if out.resolve() in (args.subjects.resolve(), args.model.resolve()):
+        raise InputError(f"output {out} would overwrite an input; choose another --out")
     io.write_table(out, rows)
     print(f"written to {out}")
     return 0
@@ -393,31 +283,8 @@ def _run_classify(args):
 # run-subject, run-cohort
 # ----------------------------------------------------------------------------------------------------------------
 def _add_pipeline_options(p):
-    p.add_argument("--atlas", default="eve", help="built-in atlas name (default eve)")
-    p.add_argument("--atlas-dir", type=Path, help="folder holding the atlas files (default: $FSLDIR/data/atlases)")
-    p.add_argument("--atlas-sources", type=Path, help=ATLAS_SOURCES_HELP)
-    p.add_argument("--fit-method", choices=("OLS", "WLS", "CWLS"), default="WLS")
-    p.add_argument("--denoise", action="store_true", help="MP-PCA denoising of the DWI first")
-    p.add_argument("--gibbs", action="store_true", help="Gibbs-ringing removal of the DWI first")
-    p.add_argument("--background", choices=("vsharp", "pdf"), default="vsharp")
-    p.add_argument("--inversion", choices=("tkd", "cg", "tv"), default="tv")
-    p.add_argument("--roi-erosion", type=int, default=0, help="erode region masks by N voxels before measuring")
-    p.add_argument("--no-cortex-segmentation", dest="cortex_segmentation", action="store_false", help=CORTEX_HELP)
-    p.add_argument("--cortex-margin", type=float, default=3.0, metavar="MM", help=MARGIN_HELP)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-
-
-def _pipeline_options(args):
-    from . import pipeline
-
-    return pipeline.Options(
-        atlas=args.atlas, atlas_dir=str(args.atlas_dir) if args.atlas_dir else None,
-        atlas_sources=str(args.atlas_sources) if args.atlas_sources else None, fit_method=args.fit_method,
-        denoise=args.denoise, gibbs=args.gibbs, background=args.background, inversion=args.inversion,
-        roi_erosion=args.roi_erosion, cortex_segmentation=args.cortex_segmentation, cortex_margin_mm=args.cortex_margin,
-        seed=args.seed,
-    )  # fmt: skip
+    options.add_arguments(p, SubjectOptions)
 
 
 def _add_run_subject(subparsers):
@@ -447,7 +314,7 @@ def _run_run_subject(args):
         tuple(args.te) if args.te else None, args.b0,
     )  # fmt: skip
     logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
-    result = pipeline.run_subject(inputs, args.out, _pipeline_options(args), group=args.group)
+    result = pipeline.run_subject(inputs, args.out, options.from_arguments(SubjectOptions, args), group=args.group)
     for column in pipeline.MARKERS:
         print(f"{column}: {result[column]:.4g}")
     print(f"stages run: {', '.join(result['stages_run']) or 'none (all current)'}; quality {'passed' if result['qc_passed'] else 'FLAGGED'}")
@@ -469,7 +336,7 @@ def _run_run_cohort(args):
     from . import pipeline
 
     result = pipeline.run_cohort(
-        args.dataset, args.out, _pipeline_options(args), workers=args.workers, scheduler=args.scheduler, subjects=args.subjects
+        args.dataset, args.out, options.from_arguments(SubjectOptions, args), workers=args.workers, scheduler=args.scheduler, subjects=args.subjects
     )
     if result.rows:
         print(f"next: alsquant roc {result.table} --subject-column participant_id --markers {' '.join(pipeline.MARKERS)} --out ROC_DIR")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atlas, io, phantom, pipeline, report, stats
+from . import io, metrics, phantom, pipeline, report, stats
+from .atlas import LabelingOptions
 from .errors import InputError
 
 COMBINATIONS = ("cst_mk+m1_ms", "cst_mk+cst_md")
@@ -34,7 +35,7 @@ def score_labels(cohort_dir, pipeline_dir, subject):
         truth_space = "dwi" if space == "reference" else "gre"
         truth, _ = io.load_image(cohort_dir / phantom.TRUTH_DIR / subject / f"{subject}_space-{truth_space}_label.nii.gz")
         values = phantom.REGIONS[region]
-        scores[key] = atlas.dice(np.isin(measured.astype(int), values), np.isin(truth.astype(int), values))
+        scores[key] = metrics.dice(np.isin(measured.astype(int), values), np.isin(truth.astype(int), values))
     return scores
 
 
@@ -59,7 +60,8 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         print(f"Using the cohort simulated earlier in {cohort_dir} with the same settings.")
     else:
         truth = phantom.simulate_cohort(cohort_dir, n_subjects, seed=seed, als_fraction=n_als / n_subjects, progress=progress)
-    options = pipeline.Options(atlas="phantom", atlas_dir=str(cohort_dir / phantom.TRUTH_DIR / "template"), seed=seed)
+    labeling = LabelingOptions(atlas="phantom", atlas_dir=str(cohort_dir / phantom.TRUTH_DIR / "template"), seed=seed)
+    options = pipeline.SubjectOptions(labeling=labeling)
     result = pipeline.run_cohort(cohort_dir, pipeline_dir, options, workers=workers)
     truth_by_subject = {row["participant_id"]: row for row in truth}
     measured = []

@@ -43,18 +43,21 @@ Glenn GR, Helpern JA, Tabesh A, Jensen JH. Quantitative assessment of diffusiona
 
 import logging
 import warnings
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 from scipy.special import elliprd, elliprf
 
-from . import io
+from . import geometry, masks
 from .errors import InputError
+from .options import check_choices, option
 
 log = logging.getLogger(__name__)
 
 FIT_METHODS = ("OLS", "WLS", "CWLS")
+DKI_MAPS = ("mk", "fa", "md", "ad", "rd", "ak", "rk", "mkt", "kfa", "s0")
+"""Every map a kurtosis fit gives (a DTI-only fit gives FA, MD, AD, RD and S0)."""
 MIN_KURTOSIS = -3.0 / 7.0
 MAX_KURTOSIS = 10.0
 MIN_DIRECTIONS = 15
@@ -141,9 +144,7 @@ def constraint_matrix(n_directions, b_max):
 
     The directions cover the hemisphere evenly (DIPY's electrostatic repulsion, fixed seed).
     """
-    from .phantom import gradient_directions
-
-    n = gradient_directions(n_directions, seed=42)
+    n = geometry.sphere_directions(n_directions, seed=42)
     d = n[:, DT_INDICES[:, 0]] * n[:, DT_INDICES[:, 1]] * DT_MULTIPLICITY
     v = np.prod(n[:, KT_INDICES], axis=2) * KT_MULTIPLICITY
     zeros_d, zeros_v, zeros_1 = np.zeros_like(d), np.zeros_like(v), np.zeros((len(n), 1))
@@ -442,8 +443,9 @@ class DKIModel:
 
     Examples
     --------
-    >>> from ALSQuantLib import phantom
-    >>> bvals, bvecs = phantom.acquisition_scheme()
+    >>> directions = geometry.sphere_directions(20)
+    >>> bvals = np.repeat([0.0, 1000.0, 2500.0], [1, 20, 20])
+    >>> bvecs = np.vstack([np.zeros((1, 3)), directions, directions])
     >>> model = DKIModel(bvals, bvecs, fit_method="WLS")
     >>> model.shells
     [1000.0, 2500.0]
@@ -699,17 +701,6 @@ def average_b0(data, bvals, bvecs, *, b0_threshold=50.0):
     )
 
 
-def brain_mask_from_b0(b0, *, median_radius=2, numpass=2):
-    """Brain mask from a mean b = 0 image by DIPY's ``median_otsu``."""
-    from dipy.segment.mask import median_otsu
-
-    b0 = np.asarray(b0, dtype=np.float32)
-    if b0.ndim != 3:
-        raise InputError(f"b0 image: expected 3D, got shape {b0.shape}")
-    _, mask = median_otsu(b0, median_radius=median_radius, numpass=numpass)
-    return mask.astype(bool)
-
-
 def denoise_mppca(data, *, mask=None, patch_radius=2):
     """Marchenko–Pastur PCA denoising (Veraart et al. 2016), DIPY's implementation."""
     from dipy.denoise.localpca import mppca
@@ -724,73 +715,70 @@ def remove_gibbs(data, *, slice_axis=2):
     return gibbs_removal(np.asarray(data, dtype=np.float32), slice_axis=slice_axis, inplace=False, num_processes=1)
 
 
-def reconstruct(
-    dwi,
-    *,
-    mask=None,
-    fit_method="WLS",
-    denoise=False,
-    gibbs=False,
-    average_b0s=True,
-    dti_only=False,
-    progress=None,
-):
+@dataclass(frozen=True)
+class DKIOptions:
+    """How a DWI is preprocessed and fitted (`reconstruct`)."""
+
+    fit_method: str = option(
+        "WLS",
+        "fit: weighted least squares reweighted once with S^2 (WLS, as DIPY), ordinary (OLS), or WLS under "
+        "Tabesh's constraints on 40 directions (CWLS)",
+        choices=FIT_METHODS,
+    )
+    denoise: bool = option(False, "MP-PCA denoising first (Veraart 2016, DIPY)")
+    gibbs: bool = option(False, "Gibbs-ringing removal first (Kellner 2016, DIPY), after denoising")
+    average_b0: bool = option(True, "average the b = 0 volumes into one", flag="--no-average-b0")
+    dti_only: bool = option(False, "accept a single-shell acquisition and fit DTI only (FA, MD, AD, RD)")
+
+
+def reconstruct(dwi, options=None, *, mask=None, progress=None):
     """Preprocess and fit a `ALSQuantLib.io.DWI`.
 
     Parameters
     ----------
     dwi : io.DWI
+    options : DKIOptions, optional
+        Fit method and preprocessing (default `DKIOptions()`).
     mask : ndarray of bool, optional
-        Brain mask; default: DIPY ``median_otsu`` on the mean b = 0 image.
-    fit_method : {"OLS", "WLS", "CWLS"}
-    denoise : bool
-        MP-PCA denoising before fitting.
-    gibbs : bool
-        Gibbs-ringing removal (after denoising, as recommended).
-    average_b0s : bool
-        Average the b = 0 volumes into one.
-    dti_only : bool
-        See `DKIModel`.
+        Brain mask; default: DIPY ``median_otsu`` on the mean b = 0 image (`masks.brain_mask_from_b0`).
     progress : callable(fraction, message), optional
 
     Returns
     -------
     fit : DKIFit
     mask : ndarray of bool
-    parameters : dict
-        What was done, for provenance.
+    details : dict
+        What the acquisition and the fit were found to be (shells, directions, voxels), for provenance.
     """
+    options = options or DKIOptions()
+    check_choices(options)
     bvals = round_bvals(dwi.bvals)
     data = np.asarray(dwi.data, dtype=np.float32)
     # Bad samples are masked by the fit, never passed to the filters: zero them for preprocessing only.
     finite = np.isfinite(data)
     if mask is None:
-        mask = brain_mask_from_b0(np.where(finite, data, 0)[..., bvals == 0].mean(axis=-1))
+        mask = masks.brain_mask_from_b0(np.where(finite, data, 0)[..., bvals == 0].mean(axis=-1))
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != data.shape[:3]:
         raise InputError(f"mask: shape {mask.shape} does not match the DWI's spatial shape {data.shape[:3]}")
-    if denoise or gibbs:
+    if options.denoise or options.gibbs:
         clean = np.where(finite, data, 0.0)
-        if denoise:
+        if options.denoise:
             if progress:
                 progress(0.0, "MP-PCA denoising")
             clean = denoise_mppca(clean, mask=mask)
-        if gibbs:
+        if options.gibbs:
             if progress:
                 progress(0.0, "Gibbs-ringing removal")
             clean = remove_gibbs(clean)
         # DIPY's MP-PCA can leave NaN where a local PCA divides by zero: keep the original signal there.
         data = np.where(finite & np.isfinite(clean), clean, data)
     bvecs = dwi.bvecs_voxel
-    if average_b0s:
+    if options.average_b0:
         data, bvals, bvecs = average_b0(data, bvals, bvecs)
-    model = DKIModel(bvals, bvecs, fit_method=fit_method, dti_only=dti_only)
+    model = DKIModel(bvals, bvecs, fit_method=options.fit_method, dti_only=options.dti_only)
     fit = model.fit(data, mask=mask, progress=progress)
-    parameters = {
-        "fit_method": fit_method,
-        "denoise_mppca": bool(denoise),
-        "gibbs_removal": bool(gibbs),
-        "average_b0": bool(average_b0s),
+    details = {
         "shells": model.shells,
         "directions": model.n_directions,
         "kurtosis": model.kurtosis,
@@ -798,17 +786,4 @@ def reconstruct(
         "invalid_signals": fit.n_invalid_signals,
         "failed_voxels": fit.n_failed,
     }
-    return fit, mask, parameters
-
-
-def save_maps(out_dir, fit, mask, affine, names):
-    """Write each of `names` the fit has as ``<name>.nii.gz`` and the mask as ``mask.nii.gz`` (atomically, with
-    `affine`); return the paths written."""
-    paths = []
-    for name in names:
-        if name in fit.map_names:
-            paths.append(Path(out_dir) / f"{name}.nii.gz")
-            io.save_image(paths[-1], getattr(fit, name), affine, description=f"ALSQuant {name}")
-    paths.append(Path(out_dir) / "mask.nii.gz")
-    io.save_image(paths[-1], mask, affine, dtype=np.uint8)
-    return paths
+    return fit, mask, details

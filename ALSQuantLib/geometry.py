@@ -13,6 +13,8 @@ Conventions
 Nobody else transposes arrays or flips gradients.
 """
 
+import functools
+
 import numpy as np
 
 from .errors import InputError
@@ -277,3 +279,33 @@ def affine_from_itk(origin, spacing, direction):
     affine[:3, :3] = LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) * np.asarray(spacing, dtype=float)
     affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin, dtype=float)
     return _check_affine(affine, "ITK image geometry")
+
+
+GRID_TOLERANCE_MM = 1e-3
+"""Two affines describe the same grid when no entry differs by more than this (NIfTI stores them as float32)."""
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b):
+    """Whether two images share a voxel grid: the same spatial shape and affines equal to `GRID_TOLERANCE_MM`.
+
+    >>> same_grid((4, 4, 4), np.eye(4), (4, 4, 4, 7), np.eye(4) + 1e-5)
+    True
+    """
+    return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=GRID_TOLERANCE_MM)
+
+
+@functools.lru_cache(maxsize=16)
+def sphere_directions(n_directions, seed=1234):
+    """`n_directions` unit vectors spread over a hemisphere by electrostatic repulsion (DIPY), fixed by `seed`.
+
+    The result is cached and read-only.
+    """
+    from dipy.core.sphere import HemiSphere, disperse_charges
+
+    rng = np.random.default_rng(seed)
+    theta = np.arccos(rng.uniform(0.0, 1.0, n_directions))
+    phi = rng.uniform(0.0, 2 * np.pi, n_directions)
+    hemisphere, _ = disperse_charges(HemiSphere(theta=theta, phi=phi), 5000)
+    vertices = hemisphere.vertices.copy()
+    vertices.setflags(write=False)
+    return vertices

@@ -24,7 +24,6 @@ comes from the susceptibility through the dipole forward model (`ALSQuantLib.dip
 Susceptibility is in ppm relative to CSF.
 """
 
-import functools
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -384,21 +383,9 @@ def tissue_maps(labels, values=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Diffusion
 # ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
 def gradient_directions(n_directions, seed=1234):
-    """`n_directions` unit vectors spread over a hemisphere by electrostatic repulsion (DIPY), fixed by `seed`.
-
-    The result is cached and read-only.
-    """
-    from dipy.core.sphere import HemiSphere, disperse_charges
-
-    rng = np.random.default_rng(seed)
-    theta = np.arccos(rng.uniform(0.0, 1.0, n_directions))
-    phi = rng.uniform(0.0, 2 * np.pi, n_directions)
-    hemisphere, _ = disperse_charges(HemiSphere(theta=theta, phi=phi), 5000)
-    vertices = hemisphere.vertices.copy()
-    vertices.setflags(write=False)
-    return vertices
+    """`n_directions` gradient directions spread over a hemisphere (`geometry.sphere_directions`)."""
+    return geometry.sphere_directions(n_directions, seed)
 
 
 def acquisition_scheme(bvalues=(1000.0, 2500.0), n_directions=20, n_b0=2):

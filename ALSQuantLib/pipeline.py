@@ -18,43 +18,35 @@ import multiprocessing.connection
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
-from . import atlas as atlas_lib
-from . import dipole, dki, io, provenance, qsm
+from . import dipole, io, workflows
+from .atlas import LabelingOptions
+from .dki import DKIOptions
 from .errors import InputError
+from .qsm import QSMOptions
 
 log = logging.getLogger(__name__)
 
 MARKERS = {"cst_mk": ("CST", "mk"), "cst_md": ("CST", "md"), "cst_fa": ("CST", "fa"), "m1_ms": ("M1", "ms")}
 """The study's markers: column → (region, map). Each is the voxel-weighted mean of the region's left and right."""
 
+DKI_MAPS = ("mk", "fa", "md")
+"""The DKI maps a subject's run writes and measures."""
+STAGES = ("dki", "qsm", "label")
 COHORT_TABLE = "cohort.csv"
 FAILURES = "failures.json"
 
 
 @dataclass(frozen=True)
-class Options:
-    """Everything that shapes a subject's results (recorded in each stage's provenance)."""
+class SubjectOptions:
+    """Everything that shapes a subject's results: one options type per step (each recorded in its provenance)."""
 
-    atlas: str = "eve"
-    atlas_dir: str = None
-    atlas_sources: str = None
-    fit_method: str = "WLS"
-    denoise: bool = False
-    gibbs: bool = False
-    unwrap: str = "laplacian"
-    background: str = "vsharp"
-    inversion: str = "tv"
-    qsm_erosion_mm: float = 2.0
-    roi_erosion: int = 0
-    fa_threshold: float = 0.2
-    cortex_segmentation: bool = True
-    cortex_margin_mm: float = 3.0
-    seed: int = 0
+    dki: DKIOptions = field(default_factory=DKIOptions)
+    qsm: QSMOptions = field(default_factory=QSMOptions)
+    labeling: LabelingOptions = field(default_factory=LabelingOptions)
 
 
 @dataclass(frozen=True)
@@ -125,114 +117,6 @@ def _echo_number(path):
 # ----------------------------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------------------------
-def _normalised(obj):
-    """Parameters as JSON would give them back (tuples → lists, paths → strings), for comparison."""
-    if isinstance(obj, dict):
-        return {str(k): _normalised(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_normalised(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def stage_is_current(folder, parameters, inputs):
-    """Whether ``folder/provenance.json`` records these parameters and these inputs' checksums, and every output it
-    lists exists."""
-    record_path = Path(folder) / "provenance.json"
-    if not record_path.exists():
-        return False
-    try:
-        record = io.read_json(record_path)
-    except InputError:
-        return False
-    if record.get("parameters") != _normalised(parameters):
-        return False
-    recorded = record.get("inputs", {})
-    if set(recorded) != set(inputs):
-        return False
-    for name, path in inputs.items():
-        if recorded[name].get("sha256") != provenance.file_sha256(path):
-            return False
-    return all((Path(folder) / name).exists() for name in record.get("outputs", []))
-
-
-def run_stage(name, folder, parameters, inputs, compute):
-    """Run `compute(folder) → (output paths, details)` unless the stage is current; then record its provenance.
-
-    Returns True when the stage ran, False when it was skipped.
-    """
-    folder = Path(folder)
-    if stage_is_current(folder, parameters, inputs):
-        log.info("%s: current, skipped", name)
-        return False
-    record_path = folder / "provenance.json"
-    if record_path.exists():
-        record_path.unlink()  # a stale record must not vouch for half-rewritten outputs
-    start = time.perf_counter()
-    outputs, details = compute(folder)
-    seconds = time.perf_counter() - start
-    provenance.write(
-        record_path, name, parameters=_normalised(parameters), inputs=inputs, outputs=outputs, details={**details, "seconds": seconds}
-    )
-    log.info("%s: done in %.1f s", name, seconds)
-    return True
-
-
-def _dki_stage(inputs, options):
-    def compute(folder):
-        dwi = io.read_dwi(inputs.dwi, bval=inputs.bval, bvec=inputs.bvec)
-        fit, mask, details = dki.reconstruct(dwi, fit_method=options.fit_method, denoise=options.denoise, gibbs=options.gibbs)
-        return dki.save_maps(folder, fit, mask, dwi.affine, ("mk", "fa", "md")), details
-
-    parameters = {"fit_method": options.fit_method, "denoise": options.denoise, "gibbs": options.gibbs}
-    return parameters, {k: v for k, v in inputs.files().items() if not k.startswith("gre")}, compute
-
-
-def _qsm_stage(inputs, options):
-    def compute(folder):
-        gre = io.read_gre(
-            list(inputs.gre_magnitude), list(inputs.gre_phase), echo_times=inputs.echo_times, field_strength=inputs.field_strength
-        )
-        result = qsm.reconstruct_qsm(
-            gre, unwrap=options.unwrap, background=options.background, inversion=options.inversion, erosion_mm=options.qsm_erosion_mm
-        )
-        return qsm.save_result(folder, result, gre.affine), {**result.parameters, "timings_s": result.timings}
-
-    parameters = {
-        "unwrap": options.unwrap, "background": options.background, "inversion": options.inversion,
-        "erosion_mm": options.qsm_erosion_mm, "echo_times": inputs.echo_times, "field_strength": inputs.field_strength,
-    }  # fmt: skip
-    return parameters, {k: v for k, v in inputs.files().items() if k.startswith("gre")}, compute
-
-
-def _label_stage(inputs, options, dki_dir, qsm_dir):
-    atlas = atlas_lib.find_atlas(options.atlas, atlas_dir=options.atlas_dir, sources=options.atlas_sources)
-    dki_mask, qsm_mask = dki_dir / "mask.nii.gz", qsm_dir / "mask.nii.gz"
-    maps = {name: (dki_dir / f"{name}.nii.gz", dki_mask) for name in ("mk", "fa", "md")}
-    maps["ms"] = (qsm_dir / "susceptibility.nii.gz", qsm_mask)
-
-    def compute(folder):
-        valid = {path: io.load_image(path, ndim=3, what="mask")[0] > 0 for path in (dki_mask, qsm_mask)}
-        raw = {name: io.load_image(path, ndim=3, what=f"map {name}") for name, (path, _) in maps.items()}
-        # Voxels outside a map's own mask hold no value and are not measured.
-        measured = {name: (np.where(valid[maps[name][1]], data, np.nan), affine) for name, (data, affine) in raw.items()}
-        labeling = atlas_lib.label_subject(
-            *raw["fa"], atlas, list(atlas_lib.STUDY_MAPS), maps=measured,
-            gre_magnitude=io.load_image(inputs.gre_magnitude[0], ndim=(3, 4), what="GRE magnitude"),
-            cortex_segmentation=options.cortex_segmentation, cortex_margin_mm=options.cortex_margin_mm, erosion_voxels=options.roi_erosion,
-            fa_threshold=options.fa_threshold, seed=options.seed, subject=inputs.subject,
-        )  # fmt: skip
-        return atlas_lib.write_labeling(folder, labeling), {"flags": labeling.flags, "template_correlation": labeling.similarity}
-
-    parameters = {"atlas": atlas.name, "roi_erosion": options.roi_erosion, "fa_threshold": options.fa_threshold,
-                  "cortex_segmentation": options.cortex_segmentation, "cortex_margin_mm": options.cortex_margin_mm, "seed": options.seed}
-    files = {name: path for name, (path, _) in maps.items()}
-    files.update(dki_mask=dki_mask, qsm_mask=qsm_mask, gre_magnitude=inputs.gre_magnitude[0],
-                 atlas_template=atlas.template_fa or atlas.template, atlas_labels=atlas.labels)  # fmt: skip
-    return parameters, files, compute
-
-
 def markers_from_rows(rows):
     """The study's markers (`MARKERS`) from ROI statistics rows: each region's left and right means, weighted by
     their voxel counts; DKI maps in DWI space, susceptibility in GRE space."""
@@ -245,33 +129,56 @@ def markers_from_rows(rows):
     return out
 
 
-def run_subject(inputs, out_dir, options=Options(), *, group=""):
-    """Run DKI, QSM and labelling for one subject into `out_dir` (stages skipped when current).
+def run_subject(inputs, out_dir, options=None, *, group=""):
+    """Run DKI, QSM and labelling for one subject into `out_dir` (`ALSQuantLib.workflows`; current stages are
+    skipped), then write ``markers.json``.
+
+    Parameters
+    ----------
+    inputs : SubjectInputs
+    out_dir : path
+    options : SubjectOptions, optional
 
     Returns
     -------
     dict
         ``participant_id``, ``group``, the `MARKERS` columns, ``qc_passed`` and ``stages_run``.
     """
+    options = options or SubjectOptions()
     out_dir = Path(out_dir)
-    stage_dirs = [(out_dir / stage).resolve() for stage in ("dki", "qsm", "label")]
+    stage_dirs = [(out_dir / stage).resolve() for stage in STAGES]
     for path in inputs.files().values():
         if not path.exists():
             raise InputError(f"subject {inputs.subject}: input {path} does not exist")
         if any(folder in path.resolve().parents for folder in stage_dirs):
             raise InputError(f"subject {inputs.subject}: input {path} lies in an output folder of {out_dir}; choose another")
-    ran = []
-    stages = [("dki", _dki_stage(inputs, options)), ("qsm", _qsm_stage(inputs, options))]
-    for name, (parameters, stage_inputs, compute) in stages:
-        if run_stage(name, out_dir / name, parameters, stage_inputs, compute):
-            ran.append(name)
-    parameters, stage_inputs, compute = _label_stage(inputs, options, out_dir / "dki", out_dir / "qsm")
-    if run_stage("label", out_dir / "label", parameters, stage_inputs, compute):
-        ran.append("label")
+    dki_result = workflows.dki_step(inputs.dwi, out_dir / "dki", options.dki, bval=inputs.bval, bvec=inputs.bvec, maps=DKI_MAPS)
+    qsm_result = workflows.qsm_step(
+        list(inputs.gre_magnitude),
+        list(inputs.gre_phase),
+        out_dir / "qsm",
+        options.qsm,
+        echo_times=inputs.echo_times,
+        field_strength=inputs.field_strength,
+    )
+    dki_dir, qsm_dir = out_dir / "dki", out_dir / "qsm"
+    maps = {name: dki_dir / f"{name}.nii.gz" for name in DKI_MAPS if (dki_dir / f"{name}.nii.gz").exists()}
+    maps["ms"] = qsm_dir / "susceptibility.nii.gz"
+    masks = {name: (qsm_dir if name == "ms" else dki_dir) / "mask.nii.gz" for name in maps}
+    label_result = workflows.label_step(
+        dki_dir / "fa.nii.gz",
+        out_dir / "label",
+        options.labeling,
+        maps=maps,
+        map_masks=masks,
+        gre_magnitude=inputs.gre_magnitude[0],
+        subject=inputs.subject,
+    )
     rows = io.read_table(out_dir / "label" / "roi_stats.csv")
     quality = io.read_json(out_dir / "label" / "quality.json")
     result = {"participant_id": inputs.subject, "group": group, **markers_from_rows(rows), "qc_passed": bool(quality["passed"])}
     io.write_json(out_dir / "markers.json", result)
+    ran = [r.step for r in (dki_result, qsm_result, label_result) if r.ran]
     return {**result, "stages_run": ran}
 
 
@@ -373,7 +280,7 @@ def _bar(done, total, width=30):
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
-def run_cohort(dataset, out_dir, options=Options(), *, workers=None, scheduler=None, subjects=None, echo=print):
+def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, subjects=None, echo=print):
     """Every subject of `dataset`, in parallel; the cohort table ``cohort.csv`` (for `stats.read_cohort`) at the end.
 
     Parameters

@@ -1,5 +1,6 @@
 """Provenance that travels with every output: parameters, input checksums, software versions."""
 
+import dataclasses
 import datetime
 import hashlib
 import platform
@@ -7,7 +8,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__, io
+from . import __version__
 
 _PACKAGES = ("numpy", "scipy", "nibabel", "dipy", "SimpleITK", "antspyx", "scikit-learn", "pynrrd")
 
@@ -32,34 +33,31 @@ def versions():
     return found
 
 
-def record(step, *, parameters, inputs, outputs=(), details=None):
-    """A provenance record.
+def record(step, *, options, inputs, outputs=(), arguments=None, results=None):
+    """A step's provenance record.
 
     Parameters
     ----------
     step : str
-        What was done ("dki", "qsm", ...).
-    parameters : dict
-        Every option that shaped the result.
+        What was done ("dki", "qsm", "label").
+    options : dataclass instance
+        The step's options (`ALSQuantLib.options`): recorded as ``dataclasses.asdict(options)``.
     inputs : dict
         Name → path of each input file; each gets its SHA-256.
     outputs : iterable of path
-    details : dict, optional
-        What the step found or measured (counts, timings): recorded, but not part of its parameters.
+        As they should be recorded (the workflows give them relative to the step's folder).
+    arguments : dict, optional
+        Other values given to the step that shape its result (echo times given by hand, the maps asked for).
+    results : dict, optional
+        What the step found or measured (counts, timings): recorded, but not part of what it was asked to do.
     """
     return {
         "step": step,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "parameters": parameters,
+        "options": dataclasses.asdict(options),
+        "arguments": arguments or {},
         "inputs": {name: {"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for name, p in inputs.items()},
-        "outputs": [str(Path(p).name) for p in outputs],
-        "details": details or {},
+        "outputs": [str(p) for p in outputs],
+        "results": results or {},
         "versions": versions(),
     }
-
-
-def write(path, step, *, parameters, inputs, outputs=(), details=None):
-    """Write a provenance record (`record`) as JSON, atomically; return the record."""
-    rec = record(step, parameters=parameters, inputs=inputs, outputs=outputs, details=details)
-    io.write_json(path, rec)
-    return rec

@@ -36,14 +36,13 @@ Milovic C et al. XSIM: a structural similarity index measure optimized for MRI Q
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.fft
-from scipy import ndimage
 
-from . import dipole, geometry, io
+from . import dipole, geometry, io, masks
 from .errors import InputError
+from .options import check_choices, option
 from .progress import report as report_progress
 
 log = logging.getLogger(__name__)
@@ -214,32 +213,6 @@ def combine_echoes(phase, magnitude, echo_times, field_strength, *, mask=None, u
 # ----------------------------------------------------------------------------------------------------------------
 # Mask
 # ----------------------------------------------------------------------------------------------------------------
-def brain_mask(magnitude, voxel_size, *, erosion_mm=2.0):
-    """Brain mask from a (first-echo) magnitude.
-
-    Otsu's threshold on the magnitude smoothed by a 1-voxel Gaussian, the largest connected component, holes
-    filled (background components that do not touch the image border), then eroded by `erosion_mm` (exact
-    Euclidean distance, anisotropic voxels honoured) to drop the unreliable phase at the brain's edge.
-    """
-    from skimage.filters import threshold_otsu
-
-    magnitude = np.asarray(magnitude, dtype=np.float32)
-    if magnitude.ndim == 4:
-        magnitude = magnitude[..., 0]
-    smooth = ndimage.gaussian_filter(magnitude, sigma=1.0)
-    mask = smooth > threshold_otsu(smooth[::2, ::2, ::2])
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        raise InputError("magnitude: no brain found by thresholding; give a mask")
-    mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    background, _ = ndimage.label(~mask)
-    border = np.unique(np.concatenate([background[[0, -1]].ravel(), background[:, [0, -1]].ravel(), background[:, :, [0, -1]].ravel()]))
-    mask |= ~np.isin(background, border)
-    if erosion_mm > 0:
-        mask = ndimage.distance_transform_edt(mask, sampling=voxel_size) > erosion_mm
-    return mask
-
-
 def _ball(radius_mm, voxel_size):
     voxel_size = np.asarray(voxel_size, dtype=float)
     half = np.maximum(np.floor(radius_mm / voxel_size).astype(int), 0)
@@ -587,7 +560,7 @@ def _tv_admm(f, mask, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_fa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Referencing and metrics
+# Referencing
 # ----------------------------------------------------------------------------------------------------------------
 def reference(chi, mask, region=None):
     """Subtract the mean over `region` (a boolean mask, e.g. CSF), or over the whole `mask` when none is given."""
@@ -596,34 +569,6 @@ def reference(chi, mask, region=None):
     if not region.any():
         raise InputError("reference region: it has no voxels inside the brain mask")
     return np.where(mask, chi - chi[region].mean(), 0.0).astype(np.float32)
-
-
-def nrmse(chi, truth, mask):
-    """Normalised RMSE (%) inside the mask, each map demeaned there (susceptibility is relative)."""
-    a = chi[mask] - chi[mask].mean()
-    b = truth[mask] - truth[mask].mean()
-    return float(100 * np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def hfen(chi, truth, mask, sigma=1.5):
-    """High-frequency error norm (%): NRMSE of Laplacian-of-Gaussian-filtered maps (σ = 1.5 voxels)."""
-    a = ndimage.gaussian_laplace(np.where(mask, chi, 0).astype(np.float64), sigma)
-    b = ndimage.gaussian_laplace(np.where(mask, truth, 0).astype(np.float64), sigma)
-    return float(100 * np.linalg.norm((a - b)[mask]) / np.linalg.norm(b[mask]))
-
-
-def xsim(chi, truth, mask, *, k1=0.01, k2=0.001, dynamic_range=1.0, sigma=1.5):
-    """XSIM (Milovic 2025): SSIM with constants suited to susceptibility (L = 1 ppm, K₁ = 0.01, K₂ = 0.001),
-    Gaussian window σ = 1.5 voxels, averaged inside the mask."""
-    x = np.where(mask, chi, 0).astype(np.float64)
-    y = np.where(mask, truth, 0).astype(np.float64)
-    c1, c2 = (k1 * dynamic_range) ** 2, (k2 * dynamic_range) ** 2
-    mx, my = ndimage.gaussian_filter(x, sigma), ndimage.gaussian_filter(y, sigma)
-    sxx = ndimage.gaussian_filter(x * x, sigma) - mx**2
-    syy = ndimage.gaussian_filter(y * y, sigma) - my**2
-    sxy = ndimage.gaussian_filter(x * y, sigma) - mx * my
-    ssim = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(ssim[mask].mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,14 +587,23 @@ class QSMResult:
     timings: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class QSMOptions:
+    """The methods of the QSM chain (`reconstruct_qsm`)."""
+
+    unwrap: str = option("laplacian", "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image)", choices=UNWRAP_METHODS)
+    background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)
+    inversion: str = option("tv", "dipole inversion: TV (ADMM), TKD or CG", choices=INVERSION_METHODS)
+    mask_erosion_mm: float = option(
+        2.0, "erosion of the automatic brain mask", unit="mm", flag="--mask-erosion", aliases=("--erosion-mm",)
+    )
+
+
 def reconstruct_qsm(
     gre,
+    options=None,
     *,
     mask=None,
-    unwrap="laplacian",
-    background="vsharp",
-    inversion="tv",
-    erosion_mm=2.0,
     reference_region=None,
     inversion_options=None,
     background_options=None,
@@ -661,14 +615,15 @@ def reconstruct_qsm(
     ----------
     gre : io.GRE
         Magnitude, phase (any scaling), echo times (s), field strength (T), affine (for voxel size and B0).
+    options : QSMOptions, optional
+        The methods of `unwrap_phase`, `background_field_removal` and `dipole_inversion`, and the erosion of the
+        automatic mask (default `QSMOptions()`).
     mask : ndarray of bool, optional
-        Brain mask; default `brain_mask` on the first-echo magnitude.
-    unwrap, background, inversion : str
-        Methods of `unwrap_phase`, `background_field_removal`, `dipole_inversion`.
-    erosion_mm : float
-        Erosion of the automatic mask.
+        Brain mask; default `masks.brain_mask` on the first-echo magnitude.
     reference_region : ndarray of bool, optional
         Referencing region; default the whole brain mask (mean zero).
+    inversion_options, background_options : dict, optional
+        Further keyword arguments of `dipole_inversion` and `background_field_removal` (for experiments).
 
     Returns
     -------
@@ -676,6 +631,8 @@ def reconstruct_qsm(
     """
     import time
 
+    options = options or QSMOptions()
+    check_choices(options)
     timings = {}
 
     def step(name, fraction, func):
@@ -689,33 +646,31 @@ def reconstruct_qsm(
     b0 = gre.b0_direction
     phase, scaling = step("phase scaling", 0.0, lambda: scale_phase(gre.phase))
     if mask is None:
-        mask = step("brain mask", 0.1, lambda: brain_mask(gre.magnitude[..., 0], voxel_size, erosion_mm=erosion_mm))
+        mask = step(
+            "brain mask", 0.1, lambda: masks.brain_mask(gre.magnitude[..., 0], voxel_size, erosion_mm=options.mask_erosion_mm)
+        )
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != phase.shape[:3]:
         raise InputError(f"mask: shape {mask.shape} does not match the GRE's {phase.shape[:3]}")
     total = step(
         "unwrapping and echo combination",
         0.2,
-        lambda: combine_echoes(phase, gre.magnitude, gre.echo_times, gre.field_strength, mask=mask, unwrap=unwrap, voxel_size=voxel_size),
+        lambda: combine_echoes(phase, gre.magnitude, gre.echo_times, gre.field_strength, mask=mask, unwrap=options.unwrap, voxel_size=voxel_size),
     )
     local, local_mask = step(
         "background field removal",
         0.4,
-        lambda: background_field_removal(total, mask, voxel_size, b0, method=background, **(background_options or {})),
+        lambda: background_field_removal(total, mask, voxel_size, b0, method=options.background, **(background_options or {})),
     )
     chi = step(
         "dipole inversion",
         0.6,
-        lambda: dipole_inversion(local, local_mask, voxel_size, b0_direction=b0, method=inversion, **(inversion_options or {})),
+        lambda: dipole_inversion(local, local_mask, voxel_size, b0_direction=b0, method=options.inversion, **(inversion_options or {})),
     )
     chi = step("referencing", 0.95, lambda: reference(chi, local_mask, reference_region))
     report_progress(progress, 1.0, "QSM done", log)
     parameters = {
         "phase_scaling": scaling,
-        "unwrap": unwrap,
-        "background": background,
-        "inversion": inversion,
-        "erosion_mm": erosion_mm,
         "reference": "region" if reference_region is not None else "whole-brain mean",
         "echo_times_s": gre.echo_times.tolist(),
         "field_strength_t": gre.field_strength,
@@ -725,16 +680,3 @@ def reconstruct_qsm(
         "background_options": background_options or {},
     }
     return QSMResult(chi, local, total, local_mask, mask, parameters, timings)
-
-
-QSM_OUTPUTS = ("susceptibility", "local_field", "mask")
-
-
-def save_result(out_dir, result, affine):
-    """Write ``susceptibility.nii.gz`` (ppm), ``local_field.nii.gz`` (ppm) and ``mask.nii.gz`` atomically; return
-    the paths."""
-    paths = [Path(out_dir) / f"{name}.nii.gz" for name in QSM_OUTPUTS]
-    io.save_image(paths[0], result.susceptibility, affine, description="ALSQuant chi ppm")
-    io.save_image(paths[1], result.local_field, affine, description="ALSQuant local field ppm")
-    io.save_image(paths[2], result.mask, affine, dtype=np.uint8)
-    return paths

@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 
-from ALSQuantLib import atlas, dki, geometry, phantom, qsm
+from ALSQuantLib import atlas, dki, geometry, metrics, phantom
+from ALSQuantLib.masks import brain_mask, grey_matter_mask
 
 MARGINS_MM = (0.0, 3.0, 4.0)
 
@@ -37,7 +38,7 @@ def measure(seed, config, template):
         rows = atlas.roi_statistics({m: subject.truth_dwi[m] for m in ("mk", "md")}, masks, fa=fit.fa, erosion_voxels=erosion)
         cst[erosion] = [100 * (r["mean"] / subject.values[f"cst_{r['map']}"] - 1) for r in rows]
     voxel_size = geometry.voxel_sizes(subject.gre.affine)
-    grey = atlas.grey_matter_mask(magnitude, qsm.brain_mask(magnitude, voxel_size))
+    grey = grey_matter_mask(magnitude, brain_mask(magnitude, voxel_size))
     m1 = {margin: [] for margin in MARGINS_MM}
     for value in phantom.REGIONS["M1"]:
         region = (gre == value) & grey
@@ -45,7 +46,7 @@ def measure(seed, config, template):
             core = atlas.cortex_core(region, grey, voxel_size, margin)
             core = core if core.any() else region
             m1[margin].append((100 * (subject.truth_gre["chi"][core].mean() / subject.values["m1_chi"] - 1), int(core.sum())))
-    dice = [atlas.dice(dwi == v, subject.truth_dwi["label"] == v) for v in phantom.REGIONS["CST"]]
+    dice = [metrics.dice(dwi == v, subject.truth_dwi["label"] == v) for v in phantom.REGIONS["CST"]]
     return cst, m1, dice
 
 

@@ -21,7 +21,7 @@ from ALSQuantLib import io, phantom
 CHILD = """
 import sys, time
 import numpy as np
-from ALSQuantLib import atlas, io
+from ALSQuantLib import atlas, io, metrics
 folder = sys.argv[1]
 fa, fa_affine = io.load_image(folder + "/fa.nii.gz")
 template, template_affine = io.load_image(folder + "/template_fa.nii.gz")
@@ -32,7 +32,7 @@ registration = atlas.register(fa, fa_affine, template, template_affine, random_s
 moved = atlas.propagate_labels(labels.astype(int), template_affine, fa.shape, fa_affine, registration)
 seconds = time.perf_counter() - start
 registration.cleanup()
-dice = [atlas.dice(moved == v, truth == v) for v in (4, 5, 6, 7)]
+dice = [metrics.dice(moved == v, truth == v) for v in (4, 5, 6, 7)]
 print(seconds, *dice)
 """
 

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ALSQuantLib.atlas import LabelingOptions
 from ALSQuantLib import io, phantom, pipeline
 
 
@@ -21,7 +22,7 @@ def study_subject(folder):
     start = time.perf_counter()
     phantom.simulate_cohort(folder / "ds", 1, seed=5, config=phantom.PhantomConfig.study())
     print(f"study-resolution subject simulated in {time.perf_counter() - start:.0f} s")
-    options = pipeline.Options(atlas="phantom", atlas_dir=str(folder / "ds" / phantom.TRUTH_DIR / "template"))
+    options = pipeline.SubjectOptions(labeling=LabelingOptions(atlas="phantom", atlas_dir=str(folder / "ds" / phantom.TRUTH_DIR / "template")))
     inputs = pipeline.find_subject(folder / "ds", "sub-01")
     start = time.perf_counter()
     pipeline.run_subject(inputs, folder / "out", options)
@@ -38,7 +39,7 @@ def study_subject(folder):
 
 def cohort_times(folder):
     phantom.simulate_cohort(folder / "ds", 20, seed=6)
-    options = pipeline.Options(atlas="phantom", atlas_dir=str(folder / "ds" / phantom.TRUTH_DIR / "template"))
+    options = pipeline.SubjectOptions(labeling=LabelingOptions(atlas="phantom", atlas_dir=str(folder / "ds" / phantom.TRUTH_DIR / "template")))
     subjects = [f"sub-{i:02d}" for i in range(1, 21)]
     seconds = {}
     for label, n, workers in (("5 subjects, 1 process", 5, 1), ("5 subjects, 2 processes", 5, 2), ("20 subjects, 2 processes", 20, 2)):

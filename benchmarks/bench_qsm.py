@@ -32,7 +32,7 @@ gre = io.read_gre(folder + "/mag.nii.gz", folder + "/phase.nii.gz", echo_times=[
 report = {"read_peak_gib": peak_gib()}
 for inversion in ("tv", "tkd"):
     start = time.perf_counter()
-    result = qsm.reconstruct_qsm(gre, inversion=inversion)
+    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(inversion=inversion))
     report[inversion] = {"total_s": time.perf_counter() - start, "steps_s": result.timings}
 report["peak_gib"] = peak_gib()
 print(json.dumps(report))

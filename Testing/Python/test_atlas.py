@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from ALSQuantLib import atlas, cli, dki, geometry, io, phantom, qsm
+from ALSQuantLib import atlas, cli, dki, geometry, io, masks, metrics, phantom
 from ALSQuantLib.errors import InputError
 
 CONFIG = phantom.PhantomConfig()
@@ -197,14 +197,14 @@ def test_grey_matter_mask_is_the_middle_class_whatever_the_contrast(order):
     image = np.asarray(order)[tissue] + rng.normal(0, order[0] / 40, tissue.shape)
     mask = np.ones(tissue.shape, bool)
     mask[:, :2] = False  # background left out of the brain mask stays out of the grey matter
-    gm = atlas.grey_matter_mask(image, mask)
+    gm = masks.grey_matter_mask(image, mask)
     assert np.array_equal(gm, (tissue == 1) & mask)
-    assert np.array_equal(atlas.grey_matter_mask(image, mask), gm)  # the same input gives the same mask
-    assert np.array_equal(atlas.grey_matter_mask(image * 4e-4, mask), gm)  # at any scale (a real GRE came at 4e-4)
+    assert np.array_equal(masks.grey_matter_mask(image, mask), gm)  # the same input gives the same mask
+    assert np.array_equal(masks.grey_matter_mask(image * 4e-4, mask), gm)  # at any scale (a real GRE came at 4e-4)
     with pytest.raises(InputError, match="mask shape"):
-        atlas.grey_matter_mask(image, mask[:-1])
+        masks.grey_matter_mask(image, mask[:-1])
     with pytest.raises(InputError, match="expected a brain image"):
-        atlas.grey_matter_mask(np.ones(tissue.shape), mask)
+        masks.grey_matter_mask(np.ones(tissue.shape), mask)
 
 
 @pytest.mark.parametrize("voxel_mm, kept", [(1.0, range(13, 27)), (2.0, range(11, 29))])
@@ -240,8 +240,8 @@ def test_propagated_labels_match_the_phantom_truth(registered_subject, capsys):
     scores = {}
     for region, values in phantom.REGIONS.items():
         for value in values:
-            scores[(region, value, "dwi")] = atlas.dice(labels_dwi == value, subject.truth_dwi["label"] == value)
-            scores[(region, value, "gre")] = atlas.dice(labels_gre == value, subject.truth_gre["label"] == value)
+            scores[(region, value, "dwi")] = metrics.dice(labels_dwi == value, subject.truth_dwi["label"] == value)
+            scores[(region, value, "gre")] = metrics.dice(labels_gre == value, subject.truth_gre["label"] == value)
     with capsys.disabled():
         print("\n  Dice:", ", ".join(f"{r} {v} {s} {d:.2f}" for (r, v, s), d in scores.items()))
         print(f"  template correlation after registration {registration.similarity:.3f}")
@@ -259,9 +259,9 @@ def test_grey_matter_restricts_the_propagated_m1_to_the_cortex(registered_subjec
     neighbouring cortex."""
     subject, fit, template, registration, labels_dwi, labels_gre = registered_subject
     magnitude, truth = subject.gre.magnitude[..., 0], subject.truth_gre["label"]
-    gm = atlas.grey_matter_mask(magnitude, qsm.brain_mask(magnitude, geometry.voxel_sizes(subject.gre.affine)))
-    gm_dice = atlas.dice(gm, np.isin(truth, (phantom.GM, *phantom.REGIONS["M1"])))
-    m1 = {value: (atlas.dice(labels_gre == value, truth == value), atlas.dice((labels_gre == value) & gm, truth == value)) for value in phantom.REGIONS["M1"]}
+    gm = masks.grey_matter_mask(magnitude, masks.brain_mask(magnitude, geometry.voxel_sizes(subject.gre.affine)))
+    gm_dice = metrics.dice(gm, np.isin(truth, (phantom.GM, *phantom.REGIONS["M1"])))
+    m1 = {value: (metrics.dice(labels_gre == value, truth == value), metrics.dice((labels_gre == value) & gm, truth == value)) for value in phantom.REGIONS["M1"]}
     with capsys.disabled():
         print(f"\n  grey matter Dice {gm_dice:.3f}; M1 Dice (propagated, in grey matter):", {v: tuple(round(d, 3) for d in ds) for v, ds in m1.items()})
     assert gm_dice > 0.95  # the phantom's GRE has no partial volume: 1.00 measured
@@ -383,10 +383,10 @@ def test_eve_registered_to_mni_agrees_with_harvard_oxford_and_jhu(shared_data, c
         labels = atlas.propagate_labels(eve_labels.astype(int), eve_labels_affine, mni.shape, mni_affine, registration)
     finally:
         registration.cleanup()
-    precentral = atlas.dice(np.isin(labels, (6, 94)), ho == 7)
-    cst = atlas.dice(np.isin(labels, (29, 117)), np.isin(jhu, (7, 8)))
-    left, right = atlas.dice(labels == 29, jhu == 8), atlas.dice(labels == 117, jhu == 7)
-    swapped = atlas.dice(labels == 29, jhu == 7)
+    precentral = metrics.dice(np.isin(labels, (6, 94)), ho == 7)
+    cst = metrics.dice(np.isin(labels, (29, 117)), np.isin(jhu, (7, 8)))
+    left, right = metrics.dice(labels == 29, jhu == 8), metrics.dice(labels == 117, jhu == 7)
+    swapped = metrics.dice(labels == 29, jhu == 7)
     with capsys.disabled():
         print(f"\n  Eve -> MNI152: correlation {registration.similarity:.3f}; Dice precentral gyrus vs Harvard-Oxford "
               f"{precentral:.2f}; CST vs JHU-ICBM {cst:.2f} (left {left:.2f}, right {right:.2f})")

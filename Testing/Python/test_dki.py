@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ALSQuantLib import cli, dki, io, phantom, provenance
+from ALSQuantLib.masks import brain_mask_from_b0
 from ALSQuantLib.errors import InputError
 
 BVALS, BVECS = phantom.acquisition_scheme()  # the study's protocol: b = 0 (x2), 1000, 2500; 20 directions
@@ -237,7 +238,7 @@ SMALL = phantom.PhantomConfig(dwi_shape=(40, 48, 36), dwi_voxel_size=(3.5, 3.5, 
 def test_reconstruct_phantom_subject_recovers_cst_truth():
     subject = phantom.simulate_subject("ALS", 21, phantom.with_overrides(SMALL, snr_dwi=60))
     labels = subject.truth_dwi["label"]
-    fit, mask, parameters = dki.reconstruct(subject.dwi, fit_method="WLS")
+    fit, mask, parameters = dki.reconstruct(subject.dwi, dki.DKIOptions(fit_method="WLS"))
     brain = labels > 0
     dice = 2 * np.sum(mask & brain) / (mask.sum() + brain.sum())
     assert dice > 0.9
@@ -255,7 +256,7 @@ def test_mppca_denoising_brings_maps_closer_to_truth():
     truth = subject.truth_dwi["mk"]
     errors = {}
     for denoise in (False, True):
-        fit, _, _ = dki.reconstruct(subject.dwi, mask=labels > 0, denoise=denoise)
+        fit, _, _ = dki.reconstruct(subject.dwi, dki.DKIOptions(denoise=denoise), mask=labels > 0)
         errors[denoise] = np.sqrt(np.mean((fit.mk[wm] - truth[wm]) ** 2))
     assert errors[True] < 0.8 * errors[False], errors
 
@@ -285,7 +286,7 @@ def test_real_dwi_agrees_with_dipy_wls(shared_data, folder, record_property):
     image = next(p for p in base.glob("*.nii.gz") if "mask" not in p.name)
     dwi = io.read_dwi(image, bval=next(base.glob("*.bval")), bvec=next(base.glob("*.bvec")))
     masks = list(base.glob("*mask*.nii.gz"))
-    mask = io.load_image(masks[0])[0] > 0 if masks else dki.brain_mask_from_b0(dwi.data[..., dwi.bvals < 50].mean(-1))
+    mask = io.load_image(masks[0])[0] > 0 if masks else brain_mask_from_b0(dwi.data[..., dwi.bvals < 50].mean(-1))
     bvals = dki.round_bvals(dwi.bvals)
     ours = dki.DKIModel(bvals, dwi.bvecs_voxel, fit_method="WLS").fit(dwi.data, mask=mask)
     with warnings.catch_warnings():
@@ -318,7 +319,7 @@ def test_dki_command_writes_maps_with_input_geometry_and_provenance(tmp_path, su
     cst = np.isin(subject.truth_dwi["label"], phantom.REGIONS["CST"])
     assert np.median(mk[cst]) == pytest.approx(subject.values["cst_mk"], abs=0.03)
     record = io.read_json(out / "provenance.json")
-    assert record["step"] == "dki" and record["parameters"]["fit_method"] == "WLS"
+    assert record["step"] == "dki" and record["options"]["fit_method"] == "WLS"
     assert record["inputs"]["dwi"]["sha256"] == provenance.file_sha256(dwi_path)
     assert "dipy" in record["versions"] and record["outputs"] == ["mk.nii.gz", "fa.nii.gz", "md.nii.gz", "mask.nii.gz"]
 

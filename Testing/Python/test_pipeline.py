@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from ALSQuantLib import cli, io, phantom, pipeline, provenance
+from ALSQuantLib.atlas import LabelingOptions
+from ALSQuantLib.qsm import QSMOptions
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,9 @@ def cohort(tmp_path_factory):
     return folder, {row["participant_id"]: row for row in rows}
 
 
-def _options(folder, **changes):
-    return pipeline.Options(atlas="phantom", atlas_dir=str(folder / phantom.TRUTH_DIR / "template"), **changes)
+def _options(folder, **qsm_changes):
+    labeling = LabelingOptions(atlas="phantom", atlas_dir=str(folder / phantom.TRUTH_DIR / "template"))
+    return pipeline.SubjectOptions(qsm=QSMOptions(**qsm_changes), labeling=labeling)
 
 
 def _checksums(folder):

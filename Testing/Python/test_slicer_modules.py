@@ -290,10 +290,11 @@ def test_cmake_lists_name_every_module_file(module):
 def test_top_level_cmake_adds_every_module_and_the_library():
     text = (PROJECT_ROOT / "CMakeLists.txt").read_text()
     assert set(re.findall(r"add_subdirectory\(ALSQuant/(\w+)\)", text)) == set(MODULE_NAMES)
-    listed = set(re.findall(r"^\s+(ALSQuantLib/\w+\.py)\s*$", text, flags=re.M))
-    assert listed == {f"ALSQuantLib/{p.name}" for p in (PROJECT_ROOT / "ALSQuantLib").glob("*.py")}
-    resources = set(re.findall(r"^\s+(ALSQuantLib/\w+\.json)\s*$", text, flags=re.M))
-    assert resources == {f"ALSQuantLib/{p.name}" for p in (PROJECT_ROOT / "ALSQuantLib").glob("*.json")} and resources
+    listed = set(re.findall(r"^\s+(ALSQuantLib/[\w/]+\.py)\s*$", text, flags=re.M))
+    library = PROJECT_ROOT / "ALSQuantLib"
+    assert listed == {f"ALSQuantLib/{p.relative_to(library)}" for p in library.rglob("*.py")}
+    resources = set(re.findall(r"^\s+(ALSQuantLib/[\w/]+\.json)\s*$", text, flags=re.M))
+    assert resources == {f"ALSQuantLib/{p.relative_to(library)}" for p in library.rglob("*.json")} and resources
 
 
 @pytest.mark.parametrize("module", MODULE_NAMES)

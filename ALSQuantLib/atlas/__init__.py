@@ -1,0 +1,70 @@
+"""Atlas labelling with ANTs and automatic ROI measurement.
+
+Atlases are data, not code: an atlas is a template image, a label image and a label table (names, colours).
+Regions are data too: a named set of labels of one atlas, per side (e.g. ``CST`` = Eve labels 29 left, 117 right).
+
+The study's approach: the subject is registered to the atlas template (rigid → affine → SyN, antspyx), and the
+*inverse* transform brings the atlas labels into the subject's own space (generic-label interpolation), where the
+maps are measured.
+
+No atlas file is shipped: users point to their own files, or they are found in an FSL installation
+(``$FSLDIR/data/atlases``), or downloaded once from their official source with a SHA-256 check into a cache.
+
+The package, by job: `tables` (label tables), `definitions` (built-in atlases and regions, ``atlases.json``),
+`sources` (folders, FSL, downloads and the cache, ``sources.json``), `registration` (ANTs), `measure` (region
+masks, ROI statistics, the cortex core, quality flags) and `labeling` (`LabelingOptions` and `label_subject`).
+"""
+
+from .definitions import BUILTIN_ATLASES, STUDY_MAPS, Atlas, AtlasDefinition, Region, label_json_regions, load_regions_json
+from .labeling import ATLAS_SOURCES_HELP, Labeling, LabelingOptions, atlas_for, label_subject
+from .measure import (
+    cortex_core,
+    quality_flags,
+    region_masks,
+    region_values,
+    roi_statistics,
+    split_labels_by_hemisphere,
+    volume_ratios,
+)
+from .registration import Registration, from_ants, propagate_labels, register, to_ants
+from .sources import OFFICIAL, default_cache_dir, fetch, fetch_atlas, find_atlas, official_sources, table_names
+from .tables import LabelTable, read_color_table, read_fsl_xml, read_index_table, read_label_table
+
+__all__ = [
+    "ATLAS_SOURCES_HELP",
+    "BUILTIN_ATLASES",
+    "OFFICIAL",
+    "STUDY_MAPS",
+    "Atlas",
+    "AtlasDefinition",
+    "LabelTable",
+    "Labeling",
+    "LabelingOptions",
+    "Region",
+    "Registration",
+    "atlas_for",
+    "cortex_core",
+    "default_cache_dir",
+    "fetch",
+    "fetch_atlas",
+    "find_atlas",
+    "from_ants",
+    "label_json_regions",
+    "label_subject",
+    "load_regions_json",
+    "official_sources",
+    "propagate_labels",
+    "quality_flags",
+    "read_color_table",
+    "read_fsl_xml",
+    "read_index_table",
+    "read_label_table",
+    "region_masks",
+    "region_values",
+    "register",
+    "roi_statistics",
+    "split_labels_by_hemisphere",
+    "table_names",
+    "to_ants",
+    "volume_ratios",
+]

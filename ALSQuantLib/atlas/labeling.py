@@ -1,0 +1,289 @@
+"""The labelling of one subject, as named steps: check every input and grid, find the grey matter, register and
+propagate the labels, restrict cortex regions, measure, and judge the registration."""
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import geometry, io, masks
+from ..errors import InputError
+from ..options import check_choices, option
+from ..progress import report as report_progress
+from .definitions import BUILTIN_ATLASES, load_regions_json
+from .measure import (
+    cortex_core,
+    quality_flags,
+    region_masks,
+    region_values,
+    roi_statistics,
+    split_labels_by_hemisphere,
+    volume_ratios,
+)
+from .registration import propagate_labels, register
+from .sources import find_atlas
+from .tables import LabelTable
+
+log = logging.getLogger(__name__)
+
+ATLAS_SOURCES_HELP = (
+    "JSON naming a URL and SHA-256 for each atlas file, or 'official' for the addresses built in (harvard-oxford, "
+    "from FSL: non-commercial licence): files missing locally are downloaded once into the cache "
+    "($ALSQUANT_CACHE, default ~/.cache/alsquant) and checked"
+)
+
+
+@dataclass(frozen=True)
+class LabelingOptions:
+    """Which atlas, which regions, and how they are measured (`label_subject`)."""
+
+    atlas: str = option("eve", "built-in atlas", choices=tuple(BUILTIN_ATLASES))
+    atlas_dir: str = option(None, "folder holding the atlas files (default: $FSLDIR/data/atlases)", path=True)
+    atlas_sources: str = option(None, ATLAS_SOURCES_HELP, path=True)
+    template: str = option(None, "template image overriding the atlas's", path=True)
+    regions_json: str = option(None, "your own region definitions (JSON) instead of the atlas's", path=True)
+    reference_contrast: str = option(
+        "FA",
+        "contrast of the reference: FA registers to the atlas's FA template when it has one, else to its T1w",
+        choices=("FA", "T1w"),
+    )
+    rois: tuple = option(("CST", "M1"), "regions to measure, separated by commas")
+    erosion_voxels: int = option(
+        0, "erode region masks by this many voxels before measuring", unit="voxels", flag="--roi-erosion", aliases=("--erosion",)
+    )
+    fa_threshold: float = option(0.2, "white-matter regions keep voxels with FA at least this (needs an FA map)")
+    cortex_segmentation: bool = option(
+        True,
+        "restrict cortex regions (M1) on the GRE grid to the grey matter segmented from the GRE magnitude",
+        flag="--no-cortex-segmentation",
+    )
+    cortex_margin_mm: float = option(
+        3.0,
+        "measure cortex regions only farther than this from the grey matter around them (0: whole)",
+        unit="mm",
+        flag="--cortex-margin",
+    )
+    seed: int = option(0, "random seed of the registration and the grey-matter segmentation")
+
+
+def atlas_for(options):
+    """The atlas that `options` name, resolved to files (`find_atlas`), with the regions of ``regions_json`` if given."""
+    check_choices(options)
+    atlas = find_atlas(
+        options.atlas, atlas_dir=options.atlas_dir, template=options.template, sources=options.atlas_sources
+    )
+    if options.regions_json:
+        atlas.regions = load_regions_json(options.regions_json, atlas.name)
+    return atlas
+
+
+@dataclass
+class Labeling:
+    """Output of `label_subject`.
+
+    ``label_images``: space ("reference", "gre") → (label image, affine), split-hemisphere regions' right halves as
+    value + 1000; ``table``: the label table naming those values; ``rows``: `roi_statistics` rows with ``space`` and
+    ``qc_passed``; ``ratios``: (region, side) → volume / template volume; ``flags``: quality warnings;
+    ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, then SyN warps), if asked;
+    ``grey_matter``: space → (mask, affine) of the grey matter that cortex regions were restricted to.
+    """
+
+    label_images: dict
+    table: LabelTable
+    rows: list
+    ratios: dict
+    flags: list
+    similarity: float
+    transforms: list = field(default_factory=list)
+    grey_matter: dict = field(default_factory=dict)
+
+    @property
+    def passed(self):
+        return not self.flags
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The steps
+# ----------------------------------------------------------------------------------------------------------------
+def _check_inputs(reference, reference_affine, atlas, rois, maps, gre_magnitude, tissue_mask):
+    """Every region, map and mask checked before anything is computed; returns the grids (space → shape, affine)
+    and the GRE magnitude's first echo."""
+    if np.asarray(reference).ndim != 3:
+        raise InputError(f"reference: expected a 3D image, got shape {np.shape(reference)}")
+    for roi in rois:
+        atlas.region(roi)
+    grids = {"reference": (reference.shape, reference_affine)}
+    gre = None
+    if gre_magnitude is not None:
+        gre, gre_affine = gre_magnitude
+        gre = gre[..., 0] if gre.ndim == 4 else gre
+        grids["gre"] = (gre.shape, gre_affine)
+
+    def on_a_grid(image):
+        return any(geometry.same_grid(np.shape(image[0]), image[1], *grid) for grid in grids.values())
+
+    unmatched = sorted(name for name, image in maps.items() if not on_a_grid(image))
+    if unmatched:
+        raise InputError(f"map(s) {', '.join(unmatched)}: on neither the reference's nor the GRE's grid")
+    if tissue_mask is not None and not on_a_grid(tissue_mask):
+        raise InputError(f"tissue mask {np.shape(tissue_mask[0])}: on neither the reference's nor the GRE's grid")
+    return grids, gre
+
+
+def _grey_matter(options, atlas, gre, gre_affine, tissue_mask):
+    """The grey matter that cortex regions are restricted to: the mask given, else segmented from the GRE
+    magnitude (when asked and a cortex region is measured), else None."""
+    if tissue_mask is not None:
+        return np.asarray(tissue_mask[0]) > 0, tissue_mask[1]
+    wanted = options.cortex_segmentation and any(atlas.region(r).kind == "cortex" for r in options.rois)
+    if gre is None or not wanted:
+        return None
+    brain = masks.brain_mask(gre, geometry.voxel_sizes(gre_affine))
+    return masks.grey_matter_mask(gre, brain, seed=options.seed), gre_affine
+
+
+def _register_and_propagate(reference, reference_affine, atlas, labels, labels_affine, options, gre, gre_affine,
+                            keep_transforms, progress):  # fmt: skip
+    """Register the reference to the template, bring the labels to the reference's (and the GRE's) grid; return
+    (space → (labels, affine), template correlation, kept transform files)."""
+    use_fa = options.reference_contrast == "FA" and atlas.template_fa is not None
+    template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
+    report_progress(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", log)
+    registration = register(reference, reference_affine, template, template_affine, random_seed=options.seed)
+    link = None
+    try:
+        propagated = propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration)
+        label_images = {"reference": (propagated, reference_affine)}
+        if gre is not None:
+            report_progress(progress, 0.8, "linking the GRE to the reference (rigid)", log)
+            link = register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=options.seed)
+            propagated = propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link)
+            label_images["gre"] = (propagated, gre_affine)
+        kept = []
+        if keep_transforms is not None:
+            Path(keep_transforms).mkdir(parents=True, exist_ok=True)
+            for path in registration.forward:
+                kept.append(Path(keep_transforms) / Path(path).name)
+                with io.atomic_path(kept[-1]) as tmp:
+                    shutil.copyfile(path, tmp)
+        return label_images, registration.similarity, kept
+    finally:
+        registration.cleanup()
+        if link is not None:
+            link.cleanup()
+
+
+def _label_table(atlas, labels):
+    """The atlas's table, with the right halves of split-hemisphere regions (value + 1000) named ``*_right``."""
+    table = LabelTable(dict(atlas.table.entries))
+    for value in np.unique(labels[labels >= 1000]):
+        name, rgb = table.entries.get(int(value) - 1000, (f"label_{int(value) - 1000}", (128, 128, 128)))
+        table.entries[int(value)] = (f"{name}_right", rgb)
+    return table
+
+
+def _restrict_cortex(atlas, label_image, region_masks_here, grey, voxel_size, margin_mm, space):
+    """Cortex regions kept in grey matter: the written labels keep the region in grey matter whole, the measured
+    masks keep its core (`cortex_core`). Returns (labels, measured masks, regions left without grey matter)."""
+    label_image = label_image.copy()
+    measured, emptied = dict(region_masks_here), []
+    for (region, side), mask in region_masks_here.items():
+        if atlas.region(region).kind != "cortex":
+            continue
+        label_image[mask & ~grey] = 0
+        in_grey = mask & grey
+        if not in_grey.any():
+            emptied.append(f"{region} {side} has no grey-matter voxel in {space} space")
+        core = cortex_core(in_grey, grey, voxel_size, margin_mm)
+        measured[(region, side)] = core if core.any() else in_grey
+    return label_image, measured, emptied
+
+
+def label_subject(
+    reference,
+    reference_affine,
+    atlas,
+    options=None,
+    *,
+    maps=None,
+    gre_magnitude=None,
+    tissue_mask=None,
+    subject="",
+    keep_transforms=None,
+    progress=None,
+):
+    """Register the subject to the atlas, bring the regions back, and measure the maps in them.
+
+    Parameters
+    ----------
+    reference : ndarray, 3D
+        The subject's reference in DWI space: FA (registered to the atlas's FA template when it has one, else to
+        its T1w template) or a T1-like image (`LabelingOptions.reference_contrast` ``"T1w"``).
+    reference_affine : ndarray, (4, 4)
+    atlas : Atlas
+        Resolved atlas (`atlas_for`, `find_atlas`).
+    options : LabelingOptions, optional
+        Regions, erosion, FA threshold, cortex handling and seed (default `LabelingOptions()`).
+    maps : dict name → (ndarray, affine), optional
+        Maps to measure, each on the reference's grid or on the GRE's.
+    gre_magnitude : (ndarray, affine), optional
+        GRE magnitude (first echo if 4D): rigidly linked to the reference, the labels are also brought onto its grid.
+    tissue_mask : (ndarray, affine), optional
+        Grey-matter mask on either grid: cortex regions (their label voxels and so their statistics) keep only its
+        voxels. Without one, and with ``options.cortex_segmentation``, the grey matter of the GRE magnitude is
+        segmented (`masks.grey_matter_mask` inside its brain mask): a propagated cortical ribbon misplaced by a
+        voxel spills into CSF or white matter, which this removes. With grey matter, cortex regions are measured
+        only farther than ``options.cortex_margin_mm`` from the grey matter around them (`cortex_core`).
+    keep_transforms : path, optional
+        Folder to copy the registration's transform files into (else they are deleted).
+
+    Returns
+    -------
+    Labeling
+    """
+    options = options or LabelingOptions()
+    maps = maps or {}
+    rois = list(options.rois)
+    grids, gre = _check_inputs(reference, reference_affine, atlas, rois, maps, gre_magnitude, tissue_mask)
+    gre_affine = grids.get("gre", (None, None))[1]
+    grey = _grey_matter(options, atlas, gre, gre_affine, tissue_mask)
+    raw_labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
+    raw_labels = raw_labels.astype(np.int32)
+    labels = split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
+    label_images, similarity, kept = _register_and_propagate(
+        reference, reference_affine, atlas, labels, labels_affine, options, gre, gre_affine, keep_transforms, progress
+    )
+    template_masks = region_masks(raw_labels, labels_affine, atlas, rois)
+    kinds = {r: atlas.region(r).kind for r in rois}
+    rows, ratios, grey_matter, emptied, written = [], {}, {}, [], {}
+    for space, (label_image, affine) in label_images.items():
+        shape = grids[space][0]
+        region_masks_here = {key: np.isin(label_image, region_values(atlas, *key)) for key in template_masks}
+        if space == "reference":
+            ratios = volume_ratios(region_masks_here, affine, template_masks, labels_affine)
+        measured = region_masks_here
+        if grey is not None and geometry.same_grid(grey[0].shape, grey[1], shape, affine):
+            grey_matter[space] = grey
+            label_image, measured, lost = _restrict_cortex(
+                atlas, label_image, region_masks_here, grey[0], geometry.voxel_sizes(affine), options.cortex_margin_mm, space
+            )
+            emptied += lost
+        written[space] = (label_image, affine)
+        here = {name: image for name, (image, image_affine) in maps.items() if geometry.same_grid(image.shape, image_affine, shape, affine)}
+        statistics = roi_statistics(
+            here,
+            measured,
+            subject=subject,
+            erosion_voxels=options.erosion_voxels,
+            fa=here.get("fa"),
+            fa_threshold=options.fa_threshold,
+            kinds=kinds,
+        )
+        rows += [{**row, "space": space} for row in statistics]
+    flags = quality_flags(similarity, ratios) + emptied
+    for row in rows:
+        row["qc_passed"] = not flags
+    report_progress(progress, 1.0, "labelling done", log)
+    return Labeling(written, _label_table(atlas, labels), rows, ratios, flags, similarity, kept, grey_matter)

@@ -1,0 +1,82 @@
+"""Brain and tissue masks: from a DWI's b = 0 image, from a GRE magnitude, and grey matter by intensity classes.
+
+Every mask is a boolean array on the grid of the image it comes from.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+
+
+def brain_mask_from_b0(b0, *, median_radius=2, numpass=2):
+    """Brain mask from a mean b = 0 image by DIPY's ``median_otsu``."""
+    from dipy.segment.mask import median_otsu
+
+    b0 = np.asarray(b0, dtype=np.float32)
+    if b0.ndim != 3:
+        raise InputError(f"b0 image: expected 3D, got shape {b0.shape}")
+    _, mask = median_otsu(b0, median_radius=median_radius, numpass=numpass)
+    return mask.astype(bool)
+
+
+def brain_mask(magnitude, voxel_size, *, erosion_mm=2.0):
+    """Brain mask from a (first-echo) magnitude.
+
+    Otsu's threshold on the magnitude smoothed by a 1-voxel Gaussian, the largest connected component, holes
+    filled (background components that do not touch the image border), then eroded by `erosion_mm` (exact
+    Euclidean distance, anisotropic voxels honoured) to drop the unreliable phase at the brain's edge.
+    """
+    from skimage.filters import threshold_otsu
+
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    if magnitude.ndim == 4:
+        magnitude = magnitude[..., 0]
+    smooth = ndimage.gaussian_filter(magnitude, sigma=1.0)
+    mask = smooth > threshold_otsu(smooth[::2, ::2, ::2])
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        raise InputError("magnitude: no brain found by thresholding; give a mask")
+    mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    background, _ = ndimage.label(~mask)
+    border = np.unique(np.concatenate([background[[0, -1]].ravel(), background[:, [0, -1]].ravel(), background[:, :, [0, -1]].ravel()]))
+    mask |= ~np.isin(background, border)
+    if erosion_mm > 0:
+        mask = ndimage.distance_transform_edt(mask, sampling=voxel_size) > erosion_mm
+    return mask
+
+
+def grey_matter_mask(image, mask, *, seed=0):
+    """Grey matter of a brain image: the middle-intensity class of a three-class Gaussian mixture of its voxels in
+    `mask` (scikit-learn).
+
+    Grey matter lies between CSF and white matter in GRE magnitude (CSF brightest), T2w and T1w (CSF darkest) alike,
+    so the middle class is grey matter whichever the contrast. No bias-field correction: use on images without a
+    strong intensity bias (or corrected ones).
+
+    Parameters
+    ----------
+    image : ndarray, 3D
+    mask : ndarray of bool, same shape: the brain (background voxels would form a class of their own)
+    seed : int
+        Seeds the mixture's initialisation and subsample: the same input gives the same mask.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    image, mask = np.asarray(image, dtype=float), np.asarray(mask, bool)
+    if image.shape != mask.shape:
+        raise InputError(f"grey-matter segmentation: image shape {image.shape} and mask shape {mask.shape} differ")
+    values = image[mask]
+    values = values[np.isfinite(values)]
+    if values.size < 300 or np.ptp(values) == 0:
+        raise InputError(f"grey-matter segmentation: the brain mask holds {values.size} voxels of distinct values; expected a brain image")
+    # Standardised, so that any intensity scale works (real magnitudes come scaled to 1e-4 as well as to 4096):
+    # scikit-learn's covariance floor is absolute.
+    centre, scale = values.mean(), values.std()
+    subsample = np.random.default_rng(seed).choice(values, size=min(values.size, 200_000), replace=False)
+    mixture = GaussianMixture(3, random_state=seed).fit((subsample[:, None] - centre) / scale)
+    middle = int(np.argsort(mixture.means_.ravel())[1])
+    out = np.zeros(image.shape, bool)
+    inside = mask & np.isfinite(image)
+    out[inside] = mixture.predict((image[inside][:, None] - centre) / scale) == middle
+    return out

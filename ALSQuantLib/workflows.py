@@ -1,0 +1,296 @@
+"""The steps, each with one runner: read the inputs → compute → write the outputs atomically → provenance.
+
+`dki_step`, `qsm_step` and `label_step` are what ``alsquant dki|qsm|label`` run, what the pipeline runs for each
+subject, and what the Slicer modules' background jobs run (through the same commands). The science modules
+(`ALSQuantLib.dki`, `ALSQuantLib.qsm`, `ALSQuantLib.atlas`) compute and return arrays; only this module writes a
+step's files.
+
+Each step writes ``provenance.json`` last (its options as ``dataclasses.asdict``, the other values that shaped it,
+the SHA-256 of every input, its outputs, what it found, software versions). With ``reuse=True`` a step whose record
+matches the options, the arguments and the inputs' checksums, with every output present, is not run again.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import atlas as atlas_lib
+from . import dki, io, provenance, qsm
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+RECORD = "provenance.json"
+QSM_OUTPUTS = ("susceptibility", "local_field", "mask")
+LABEL_OUTPUTS = ("labels.ctbl", "roi_stats.csv", "quality.json")
+
+
+@dataclass
+class StepResult:
+    """What a step did: its folder, the files it wrote (or found current), its provenance record, whether it ran."""
+
+    step: str
+    folder: Path
+    outputs: list
+    record: dict
+    ran: bool
+
+
+def _as_json(value):
+    """`value` as JSON gives it back (tuples → lists, paths → strings, NumPy → Python), for comparisons."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+
+
+def _current(record_path, options, arguments, inputs):
+    """The record at `record_path` if it matches these options, arguments and inputs and its outputs exist."""
+    if not record_path.exists():
+        return None
+    try:
+        record = io.read_json(record_path)
+    except InputError:
+        return None
+    if record.get("options") != _as_json(dataclasses.asdict(options)) or record.get("arguments") != _as_json(arguments):
+        return None
+    recorded = record.get("inputs", {})
+    if set(recorded) != set(inputs):
+        return None
+    if any(recorded[name].get("sha256") != provenance.file_sha256(path) for name, path in inputs.items()):
+        return None
+    if not all((record_path.parent / name).exists() for name in record.get("outputs", [])):
+        return None
+    return record
+
+
+def _refuse_overwriting_inputs(out_dir, planned, inputs):
+    """Refuse an output folder in which a step would write over one of its inputs."""
+    resolved = {Path(p).resolve() for p in inputs.values()}
+    for name in planned:
+        if (Path(out_dir) / name).resolve() in resolved:
+            raise InputError(f"output {Path(out_dir) / name} would overwrite an input; choose another output folder")
+
+
+def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned=(), reuse=True):
+    """Run one step: `compute(folder) → (output paths, results)`, then its provenance record, written last.
+
+    Parameters
+    ----------
+    step : str
+    out_dir : path
+    options : dataclass instance
+    inputs : dict name → path
+        The files the step reads (hashed into the record).
+    compute : callable(Path) → (list of Path, dict)
+    arguments : dict, optional
+        Other values that shape the result (recorded and compared like the options).
+    planned : iterable of str
+        Names of the files the step may write, checked against the inputs before anything is computed.
+    reuse : bool
+        Skip the step when its record is current.
+
+    Returns
+    -------
+    StepResult
+    """
+    folder = Path(out_dir)
+    arguments = arguments or {}
+    inputs = {name: Path(path) for name, path in inputs.items() if path is not None}
+    for name, path in inputs.items():
+        if not path.is_file():
+            raise InputError(f"{step}: input {name} {path}: file not found")
+    _refuse_overwriting_inputs(folder, planned, inputs)
+    record_path = folder / RECORD
+    if reuse:
+        record = _current(record_path, options, arguments, inputs)
+        if record is not None:
+            log.info("%s: current, skipped", step)
+            return StepResult(step, folder, [folder / name for name in record["outputs"]], record, False)
+    if record_path.exists():
+        record_path.unlink()  # a stale record must not vouch for half-rewritten outputs
+    start = time.perf_counter()
+    outputs, results = compute(folder)
+    results = {**results, "seconds": time.perf_counter() - start}
+    relative = [os.path.relpath(path, folder) for path in outputs]
+    record = provenance.record(step, options=options, inputs=inputs, outputs=relative, arguments=arguments, results=results)
+    io.write_json(record_path, record)
+    log.info("%s: done in %.1f s", step, results["seconds"])
+    return StepResult(step, folder, list(outputs), _as_json(record), True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DKI
+# ----------------------------------------------------------------------------------------------------------------
+def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None, reuse=True):
+    """Fit DKI to a DWI file and write the maps (``<map>.nii.gz``) and the brain mask (``mask.nii.gz``).
+
+    Parameters
+    ----------
+    dwi : path
+        NIfTI (with FSL ``.bval``/``.bvec``, by default beside it with the same stem) or NRRD.
+    options : dki.DKIOptions, optional
+    mask : path, optional
+        Brain mask on the DWI's grid (default: `masks.brain_mask_from_b0`).
+    maps : sequence of str
+        Maps to write (`dki.DKI_MAPS`); those a DTI-only fit lacks are left out and listed in the record.
+    """
+    options = options or dki.DKIOptions()
+    maps = [m.strip().lower() for m in maps]
+    unknown = sorted(set(maps) - set(dki.DKI_MAPS))
+    if unknown:
+        raise InputError(f"maps: unknown map(s) {', '.join(unknown)}; expected some of {', '.join(dki.DKI_MAPS)}")
+    dwi = Path(dwi)
+    if not dwi.name.endswith(io.NRRD_SUFFIXES):
+        stem = io.strip_image_suffix(dwi)
+        bval, bvec = bval or stem.with_suffix(".bval"), bvec or stem.with_suffix(".bvec")
+
+    def compute(folder):
+        data = io.read_dwi(dwi, bval=bval, bvec=bvec)
+        given = io.load_mask(mask, data.data.shape, data.affine, matching="DWI") if mask else None
+        fit, used_mask, details = dki.reconstruct(data, options, mask=given, progress=progress)
+        written = [m for m in maps if m in fit.map_names]
+        paths = [folder / f"{m}.nii.gz" for m in written] + [folder / "mask.nii.gz"]
+        for name, path in zip(written, paths):
+            io.save_image(path, getattr(fit, name), data.affine, description=f"ALSQuant {name}")
+        io.save_image(paths[-1], used_mask, data.affine, dtype=np.uint8)
+        return paths, {**details, "maps": written, "not_available": [m for m in maps if m not in written]}
+
+    inputs = {"dwi": dwi, "bval": bval, "bvec": bvec, "mask": mask}
+    planned = [f"{m}.nii.gz" for m in maps] + ["mask.nii.gz", RECORD]
+    return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned, reuse=reuse)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QSM
+# ----------------------------------------------------------------------------------------------------------------
+def qsm_step(magnitude, phase, out_dir, options=None, *, echo_times=None, field_strength=None, mask=None, progress=None,
+             reuse=True):  # fmt: skip
+    """Reconstruct susceptibility from GRE files; write ``susceptibility.nii.gz`` (ppm), ``local_field.nii.gz``
+    (ppm) and ``mask.nii.gz``.
+
+    Parameters
+    ----------
+    magnitude, phase : path or sequence of paths
+        One 3D/4D file each, or one file per echo in echo order.
+    options : qsm.QSMOptions, optional
+    echo_times : sequence of float, optional
+        Seconds; default ``EchoTime`` from the BIDS sidecars (which are then inputs of the step).
+    field_strength : float, optional
+        Tesla; default ``MagneticFieldStrength`` from the sidecar.
+    mask : path, optional
+        Brain mask on the GRE's grid.
+    """
+    options = options or qsm.QSMOptions()
+    magnitude = [Path(p) for p in (magnitude if isinstance(magnitude, (list, tuple)) else [magnitude])]
+    phase = [Path(p) for p in (phase if isinstance(phase, (list, tuple)) else [phase])]
+
+    def compute(folder):
+        gre = io.read_gre(magnitude, phase, echo_times=echo_times, field_strength=field_strength)
+        given = io.load_mask(mask, gre.phase.shape, gre.affine, matching="GRE phase") if mask else None
+        result = qsm.reconstruct_qsm(gre, options, mask=given, progress=progress)
+        paths = [folder / f"{name}.nii.gz" for name in QSM_OUTPUTS]
+        io.save_image(paths[0], result.susceptibility, gre.affine, description="ALSQuant chi ppm")
+        io.save_image(paths[1], result.local_field, gre.affine, description="ALSQuant local field ppm")
+        io.save_image(paths[2], result.mask, gre.affine, dtype=np.uint8)
+        return paths, {**result.parameters, "timings_s": result.timings}
+
+    inputs = {f"magnitude_{i + 1}": p for i, p in enumerate(magnitude)}
+    inputs.update({f"phase_{i + 1}": p for i, p in enumerate(phase)})
+    for name, path in list(inputs.items()):
+        if io.sidecar_path(path).is_file():
+            inputs[f"{name}_sidecar"] = io.sidecar_path(path)
+    inputs["mask"] = mask
+    arguments = {"echo_times_s": list(echo_times) if echo_times is not None else None, "field_strength_t": field_strength}
+    planned = [f"{name}.nii.gz" for name in QSM_OUTPUTS] + [RECORD]
+    return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned, reuse=reuse)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labelling
+# ----------------------------------------------------------------------------------------------------------------
+def write_labeling(out_dir, labeling):
+    """Write ``labels_<space>.nii.gz``, ``grey_matter_<space>.nii.gz`` (if any), ``labels.ctbl``, ``roi_stats.csv``
+    and ``quality.json``; return the paths."""
+    out_dir = Path(out_dir)
+    outputs = []
+    for space, (label_image, affine) in labeling.label_images.items():
+        outputs.append(out_dir / f"labels_{space}.nii.gz")
+        io.save_image(outputs[-1], label_image, affine, dtype=np.int16)
+    for space, (mask, affine) in labeling.grey_matter.items():
+        outputs.append(out_dir / f"grey_matter_{space}.nii.gz")
+        io.save_image(outputs[-1], mask, affine, dtype=np.uint8)
+    table, rows, quality = (out_dir / name for name in LABEL_OUTPUTS)
+    io.write_color_table(table, labeling.table.as_list())
+    io.write_table(rows, labeling.rows)
+    io.write_json(
+        quality,
+        {
+            "template_correlation": labeling.similarity,
+            "volume_ratio": {f"{r}_{s}": v for (r, s), v in labeling.ratios.items()},
+            "flags": labeling.flags,
+            "passed": labeling.passed,
+        },
+    )
+    return outputs + [table, rows, quality]
+
+
+def label_step(reference, out_dir, options=None, *, maps=None, map_masks=None, gre_magnitude=None, tissue_mask=None,
+               subject="", keep_transforms=False, progress=None, reuse=True):  # fmt: skip
+    """Label a subject with an atlas and measure maps in its regions (`atlas.label_subject`); write the labels,
+    ``roi_stats.csv`` and ``quality.json`` (`write_labeling`).
+
+    Parameters
+    ----------
+    reference : path
+        The subject's FA (or T1-like image, with ``options.reference_contrast`` ``"T1w"``) in DWI space.
+    options : atlas.LabelingOptions, optional
+    maps : dict name → path, optional
+        Maps to measure, on the reference's grid or the GRE's.
+    map_masks : dict name → path, optional
+        A mask per map: voxels outside it hold no value and are not measured (e.g. the DKI or QSM mask).
+    gre_magnitude : path, optional
+        GRE magnitude (first echo if 4D), rigidly linked to the reference.
+    tissue_mask : path, optional
+        Grey-matter mask on either grid (default: segmented from the GRE magnitude).
+    keep_transforms : bool
+        Keep the ANTs transforms (subject → atlas) in ``out_dir/transforms``.
+    """
+    options = options or atlas_lib.LabelingOptions()
+    maps, map_masks = dict(maps or {}), dict(map_masks or {})
+    unknown = sorted(set(map_masks) - set(maps))
+    if unknown:
+        raise InputError(f"map masks {', '.join(unknown)}: no such map")
+    atlas = atlas_lib.atlas_for(options)
+
+    def compute(folder):
+        valid = {name: io.load_image(path, ndim=3, what=f"mask of map {name}")[0] > 0 for name, path in map_masks.items()}
+        loaded = {}
+        for name, path in maps.items():
+            data, affine = io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True)
+            loaded[name] = (np.where(valid[name], data, np.nan) if name in valid else data, affine)
+        labeling = atlas_lib.label_subject(
+            *io.load_image(reference, ndim=3, what="reference"),
+            atlas,
+            options,
+            maps=loaded,
+            gre_magnitude=io.load_image(gre_magnitude, ndim=(3, 4), what="GRE magnitude") if gre_magnitude else None,
+            tissue_mask=io.load_image(tissue_mask, ndim=3, what="tissue mask") if tissue_mask else None,
+            subject=subject,
+            keep_transforms=folder / "transforms" if keep_transforms else None,
+            progress=progress,
+        )
+        results = {"flags": labeling.flags, "passed": labeling.passed, "template_correlation": labeling.similarity}
+        return write_labeling(folder, labeling) + labeling.transforms, results
+
+    inputs = {"reference": reference, "gre_magnitude": gre_magnitude, "tissue_mask": tissue_mask}
+    inputs.update({f"map_{name}": path for name, path in maps.items()})
+    inputs.update({f"mask_{name}": path for name, path in map_masks.items()})
+    inputs.update(atlas_template=atlas.template_fa or atlas.template, atlas_labels=atlas.labels)
+    arguments = {"subject": subject, "keep_transforms": bool(keep_transforms)}
+    planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")]
+    planned += [*LABEL_OUTPUTS, RECORD]
+    return run_step("label", out_dir, options, inputs, compute, arguments=arguments, planned=planned, reuse=reuse)
