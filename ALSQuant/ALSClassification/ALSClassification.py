@@ -4,10 +4,12 @@ import pathlib
 
 import slicer
 from slicer import vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
-from ALSQuantCommon import PanelWidget
+from ALSQuantCommon import PanelWidget, ensureDependencies, helpText
 
 # ALSClassificationLib.logic imports ALSQuantLib and scikit-learn, installed on first use: imported when needed.
 
@@ -15,16 +17,18 @@ from ALSQuantCommon import PanelWidget
 class ALSClassification(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "ALS Classification"
-        self.parent.categories = ["ALSQuant"]
+        self.parent.title = _("ALS Classification")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "ALSQuant")]
         self.parent.dependencies = ["ALSQuantCommon"]
         self.parent.contributors = ["ALSQuant developers"]
-        self.parent.helpText = (
-            "Group statistics and ROC analysis (DeLong CIs, Youden cut-offs, cross-validated combinations) of a cohort "
-            "table, a diagnostic model saved as JSON, and the diagnosis of one subject. See the ALSQuant README, "
-            "section ALS Classification."
+        self.parent.helpText = helpText(
+            _(
+                "Group statistics and ROC analysis (DeLong CIs, Youden cut-offs, cross-validated combinations) of a "
+                "cohort table, a diagnostic model saved as JSON, and the diagnosis of one subject."
+            ),
+            "als-classification",
         )
-        self.parent.acknowledgementText = "Statistics checked against R's pROC."
+        self.parent.acknowledgementText = _("Statistics checked against R's pROC.")
 
 
 @parameterNodeWrapper
@@ -44,6 +48,7 @@ def splitList(text, separator=","):
 class ALSClassificationWidget(PanelWidget):
     moduleName = "ALSClassification"
     parameterNodeClass = ALSClassificationParameterNode
+    requiredInputs = {"cohortTable": _("Select the cohort table (load cohort.csv as a table).")}
 
     def setupPanel(self):
         self.ui.cancelButton.visible = False  # the analysis takes seconds: no background process
@@ -51,9 +56,10 @@ class ALSClassificationWidget(PanelWidget):
         self.ui.diagnoseButton.connect("clicked(bool)", self.onDiagnose)
 
     def onApplyButton(self):
+        ensureDependencies()
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("The ROC analysis failed.", waitCursor=True):
-            out = self.getLogic().analyze(p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive)
+        with slicer.util.tryWithErrorDisplay(_("The ROC analysis failed."), waitCursor=True):
+            out = self.logic.analyze(p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive)
             for name, r in out["results"]["markers"].items():
                 self.ui.logText.appendPlainText(f"{name}: AUC {r['auc']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}]")
             for name, r in out["results"]["combinations"].items():
@@ -65,14 +71,16 @@ class ALSClassificationWidget(PanelWidget):
         p = self._parameterNode
         combinations = splitList(p.combinations)
         markers = combinations[0].split("+") if combinations else splitList(p.markers)
-        with slicer.util.tryWithErrorDisplay("Could not save the model.", waitCursor=True):
-            self.getLogic().saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
+        ensureDependencies()
+        with slicer.util.tryWithErrorDisplay(_("Could not save the model."), waitCursor=True):
+            self.logic.saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
             self.ui.logText.appendPlainText(f"model of {'+'.join(markers)} saved to {p.modelPath}")
 
     def onDiagnose(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not diagnose the subject.", waitCursor=True):
-            result = self.getLogic().classify(p.modelPath, p.subjectTable)
+        ensureDependencies()
+        with slicer.util.tryWithErrorDisplay(_("Could not diagnose the subject."), waitCursor=True):
+            result = self.logic.classify(p.modelPath, p.subjectTable)
             flags = f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
             self.ui.logText.appendPlainText(f"P(ALS) = {result['probability']:.3f} -> {result['decision']}{flags}")
 
@@ -86,8 +94,6 @@ class ALSClassificationTest(ScriptedLoadableModuleTest):
 
     def test_ALSClassification_cohort(self):
         import numpy as np
-        from ALSQuantCommon import ensureDependencies
-
         ensureDependencies()
         from ALSClassificationLib.logic import ALSClassificationLogic
         from ALSQuantCommonLib import nodes

@@ -1,48 +1,59 @@
 """ALSQuant common: a hidden module holding what the four panels share. Its Qt-free parts live in
-``ALSQuantCommonLib`` (node conversion, background processes, dependencies, sample data); this file adds the small
-Qt piece every panel uses to follow a background job."""
+``ALSQuantCommonLib`` (node conversion, background processes, the logic base, parameter nodes, dependencies,
+sample data); this file adds the Qt pieces every panel uses: the panel base and the job monitor."""
 
 import importlib
 
 import qt
 import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import findChildWidgetForParameter
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
 
-from ALSQuantCommonLib import dependencies
+from ALSQuantCommonLib import dependencies, parameters
+
+README_URL = "https://github.com/alsquant/ALSQuant/blob/main/README.md"
+
+
+def helpText(text, section):
+    """A module's help: `text`, then a link to its section of the README."""
+    return f'{text} <a href="{README_URL}#{section}">{_("See the ALSQuant README.")}</a>'
 
 
 class ALSQuantCommon(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "ALSQuant Common"
-        self.parent.categories = ["ALSQuant"]
+        self.parent.title = _("ALSQuant Common")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "ALSQuant")]
         self.parent.dependencies = []
         self.parent.hidden = True
         self.parent.contributors = ["ALSQuant developers"]
-        self.parent.helpText = "Shared code of the ALSQuant modules."
+        self.parent.helpText = helpText(_("Shared code of the ALSQuant modules."), "slicer-modules")
         self.parent.acknowledgementText = ""
 
 
 def ensureDependencies():
     """Install missing Python packages on first use (asks first where Slicer has no pip_ensure)."""
-    with slicer.util.tryWithErrorDisplay("Could not install the Python packages ALSQuant needs.", waitCursor=True):
+    with slicer.util.tryWithErrorDisplay(_("Could not install the Python packages ALSQuant needs."), waitCursor=True):
         dependencies.ensureDependencies(slicer)
 
 
 class JobMonitor:
     """Follows a `tasks.Job` from a timer: progress bar, log, Cancel button; loads the outputs when it succeeds.
 
-    ``onDone(outputs)`` is called with the job's nodes; errors reach the user through ``tryWithErrorDisplay``.
+    ``onDone(outputs)`` is called with the job's nodes; errors reach the user through ``tryWithErrorDisplay``;
+    ``onIdle()`` when the job has ended, whichever way.
     """
 
-    def __init__(self, progressBar, logWidget, cancelButton, applyButton):
-        self.progressBar, self.logWidget, self.cancelButton, self.applyButton = progressBar, logWidget, cancelButton, applyButton
+    def __init__(self, progressBar, logWidget, cancelButton, onIdle):
+        self.progressBar, self.logWidget, self.cancelButton, self.onIdle = progressBar, logWidget, cancelButton, onIdle
         self.timer = qt.QTimer()
         self.timer.setInterval(250)
         self.timer.connect("timeout()", self._poll)
@@ -50,12 +61,17 @@ class JobMonitor:
         self.job = None
         self.onDone = None
 
+    @property
+    def busy(self):
+        return self.job is not None
+
     def start(self, job, onDone):
         self.job, self.onDone = job, onDone
         self.progressBar.setValue(0)
         self.logWidget.clear()
-        self.cancelButton.enabled, self.applyButton.enabled = True, False
+        self.cancelButton.enabled = True
         self.timer.start()
+        self.onIdle()
 
     def cancel(self):
         if self.job is not None:
@@ -69,28 +85,34 @@ class JobMonitor:
         if self.job.task.running:
             return
         self.timer.stop()
-        self.cancelButton.enabled, self.applyButton.enabled = False, True
+        self.cancelButton.enabled = False
         job, self.job = self.job, None
-        if job.task.cancelled:
-            job.discard()
-            self.logWidget.appendPlainText("Cancelled.")
-            return
-        with slicer.util.tryWithErrorDisplay("ALSQuant: the computation failed.", waitCursor=True):
-            outputs = job.finish()
-            self.progressBar.setValue(100)
-            if self.onDone:
-                self.onDone(outputs)
+        try:
+            if job.task.cancelled:
+                job.discard()
+                self.logWidget.appendPlainText(_("Cancelled."))
+                return
+            with slicer.util.tryWithErrorDisplay(_("ALSQuant: the computation failed."), waitCursor=True):
+                outputs = job.finish()
+                self.progressBar.setValue(100)
+                if self.onDone:
+                    self.onDone(outputs)
+        finally:
+            self.onIdle()
 
 
 class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """What the four panels share: the .ui bound to the module's parameter node (``connectGui``), the scene
-    observers, the job monitor, and the logic created on first use (after the dependencies are installed).
+    """What the four panels share: the .ui bound to the module logic's own parameter node (``connectGui``), Apply
+    enabled only when the inputs are there (`_checkCanApply`), the scene observers, the job monitor, and option
+    tooltips taken from the options' declaration.
 
-    A panel sets ``moduleName`` and ``parameterNodeClass``, and connects its own buttons in `setupPanel`.
+    A panel sets ``moduleName``, ``parameterNodeClass`` and ``requiredInputs`` (parameter name → what to select),
+    and connects its own buttons in `setupPanel`.
     """
 
     moduleName = None
     parameterNodeClass = None
+    requiredInputs = {}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -105,7 +127,15 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self.ui.applyButton)
+        # The logic imports only numpy and scipy, which Slicer has: the other packages are installed on Apply.
+        module = importlib.import_module(f"{self.moduleName}Lib.logic")
+        self.logic = getattr(module, f"{self.moduleName}Logic")()
+        self.monitor = JobMonitor(self.ui.progressBar, self.ui.logText, self.ui.cancelButton, self._checkCanApply)
+        optionsClass = getattr(self.parameterNodeClass, "optionsClass", None)
+        for name, text in (parameters.toolTips(optionsClass) if optionsClass else {}).items():
+            widget = findChildWidgetForParameter(uiWidget, name)
+            if widget is not None:
+                widget.toolTip = text
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -118,16 +148,11 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self):
         raise NotImplementedError
 
-    def getLogic(self):
-        """The module's logic (``<Module>Lib.logic.<Module>Logic``), imported once the dependencies are there."""
-        if self.logic is None:
-            ensureDependencies()
-            module = importlib.import_module(f"{self.moduleName}Lib.logic")
-            self.logic = getattr(module, f"{self.moduleName}Logic")()
-        return self.logic
-
     def cleanup(self):
+        """Slicer closes the panel: stop its observers and any job under way."""
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.cancel()
 
     def enter(self):
         self.initializeParameterNode()
@@ -136,6 +161,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
@@ -145,14 +171,28 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        self.setParameterNode(self.parameterNodeClass(ScriptedLoadableModuleLogic().getParameterNode()))
+        """The module logic's own parameter node (tagged with the module's name), wrapped."""
+        self.setParameterNode(self.parameterNodeClass(self.logic.getParameterNode()))
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None):
+        """Apply is enabled only when every required input is selected and no job is running; its tooltip says
+        what is missing."""
+        if self.monitor.busy:
+            self.ui.applyButton.enabled, self.ui.applyButton.toolTip = False, _("A computation is running.")
+            return
+        missing = [text for name, text in self.requiredInputs.items() if not getattr(self._parameterNode, name, None)]
+        self.ui.applyButton.enabled = self._parameterNode is not None and not missing
+        self.ui.applyButton.toolTip = "; ".join(missing) if missing else _("Run the computation.")
 
 
 class ALSQuantCommonTest(ScriptedLoadableModuleTest):

@@ -1,55 +1,49 @@
 """Atlas Labeling: atlas regions brought into the subject's space by ANTs, and the maps measured in them."""
 
-import pathlib
-from typing import Annotated
-
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
-from ALSQuantCommon import PanelWidget
+from ALSQuantCommon import PanelWidget, ensureDependencies, helpText
+from ALSQuantCommonLib.parameters import optionsFrom, withOptions
+from ALSQuantLib.atlas.labeling import LabelingOptions
 
-# AtlasLabelingLib.logic imports ALSQuantLib and antspyx, installed on first use: imported only when needed.
+# The logic runs the step as an `alsquant label` command; antspyx and the others are installed on Apply.
 
 
 class AtlasLabeling(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Atlas Labeling"
-        self.parent.categories = ["ALSQuant"]
+        self.parent.title = _("Atlas Labeling")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "ALSQuant")]
         self.parent.dependencies = ["ALSQuantCommon"]
         self.parent.contributors = ["ALSQuant developers"]
-        self.parent.helpText = (
-            "Registers the subject's FA to an atlas template (ANTs rigid, affine, SyN), brings the atlas labels back "
-            "through the inverse transform, and measures MK, FA, MD in the CST and susceptibility in M1. See the "
-            "ALSQuant README, section Atlas Labeling."
+        self.parent.helpText = helpText(
+            _(
+                "Registers the subject's FA to an atlas template (ANTs rigid, affine, SyN), brings the atlas labels "
+                "back through the inverse transform, and measures MK, FA, MD in the CST and susceptibility in M1."
+            ),
+            "atlas-labeling",
         )
-        self.parent.acknowledgementText = "Registration by ANTs (antspyx); runs in a background process."
+        self.parent.acknowledgementText = _("Registration by ANTs (antspyx); runs in a background process.")
 
 
 @parameterNodeWrapper
+@withOptions(LabelingOptions)
 class AtlasLabelingParameterNode:
+    """The panel's volumes; the labelling's options (atlas, atlasDir, atlasSources, template, regionsJson,
+    referenceContrast, rois, erosionVoxels, faThreshold, cortexSegmentation, cortexMarginMm, seed) come from
+    LabelingOptions."""
+
     referenceVolume: vtkMRMLScalarVolumeNode
     greMagnitudeVolume: vtkMRMLScalarVolumeNode
     mkVolume: vtkMRMLScalarVolumeNode
     faVolume: vtkMRMLScalarVolumeNode
     mdVolume: vtkMRMLScalarVolumeNode
     msVolume: vtkMRMLScalarVolumeNode
-    atlasName: Annotated[str, Choice(["eve", "jhu-icbm-labels", "jhu-tracts", "harvard-oxford", "phantom"])] = "eve"
-    atlasDir: pathlib.Path
-    atlasSources: pathlib.Path
-    rois: str = "CST,M1"
-    erosion: int = 0
-    faThreshold: float = 0.2
-    cortexSegmentation: bool = True
-    cortexMarginMm: float = 3.0
-    seed: int = 0
-
-
-def _optionalPath(path):
-    """A path field left empty reads back as "." : None then."""
-    return str(path) if path is not None and str(path) not in ("", ".") else None
 
 
 def mapNodesOf(parameterNode):
@@ -61,17 +55,15 @@ def mapNodesOf(parameterNode):
 class AtlasLabelingWidget(PanelWidget):
     moduleName = "AtlasLabeling"
     parameterNodeClass = AtlasLabelingParameterNode
+    requiredInputs = {"referenceVolume": _("Select the subject's reference (FA).")}
 
     def onApplyButton(self):
-        logic = self.getLogic()
+        ensureDependencies()
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Atlas labelling could not start.", waitCursor=True):
-            job = logic.startBackground(
-                p.referenceVolume, atlasName=p.atlasName, atlasDir=_optionalPath(p.atlasDir), atlasSources=_optionalPath(p.atlasSources),
-                rois=[r.strip() for r in p.rois.split(",") if r.strip()], mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume,
-                erosion=p.erosion, faThreshold=p.faThreshold, cortexSegmentation=p.cortexSegmentation,
-                cortexMarginMm=p.cortexMarginMm, seed=p.seed,
-            )  # fmt: skip
+        with slicer.util.tryWithErrorDisplay(_("Atlas labelling could not start."), waitCursor=True):
+            job = self.logic.process(
+                p.referenceVolume, optionsFrom(p), mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume, wait=False
+            )
             self.monitor.start(job, self.showResult)
 
     def showResult(self, outputs):
@@ -92,8 +84,6 @@ class AtlasLabelingTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
-        from ALSQuantCommon import ensureDependencies
-
         ensureDependencies()
         from ALSQuantCommonLib import nodes, sample
         from ALSQuantLib import phantom
@@ -103,7 +93,8 @@ class AtlasLabelingTest(ScriptedLoadableModuleTest):
         fa = nodes.volumeFromImage(slicer.mrmlScene, subject.truth.truth_dwi["fa"], nodes.ijkToRas(subject.dwi), "FA")
         with tempfile.TemporaryDirectory() as folder:
             phantom.write_template(folder, phantom.PhantomConfig())
-            out = AtlasLabelingLogic().run(fa, atlasName="phantom", atlasDir=f"{folder}/{phantom.TRUTH_DIR}/template", mapNodes={"fa": fa})
+            options = LabelingOptions(atlas="phantom", atlas_dir=f"{folder}/{phantom.TRUTH_DIR}/template")
+            out = AtlasLabelingLogic().process(fa, options, mapNodes={"fa": fa})
         labels, _ = nodes.imageFromVolume(out["labels"])
         truth = subject.truth.truth_dwi["label"]
         cst, true_cst = np.isin(labels, phantom.REGIONS["CST"]), np.isin(truth, phantom.REGIONS["CST"])

@@ -1,45 +1,50 @@
 """DKI Reconstruction: MK, FA, MD (and other DKI/DTI maps) from a multi-shell DWI node."""
 
-from typing import Annotated
-
 import slicer
 from slicer import vtkMRMLDiffusionWeightedVolumeNode, vtkMRMLLabelMapVolumeNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
-from ALSQuantCommon import PanelWidget
+from ALSQuantCommon import PanelWidget, ensureDependencies, helpText
+from ALSQuantCommonLib.parameters import optionsFrom, withOptions
+from ALSQuantLib.dki import DKI_MAPS, DKIOptions
 
-# The logic (DKIReconstructionLib.logic) imports ALSQuantLib, whose packages are installed on first use: it is
-# imported only when needed, never when Slicer loads this module.
+# The logic runs the step as an `alsquant dki` command; ALSQuantLib's heavier packages are installed on Apply.
 
 
 class DKIReconstruction(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "DKI Reconstruction"
-        self.parent.categories = ["ALSQuant"]
+        self.parent.title = _("DKI Reconstruction")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "ALSQuant")]
         self.parent.dependencies = ["ALSQuantCommon"]
         self.parent.contributors = ["ALSQuant developers"]
-        self.parent.helpText = (
-            "Fits diffusion kurtosis (and tensor) to a multi-shell DWI (b = 0, 1000, 2500 s/mm² in the study) and makes "
-            "MK, FA and MD volumes on the DWI's grid. See the ALSQuant README, section DKI Reconstruction."
+        self.parent.helpText = helpText(
+            _(
+                "Fits diffusion kurtosis (and tensor) to a multi-shell DWI (b = 0, 1000, 2500 s/mm² in the study) and "
+                "makes MK, FA and MD volumes on the DWI's grid."
+            ),
+            "dki-reconstruction",
         )
-        self.parent.acknowledgementText = "Fit equations after DIPY and Tabesh et al. 2011; runs in a background process."
+        self.parent.acknowledgementText = _("Fit equations after DIPY and Tabesh et al. 2011; runs in a background process.")
 
 
 @parameterNodeWrapper
+@withOptions(DKIOptions)
 class DKIReconstructionParameterNode:
+    """The panel's inputs; the fit's options (fitMethod, denoise, gibbs, averageB0, dtiOnly) come from DKIOptions."""
+
     inputVolume: vtkMRMLDiffusionWeightedVolumeNode
     maskVolume: vtkMRMLLabelMapVolumeNode
-    fitMethod: Annotated[str, Choice(["WLS", "OLS", "CWLS"])] = "WLS"
-    denoise: bool = False
-    gibbs: bool = False
     allMaps: bool = False
 
 
 class DKIReconstructionWidget(PanelWidget):
     moduleName = "DKIReconstruction"
     parameterNodeClass = DKIReconstructionParameterNode
+    requiredInputs = {"inputVolume": _("Select a DWI volume.")}
 
     def setupPanel(self):
         self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleData)
@@ -52,21 +57,18 @@ class DKIReconstructionWidget(PanelWidget):
                 self._parameterNode.inputVolume = first
 
     def onSampleData(self):
-        self.getLogic()
+        ensureDependencies()
         from ALSQuantCommonLib import sample
 
-        with slicer.util.tryWithErrorDisplay("Could not build the sample subject.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not build the sample subject."), waitCursor=True):
             self._parameterNode.inputVolume = sample.loadSampleSubject(slicer.mrmlScene).dwi
 
     def onApplyButton(self):
-        from ALSQuantLib.cli import DKI_MAPS
-
-        logic = self.getLogic()
+        ensureDependencies()
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("DKI reconstruction could not start.", waitCursor=True):
-            job = logic.startBackground(
-                p.inputVolume, p.maskVolume, fitMethod=p.fitMethod, denoise=p.denoise, gibbs=p.gibbs, maps=DKI_MAPS if p.allMaps else ("mk", "fa", "md")
-            )
+        with slicer.util.tryWithErrorDisplay(_("DKI reconstruction could not start."), waitCursor=True):
+            maps = DKI_MAPS if p.allMaps else ("mk", "fa", "md")
+            job = self.logic.process(p.inputVolume, optionsFrom(p), maskNode=p.maskVolume, maps=maps, wait=False)
             self.monitor.start(job, self.showResult)
 
     def showResult(self, outputs):
@@ -83,15 +85,13 @@ class DKIReconstructionTest(ScriptedLoadableModuleTest):
 
     def test_DKIReconstruction_phantom(self):
         import numpy as np
-        from ALSQuantCommon import ensureDependencies
-
         ensureDependencies()
         from ALSQuantCommonLib import nodes, sample
         from ALSQuantLib import phantom
         from DKIReconstructionLib.logic import DKIReconstructionLogic
 
         subject = sample.loadSampleSubject(slicer.mrmlScene)
-        maps = DKIReconstructionLogic().run(subject.dwi)
+        maps = DKIReconstructionLogic().process(subject.dwi)
         mk, affine = nodes.imageFromVolume(maps["mk"])
         np.testing.assert_allclose(affine, nodes.ijkToRas(subject.dwi))
         cst = np.isin(subject.truth.truth_dwi["label"], phantom.REGIONS["CST"])

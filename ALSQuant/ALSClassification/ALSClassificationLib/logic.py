@@ -5,15 +5,18 @@ import numpy as np
 import slicer
 
 from ALSQuantCommonLib import nodes
+from ALSQuantCommonLib.logic import ScriptedLoadableModuleLogic
 from ALSQuantLib import io, stats
 
 STUDY_MARKERS = ("cst_mk", "cst_md", "cst_fa", "m1_ms")
 
 
-class ALSClassificationLogic:
-    """ROC analysis of a cohort (`ALSQuantLib.stats`, checked against R's pROC) and individual diagnosis."""
+class ALSClassificationLogic(ScriptedLoadableModuleLogic):
+    """ROC analysis of a cohort (`ALSQuantLib.stats`, checked against R's pROC) and individual diagnosis. It runs
+    in Slicer's process: the analysis takes seconds."""
 
     def __init__(self, scene=None):
+        ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene or slicer.mrmlScene
 
     @staticmethod

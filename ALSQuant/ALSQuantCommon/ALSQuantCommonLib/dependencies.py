@@ -5,21 +5,31 @@ versions of these are pinned in a constraints file handed to the installer.
 """
 
 import importlib.util
+import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-REQUIREMENTS = {
-    # import name: requirement
-    "nibabel": "nibabel>=5.0",
-    "dipy": "dipy>=1.9",
-    "ants": "antspyx>=0.5",
-    "sklearn": "scikit-learn>=1.3",
-    "nrrd": "pynrrd>=1.0",
-    "skimage": "scikit-image>=0.21",
-    "matplotlib": "matplotlib>=3.6",
-    "scipy": "scipy>=1.10",
-}
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+"""The one list of requirements (it matches pyproject.toml's dependencies)."""
+
+
+def readRequirements(path=REQUIREMENTS_FILE):
+    """Import name → requirement, from a requirements file whose lines may end in ``# import: NAME``."""
+    requirements = {}
+    for line in Path(path).read_text().splitlines():
+        requirement, _, comment = line.partition("#")
+        requirement = requirement.strip()
+        if not requirement:
+            continue
+        module = comment.split("import:", 1)[1].strip() if "import:" in comment else None
+        name = re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0]
+        requirements[module or name] = requirement
+    return requirements
+
+
+REQUIREMENTS = readRequirements()
+"""Import name → requirement."""
 PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk")
 """Distributions pinned at their installed versions during installation."""
 

@@ -26,6 +26,14 @@ def imageFromVolume(volumeNode, what="volume"):
     return geometry.array_from_mrml(slicer.util.arrayFromVolume(volumeNode)).copy(), ijkToRas(volumeNode)
 
 
+def maskOnGrid(maskNode, shape, affine, what):
+    """A mask node's voxels (non-zero = inside) as a boolean array, refused unless on the grid of `shape`, `affine`."""
+    mask, maskAffine = imageFromVolume(maskNode, "mask")
+    if not geometry.same_grid(mask.shape, maskAffine, shape, affine):
+        raise InputError(f"mask {maskNode.GetName()}: not on the {what}'s grid")
+    return mask > 0
+
+
 def volumeFromImage(scene, array, affine, name, *, className="vtkMRMLScalarVolumeNode", node=None):
     """A volume node (new, or `node` updated) holding `array` (i, j, k) with the geometry of `affine`."""
     if node is None:
