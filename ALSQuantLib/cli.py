@@ -5,7 +5,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 from . import __version__, options
 from .atlas.labeling import LabelingOptions
 from .dki import DKI_MAPS, DKIOptions
@@ -86,7 +85,14 @@ def _add_demo(subparsers):
 def _run_demo(args):
     from . import demo
 
-    return demo.run(args.out, n_als=args.als, n_controls=args.controls, seed=args.seed, workers=args.workers, progress=_print_progress)
+    return demo.run(
+        args.out,
+        n_als=args.als,
+        n_controls=args.controls,
+        seed=args.seed,
+        workers=args.workers,
+        progress=_print_progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +161,10 @@ def _run_qsm(args):
         mask=args.mask,
         progress=_print_progress,
     )
-    print(f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; {step.record['results']['phase_scaling']}")
+    print(
+        f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; "
+        f"{step.record['results']['phase_scaling']}"
+    )
     return 0
 
 
@@ -170,7 +179,9 @@ def _add_label(subparsers):
         help="grey-matter mask (on the reference's or the GRE's grid): cortex regions keep only its voxels "
         "(default: the grey matter segmented from --gre-magnitude)",
     )
-    p.add_argument("--keep-transforms", action="store_true", help="keep the ANTs transforms (subject -> atlas) in OUT/transforms")
+    p.add_argument(
+        "--keep-transforms", action="store_true", help="keep the ANTs transforms (subject -> atlas) in OUT/transforms"
+    )
     p.add_argument("--subject", default="", help="subject identifier for the table")
     p.add_argument("--out", type=Path, required=True)
     options.add_arguments(p, LabelingOptions)
@@ -220,7 +231,9 @@ def _add_roc(subparsers):
     p.add_argument("--combine", nargs="*", default=[], help="combinations such as mk+ms")
     p.add_argument("--bootstrap", type=int, default=0, help="stratified bootstrap resamples for an extra AUC CI")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-model", type=Path, help="save a diagnostic model (JSON) of the first combination, else of all markers")
+    p.add_argument(
+        "--save-model", type=Path, help="save a diagnostic model (JSON) of the first combination, else of all markers"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_run_roc)
 
@@ -229,14 +242,20 @@ def _run_roc(args):
     from . import report, stats
 
     cohort = stats.read_cohort(
-        args.cohort, markers=args.markers, group_column=args.group_column, positive=args.positive, subject_column=args.subject_column
+        args.cohort,
+        markers=args.markers,
+        group_column=args.group_column,
+        positive=args.positive,
+        subject_column=args.subject_column,
     )
     results, rocs, comparison = stats.analyze(cohort, args.combine, bootstrap=args.bootstrap, random_seed=args.seed)
     page = report.write_roc_outputs(args.out, cohort, results, rocs, comparison)
     for marker, r in results["markers"].items():
-        print(f"{marker}: AUC {r['auc']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}], sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}")
+        print(
+            f"{marker}: {stats.auc_text(r, 3)}, sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
+        )
     for combination, r in results["combinations"].items():
-        print(f"{combination}: apparent AUC {r['auc_apparent']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}], cross-validated {r['auc_cv']:.3f}")
+        print(f"{combination}: {stats.auc_text(r, 3)}")
     if args.save_model:
         markers = args.combine[0].split("+") if args.combine else args.markers
         stats.save_model(stats.diagnostic_model(cohort, markers, random_seed=args.seed), args.save_model)
@@ -266,8 +285,15 @@ def _run_classify(args):
         except ValueError:
             raise InputError(f"{args.subjects}: subject {subject} has a non-numeric marker value") from None
         result = stats.classify(model, values)
-        rows.append({"subject": subject, "probability": result["probability"], "decision": result["decision"],
-                     **{f"z_{m}": z for m, z in result["z_scores"].items()}, "out_of_range": " ".join(result["out_of_range"])})  # fmt: skip
+        rows.append(
+            {
+                "subject": subject,
+                "probability": result["probability"],
+                "decision": result["decision"],
+                **{f"z_{m}": z for m, z in result["z_scores"].items()},
+                "out_of_range": " ".join(result["out_of_range"]),
+            }
+        )
         flag = f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
         zs = ", ".join(f"z({m}) {z:+.2f}" for m, z in result["z_scores"].items())
         print(f"{subject}: P({model['positive']}) = {result['probability']:.3f} -> {result['decision']}; {zs}{flag}")
@@ -310,14 +336,23 @@ def _run_run_subject(args):
         stem = io.strip_image_suffix(args.dwi)
         bval, bvec = bval or stem.with_suffix(".bval"), bvec or stem.with_suffix(".bvec")
     inputs = pipeline.SubjectInputs(
-        args.subject, args.dwi, tuple(args.gre_magnitude), tuple(args.gre_phase), bval, bvec,
-        tuple(args.te) if args.te else None, args.b0,
-    )  # fmt: skip
+        args.subject,
+        args.dwi,
+        tuple(args.gre_magnitude),
+        tuple(args.gre_phase),
+        bval,
+        bvec,
+        tuple(args.te) if args.te else None,
+        args.b0,
+    )
     logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
     result = pipeline.run_subject(inputs, args.out, options.from_arguments(SubjectOptions, args), group=args.group)
     for column in pipeline.MARKERS:
         print(f"{column}: {result[column]:.4g}")
-    print(f"stages run: {', '.join(result['stages_run']) or 'none (all current)'}; quality {'passed' if result['qc_passed'] else 'FLAGGED'}")
+    print(
+        f"stages run: {', '.join(result['stages_run']) or 'none (all current)'}; quality "
+        f"{'passed' if result['qc_passed'] else 'FLAGGED'}"
+    )
     print(f"outputs in {args.out}")
     return 0
 
@@ -336,10 +371,18 @@ def _run_run_cohort(args):
     from . import pipeline
 
     result = pipeline.run_cohort(
-        args.dataset, args.out, options.from_arguments(SubjectOptions, args), workers=args.workers, scheduler=args.scheduler, subjects=args.subjects
+        args.dataset,
+        args.out,
+        options.from_arguments(SubjectOptions, args),
+        workers=args.workers,
+        scheduler=args.scheduler,
+        subjects=args.subjects,
     )
     if result.rows:
-        print(f"next: alsquant roc {result.table} --subject-column participant_id --markers {' '.join(pipeline.MARKERS)} --out ROC_DIR")
+        print(
+            f"next: alsquant roc {result.table} --subject-column participant_id --markers "
+            f"{' '.join(pipeline.MARKERS)} --out ROC_DIR"
+        )
     return 1 if result.failures else 0
 
 
@@ -351,7 +394,17 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"alsquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_dki, _add_qsm, _add_label, _add_run_subject, _add_run_cohort, _add_roc, _add_classify, _add_demo):
+    for add in (
+        _add_simulate,
+        _add_dki,
+        _add_qsm,
+        _add_label,
+        _add_run_subject,
+        _add_run_cohort,
+        _add_roc,
+        _add_classify,
+        _add_demo,
+    ):
         add(subparsers)
     return parser
 

@@ -33,7 +33,9 @@ def score_labels(cohort_dir, pipeline_dir, subject):
     for key, space, region in (("cst_dice", "reference", "CST"), ("m1_dice", "gre", "M1")):
         measured, _ = io.load_image(pipeline_dir / "subjects" / subject / "label" / f"labels_{space}.nii.gz")
         truth_space = "dwi" if space == "reference" else "gre"
-        truth, _ = io.load_image(cohort_dir / phantom.TRUTH_DIR / subject / f"{subject}_space-{truth_space}_label.nii.gz")
+        truth, _ = io.load_image(
+            cohort_dir / phantom.TRUTH_DIR / subject / f"{subject}_space-{truth_space}_label.nii.gz"
+        )
         values = phantom.REGIONS[region]
         scores[key] = metrics.dice(np.isin(measured.astype(int), values), np.isin(truth.astype(int), values))
     return scores
@@ -44,14 +46,21 @@ def _simulated_already(cohort_dir, n_subjects, seed, als_fraction):
     if not truth.exists():
         return False
     parameters = io.read_json(cohort_dir / "dataset_description.json").get("PhantomParameters", {})
-    return (parameters.get("seed"), parameters.get("n_subjects"), parameters.get("als_fraction")) == (seed, n_subjects, als_fraction)
+    return (parameters.get("seed"), parameters.get("n_subjects"), parameters.get("als_fraction")) == (
+        seed,
+        n_subjects,
+        als_fraction,
+    )
 
 
 def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None):
     """Simulate ``n_als + n_controls`` subjects into `out_dir`, run the pipeline and the ROC analysis; return an
     exit code."""
     if min(n_als, n_controls) < stats.MIN_PER_GROUP:
-        raise InputError(f"demo: the ROC analysis needs at least {stats.MIN_PER_GROUP} ALS and {stats.MIN_PER_GROUP} control subjects")
+        raise InputError(
+            f"demo: the ROC analysis needs at least {stats.MIN_PER_GROUP} ALS and {stats.MIN_PER_GROUP} control "
+            f"subjects"
+        )
     out_dir = Path(out_dir)
     n_subjects = n_als + n_controls
     cohort_dir, pipeline_dir = out_dir / "cohort", out_dir / "pipeline"
@@ -59,7 +68,9 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         truth = io.read_table(cohort_dir / phantom.TRUTH_DIR / "truth.tsv")
         print(f"Using the cohort simulated earlier in {cohort_dir} with the same settings.")
     else:
-        truth = phantom.simulate_cohort(cohort_dir, n_subjects, seed=seed, als_fraction=n_als / n_subjects, progress=progress)
+        truth = phantom.simulate_cohort(
+            cohort_dir, n_subjects, seed=seed, als_fraction=n_als / n_subjects, progress=progress
+        )
     labeling = LabelingOptions(atlas="phantom", atlas_dir=str(cohort_dir / phantom.TRUTH_DIR / "template"), seed=seed)
     options = pipeline.SubjectOptions(labeling=labeling)
     result = pipeline.run_cohort(cohort_dir, pipeline_dir, options, workers=workers)
@@ -69,40 +80,52 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         subject = row["participant_id"]
         true = truth_by_subject[subject]
         measured.append(
-            {**row, **score_labels(cohort_dir, pipeline_dir, subject),
-             **{f"true_{k}": float(true[k]) for k in ("cst_mk", "cst_md", "cst_fa", "m1_chi")}}
-        )  # fmt: skip
+            {
+                **row,
+                **score_labels(cohort_dir, pipeline_dir, subject),
+                **{f"true_{k}": float(true[k]) for k in ("cst_mk", "cst_md", "cst_fa", "m1_chi")},
+            }
+        )
     io.write_table(out_dir / "markers.csv", measured)
     cohort = stats.read_cohort(measured, markers=list(pipeline.MARKERS), subject_column="participant_id")
     results, rocs, comparison = stats.analyze(cohort, list(COMBINATIONS), random_seed=seed)
     page = report.write_roc_outputs(out_dir / "roc", cohort, results, rocs, comparison)
     roc_lines = [
-        f"    {m}: AUC {r['auc']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}], Mann-Whitney p {r['mannwhitney_p']:.2g}"
-        for m, r in results["markers"].items()
-    ] + [
-        f"    {c}: apparent AUC {r['auc_apparent']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}], cross-validated {r['auc_cv']:.2f}"
-        for c, r in results["combinations"].items()
-    ]
-    column = {key: np.array([m[key] for m in measured], dtype=float) for key in measured[0] if key not in ("participant_id", "group")}
+        f"    {m}: {stats.auc_text(r)}, Mann-Whitney p {r['mannwhitney_p']:.2g}" for m, r in results["markers"].items()
+    ] + [f"    {c}: {stats.auc_text(r)}" for c, r in results["combinations"].items()]
+    column = {
+        key: np.array([m[key] for m in measured], dtype=float)
+        for key in measured[0]
+        if key not in ("participant_id", "group")
+    }
     mk_error = column["cst_mk"] - column["true_cst_mk"]
     ms_slope, _ = np.polyfit(column["true_m1_chi"], column["m1_ms"], 1)
     lines = [
         f"Simulated cohort: {cohort_dir} ({n_als} ALS, {n_controls} control; seed {seed})",
         "",
         "Ground truth drawn by the simulator:",
-        "  CST mean kurtosis", *_summary(truth, "cst_mk"),
-        "  CST mean diffusivity (x1e-3 mm^2/s)", *_summary(truth, "cst_md", 1e3),
-        "  M1 susceptibility (ppm, relative to CSF)", *_summary(truth, "m1_chi"),
+        "  CST mean kurtosis",
+        *_summary(truth, "cst_mk"),
+        "  CST mean diffusivity (x1e-3 mm^2/s)",
+        *_summary(truth, "cst_md", 1e3),
+        "  M1 susceptibility (ppm, relative to CSF)",
+        *_summary(truth, "m1_chi"),
         "",
         "Measured by ALSQuant (DKI WLS fit; single-echo QSM: Laplacian unwrapping, V-SHARP, TV; atlas labels through",
         "ANTs SyN of each subject's FA to the template FA, inverse transform, GRE linked rigidly):",
-        "  CST mean kurtosis", *_summary(measured, "cst_mk"),
-        "  CST mean diffusivity (x1e-3 mm^2/s)", *_summary(measured, "cst_md", 1e3),
-        "  CST fractional anisotropy", *_summary(measured, "cst_fa"),
-        "  M1 magnetic susceptibility (ppm, relative to the brain mean)", *_summary(measured, "m1_ms"),
+        "  CST mean kurtosis",
+        *_summary(measured, "cst_mk"),
+        "  CST mean diffusivity (x1e-3 mm^2/s)",
+        *_summary(measured, "cst_md", 1e3),
+        "  CST fractional anisotropy",
+        *_summary(measured, "cst_fa"),
+        "  M1 magnetic susceptibility (ppm, relative to the brain mean)",
+        *_summary(measured, "m1_ms"),
         f"  CST MK measured - true: mean {mk_error.mean():+.3f}, SD {mk_error.std():.3f}",
-        f"  M1 MS against the truth: correlation {np.corrcoef(column['true_m1_chi'], column['m1_ms'])[0, 1]:.2f}, "
-        f"slope {ms_slope:.2f} (the thin cortex at the brain's edge is underestimated; the ranking of subjects is largely kept)",
+        f"  M1 MS against the truth: correlation "
+        f"{np.corrcoef(column['true_m1_chi'], column['m1_ms'])[0, 1]:.2f}, "
+        f"slope {ms_slope:.2f} (the thin cortex at the brain's edge is underestimated; the ranking of subjects "
+        f"is largely kept)",
         f"  Dice of the propagated labels against the truth: CST median {np.median(column['cst_dice']):.2f} "
         f"(min {np.min(column['cst_dice']):.2f}), M1 in grey matter median {np.median(column['m1_dice']):.2f} "
         f"(min {np.min(column['m1_dice']):.2f})",
@@ -111,7 +134,7 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         "ROC analysis of the measured markers (ALS vs control; DeLong 95 % CI):",
         *roc_lines,
         f"  report: {page}",
-    ]  # fmt: skip
+    ]
     if result.failures:
         lines += ["", f"Failed subjects (left out): {', '.join(result.failures)}"]
     summary = "\n".join(lines) + "\n"

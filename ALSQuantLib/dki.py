@@ -66,12 +66,23 @@ B_UNIT = 1000.0  # b in s/mm² / 1000 = ms/µm²; diffusivities then come out in
 # The 15 unique elements of a symmetric 4th-order tensor, in DIPY's order, and their multiplicities.
 KT_INDICES = np.array(
     [
-        (0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2),
-        (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 1, 1), (1, 1, 1, 2), (0, 2, 2, 2), (1, 2, 2, 2),
-        (0, 0, 1, 1), (0, 0, 2, 2), (1, 1, 2, 2),
-        (0, 0, 1, 2), (0, 1, 1, 2), (0, 1, 2, 2),
+        (0, 0, 0, 0),
+        (1, 1, 1, 1),
+        (2, 2, 2, 2),
+        (0, 0, 0, 1),
+        (0, 0, 0, 2),
+        (0, 1, 1, 1),
+        (1, 1, 1, 2),
+        (0, 2, 2, 2),
+        (1, 2, 2, 2),
+        (0, 0, 1, 1),
+        (0, 0, 2, 2),
+        (1, 1, 2, 2),
+        (0, 0, 1, 2),
+        (0, 1, 1, 2),
+        (0, 1, 2, 2),
     ]
-)  # fmt: skip
+)
 KT_MULTIPLICITY = np.array([1, 1, 1, 4, 4, 4, 4, 4, 4, 6, 6, 6, 12, 12, 12], dtype=float)
 DT_INDICES = np.array([(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2)])  # DIPY's lower-triangular order
 DT_MULTIPLICITY = np.array([1, 2, 1, 2, 2, 1], dtype=float)

@@ -39,7 +39,9 @@ def brain_mask(magnitude, voxel_size, *, erosion_mm=2.0):
         raise InputError("magnitude: no brain found by thresholding; give a mask")
     mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
     background, _ = ndimage.label(~mask)
-    border = np.unique(np.concatenate([background[[0, -1]].ravel(), background[:, [0, -1]].ravel(), background[:, :, [0, -1]].ravel()]))
+    border = np.unique(
+        np.concatenate([background[[0, -1]].ravel(), background[:, [0, -1]].ravel(), background[:, :, [0, -1]].ravel()])
+    )
     mask |= ~np.isin(background, border)
     if erosion_mm > 0:
         mask = ndimage.distance_transform_edt(mask, sampling=voxel_size) > erosion_mm
@@ -69,7 +71,10 @@ def grey_matter_mask(image, mask, *, seed=0):
     values = image[mask]
     values = values[np.isfinite(values)]
     if values.size < 300 or np.ptp(values) == 0:
-        raise InputError(f"grey-matter segmentation: the brain mask holds {values.size} voxels of distinct values; expected a brain image")
+        raise InputError(
+            f"grey-matter segmentation: the brain mask holds {values.size} voxels of distinct values; expected "
+            f"a brain image"
+        )
     # Standardised, so that any intensity scale works (real magnitudes come scaled to 1e-4 as well as to 4096):
     # scikit-learn's covariance floor is absolute.
     centre, scale = values.mean(), values.std()

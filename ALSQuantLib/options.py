@@ -120,7 +120,9 @@ def add_arguments(parser, cls):
             action = "store_false" if field.default else "store_true"
             parser.add_argument(*flags, dest=field.name, action=action, default=field.default, help=_help(field))
         elif kind is tuple:
-            parser.add_argument(*flags, dest=field.name, type=_comma_list, default=field.default, metavar="A,B", help=_help(field))
+            parser.add_argument(
+                *flags, dest=field.name, type=_comma_list, default=field.default, metavar="A,B", help=_help(field)
+            )
         else:
             metavar = field.metadata["unit"].upper() if field.metadata["unit"] and kind in (int, float) else None
             parser.add_argument(
@@ -204,7 +206,9 @@ def parameter_fields(cls):
             kind, default = str, ",".join(default)
         elif field.metadata["path"]:
             kind, default = pathlib.Path, pathlib.Path(default or "")
-        fields[camel_case(field.name)] = ParameterField(field.name, kind, default, field.metadata["choices"], _help(field))
+        fields[camel_case(field.name)] = ParameterField(
+            field.name, kind, default, field.metadata["choices"], _help(field)
+        )
     return fields
 
 
@@ -215,7 +219,10 @@ def from_parameters(cls, values):
         value = values[name]
         if spec.type is pathlib.Path:
             value = str(value) if value is not None and str(value) not in ("", ".") else None
-        elif isinstance(spec.default, str) and _type(cls, next(f for f in dataclasses.fields(cls) if f.name == spec.option)) is tuple:
+        elif (
+            isinstance(spec.default, str)
+            and _type(cls, next(f for f in dataclasses.fields(cls) if f.name == spec.option)) is tuple
+        ):
             value = _comma_list(value)
         out[spec.option] = value
     return cls(**out)

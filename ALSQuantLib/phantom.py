@@ -59,17 +59,17 @@ REGIONS = {"CST": (CST_LEFT, CST_RIGHT), "M1": (M1_LEFT, M1_RIGHT)}
 
 #                    MK     FA     MD (mm²/s)  S0(b0)  χ (ppm)  M0(GRE)  R2* (1/s)  T1w
 _TISSUE = {
-    CSF:           (0.00, 0.00, 3.00e-3, 3.0, 0.00, 1.00, 2.0, 0.15),
-    GM:            (0.80, 0.15, 0.85e-3, 1.3, 0.02, 0.85, 15.0, 0.55),
-    WM:            (1.00, 0.45, 0.75e-3, 1.0, -0.03, 0.70, 20.0, 0.85),
-    CST_LEFT:      (1.09, 0.60, 0.80e-3, 1.0, -0.03, 0.70, 22.0, 0.85),
-    CST_RIGHT:     (1.09, 0.60, 0.80e-3, 1.0, -0.03, 0.70, 22.0, 0.85),
-    M1_LEFT:       (0.80, 0.15, 0.85e-3, 1.3, 0.14, 0.85, 18.0, 0.55),
-    M1_RIGHT:      (0.80, 0.15, 0.85e-3, 1.3, 0.14, 0.85, 18.0, 0.55),
-    DEEP_GM_LEFT:  (0.90, 0.20, 0.72e-3, 1.1, 0.15, 0.80, 30.0, 0.65),
+    CSF: (0.00, 0.00, 3.00e-3, 3.0, 0.00, 1.00, 2.0, 0.15),
+    GM: (0.80, 0.15, 0.85e-3, 1.3, 0.02, 0.85, 15.0, 0.55),
+    WM: (1.00, 0.45, 0.75e-3, 1.0, -0.03, 0.70, 20.0, 0.85),
+    CST_LEFT: (1.09, 0.60, 0.80e-3, 1.0, -0.03, 0.70, 22.0, 0.85),
+    CST_RIGHT: (1.09, 0.60, 0.80e-3, 1.0, -0.03, 0.70, 22.0, 0.85),
+    M1_LEFT: (0.80, 0.15, 0.85e-3, 1.3, 0.14, 0.85, 18.0, 0.55),
+    M1_RIGHT: (0.80, 0.15, 0.85e-3, 1.3, 0.14, 0.85, 18.0, 0.55),
+    DEEP_GM_LEFT: (0.90, 0.20, 0.72e-3, 1.1, 0.15, 0.80, 30.0, 0.65),
     DEEP_GM_RIGHT: (0.90, 0.20, 0.72e-3, 1.1, 0.15, 0.80, 30.0, 0.65),
-    VEIN:          (0.50, 0.10, 1.50e-3, 0.8, 0.45, 0.80, 40.0, 0.30),
-}  # fmt: skip
+    VEIN: (0.50, 0.10, 1.50e-3, 0.8, 0.45, 0.80, 40.0, 0.30),
+}
 _PROPERTIES = ("mk", "fa", "md", "s0", "chi", "m0", "r2star", "t1w")
 
 AIR_SUSCEPTIBILITY_PPM = 9.4
@@ -156,7 +156,9 @@ class PhantomConfig:
         io.check_field_strength(self.field_strength, "phantom")
         for name in ("snr_dwi", "snr_gre"):
             if not getattr(self, name) > 0:
-                raise InputError(f"phantom {name}: expected a positive signal-to-noise ratio, got {getattr(self, name)}")
+                raise InputError(
+                    f"phantom {name}: expected a positive signal-to-noise ratio, got {getattr(self, name)}"
+                )
         if self.n_directions < 6 or self.n_b0 < 1:
             raise InputError("phantom: need at least 6 directions per shell and one b = 0 volume")
 
@@ -573,7 +575,9 @@ def dwi_affine(config):
 def gre_affine(config):
     tilt = np.deg2rad(config.gre_tilt_deg)
     rotation = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
-    return geometry.voxel_grid_affine(config.gre_shape, config.gre_voxel_size, rotation=rotation, center=config.gre_center)
+    return geometry.voxel_grid_affine(
+        config.gre_shape, config.gre_voxel_size, rotation=rotation, center=config.gre_center
+    )
 
 
 def simulate_subject(group, seed, config=None):
@@ -755,7 +759,12 @@ def simulate_cohort(out_dir, n_subjects=10, *, seed=0, als_fraction=0.5, config=
             "BIDSVersion": "1.9.0",
             "DatasetType": "raw",
             "GeneratedBy": [{"Name": GENERATOR_NAME, "Version": __version__}],
-            "PhantomParameters": {"seed": seed, "n_subjects": n_subjects, "als_fraction": als_fraction, **asdict(config)},
+            "PhantomParameters": {
+                "seed": seed,
+                "n_subjects": n_subjects,
+                "als_fraction": als_fraction,
+                **asdict(config),
+            },
         },
     )
     write_template(out_dir, config)
@@ -768,7 +777,9 @@ def simulate_cohort(out_dir, n_subjects=10, *, seed=0, als_fraction=0.5, config=
         subject = simulate_subject(group, subject_seed, config)
         write_subject(out_dir, subject_id, subject, config)
         rows.append({"participant_id": subject_id, "group": group, **subject.values})
-    io.write_table(out_dir / "participants.tsv", [{"participant_id": r["participant_id"], "group": r["group"]} for r in rows])
+    io.write_table(
+        out_dir / "participants.tsv", [{"participant_id": r["participant_id"], "group": r["group"]} for r in rows]
+    )
     io.write_table(out_dir / TRUTH_DIR / "truth.tsv", rows)
     if progress:
         progress(1.0, f"wrote {n_subjects} subjects to {out_dir}")

@@ -21,7 +21,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from . import dipole, io, workflows
 from .atlas import LabelingOptions
 from .dki import DKIOptions
@@ -123,7 +122,9 @@ def markers_from_rows(rows):
     out = {}
     for column, (region, name) in MARKERS.items():
         space = "gre" if name == "ms" else "reference"
-        chosen = [r for r in rows if r["region"] == region and r["map"] == name and r["space"] == space and int(r["n"]) > 0]
+        chosen = [
+            r for r in rows if r["region"] == region and r["map"] == name and r["space"] == space and int(r["n"]) > 0
+        ]
         n = sum(int(r["n"]) for r in chosen)
         out[column] = sum(float(r["mean"]) * int(r["n"]) for r in chosen) / n if n else float("nan")
     return out
@@ -151,8 +152,12 @@ def run_subject(inputs, out_dir, options=None, *, group=""):
         if not path.exists():
             raise InputError(f"subject {inputs.subject}: input {path} does not exist")
         if any(folder in path.resolve().parents for folder in stage_dirs):
-            raise InputError(f"subject {inputs.subject}: input {path} lies in an output folder of {out_dir}; choose another")
-    dki_result = workflows.dki_step(inputs.dwi, out_dir / "dki", options.dki, bval=inputs.bval, bvec=inputs.bvec, maps=DKI_MAPS)
+            raise InputError(
+                f"subject {inputs.subject}: input {path} lies in an output folder of {out_dir}; choose another"
+            )
+    dki_result = workflows.dki_step(
+        inputs.dwi, out_dir / "dki", options.dki, bval=inputs.bval, bvec=inputs.bvec, maps=DKI_MAPS
+    )
     qsm_result = workflows.qsm_step(
         list(inputs.gre_magnitude),
         list(inputs.gre_phase),
@@ -176,7 +181,12 @@ def run_subject(inputs, out_dir, options=None, *, group=""):
     )
     rows = io.read_table(out_dir / "label" / "roi_stats.csv")
     quality = io.read_json(out_dir / "label" / "quality.json")
-    result = {"participant_id": inputs.subject, "group": group, **markers_from_rows(rows), "qc_passed": bool(quality["passed"])}
+    result = {
+        "participant_id": inputs.subject,
+        "group": group,
+        **markers_from_rows(rows),
+        "qc_passed": bool(quality["passed"]),
+    }
     io.write_json(out_dir / "markers.json", result)
     ran = [r.step for r in (dki_result, qsm_result, label_result) if r.ran]
     return {**result, "stages_run": ran}
@@ -235,7 +245,9 @@ def _run_in_processes(jobs, workers, collect):
 
     def start_worker():
         connection, child = context.Pipe()
-        process = context.Process(target=_worker, args=(child,), name="alsquant-worker", daemon=True)  # ends with the parent
+        process = context.Process(
+            target=_worker, args=(child,), name="alsquant-worker", daemon=True
+        )  # ends with the parent
         process.start()
         child.close()
         return connection, process
@@ -306,7 +318,9 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
     if not dataset.is_dir():
         raise InputError(f"dataset {dataset}: not a folder")
     if out_dir.resolve() == dataset.resolve():
-        raise InputError(f"output folder {out_dir}: it is the dataset itself; choose another (e.g. derivatives/alsquant)")
+        raise InputError(
+            f"output folder {out_dir}: it is the dataset itself; choose another (e.g. derivatives/alsquant)"
+        )
     participants = read_participants(dataset)
     if subjects:
         unknown = sorted(set(subjects) - {p for p, _ in participants})
@@ -317,7 +331,10 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
     cores = dipole.fft_workers()
     workers = max(1, min(workers or cores, len(participants)))
     threads = max(1, cores // workers)
-    echo(f"{len(participants)} subjects, {'Dask scheduler ' + scheduler if scheduler else f'{workers} local processes'}; logs in {out_dir / 'logs'}")
+    echo(
+        f"{len(participants)} subjects, "
+        f"{'Dask scheduler ' + scheduler if scheduler else f'{workers} local processes'}; logs in {out_dir / 'logs'}"
+    )
     results, failures = {}, {}
     start = time.perf_counter()
 
@@ -354,4 +371,3 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
     for subject, error in failures.items():
         echo(f"  {subject}: {error} (log: {out_dir / 'logs' / (subject + '.log')})")
     return CohortResult(rows, failures, table)
-

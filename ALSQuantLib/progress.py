@@ -2,8 +2,10 @@
 
 import logging
 
+LOG = logging.getLogger("ALSQuantLib")
 
-def report(progress, fraction, message, logger=logging.getLogger("ALSQuantLib")):
+
+def report(progress, fraction, message, logger=LOG):
     """Log `message` and pass (`fraction` in [0, 1], `message`) to `progress` when it is given."""
     logger.info(message)
     if progress is not None:

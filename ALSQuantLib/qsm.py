@@ -58,8 +58,8 @@ INVERSION_METHODS = ("tkd", "cg", "tv")
 def scale_phase(phase):
     """Convert stored phase to radians in [−π, π) and say how.
 
-    Recognised: radians (values within ±π, to 1 %, spanning more than π); scanner integers of 12 bits (−4096…4095 or 0…4095, as
-    Siemens stores them); any other range, rescaled linearly from [min, max] to [−π, π).
+    Recognised: radians (values within ±π, to 1 %, spanning more than π); scanner integers of 12 bits
+    (−4096…4095 or 0…4095, as Siemens stores them); any other range, rescaled linearly from [min, max] to [−π, π).
 
     Returns
     -------
@@ -106,7 +106,9 @@ def _laplacian_eigenvalues(shape, voxel_size):
 def laplacian(image, voxel_size=(1.0, 1.0, 1.0)):
     """Discrete Laplacian with Neumann boundaries, through the DCT (exact inverse of `inverse_laplacian`)."""
     eig = _laplacian_eigenvalues(image.shape, voxel_size)
-    return scipy.fft.idctn(scipy.fft.dctn(image, type=2, workers=dipole.fft_workers()) * eig, type=2, workers=dipole.fft_workers())
+    return scipy.fft.idctn(
+        scipy.fft.dctn(image, type=2, workers=dipole.fft_workers()) * eig, type=2, workers=dipole.fft_workers()
+    )
 
 
 def inverse_laplacian(image, voxel_size=(1.0, 1.0, 1.0)):
@@ -159,7 +161,9 @@ def unwrap_phase(phase, *, mask=None, method="laplacian", voxel_size=(1.0, 1.0, 
 # ----------------------------------------------------------------------------------------------------------------
 # Echo combination
 # ----------------------------------------------------------------------------------------------------------------
-def combine_echoes(phase, magnitude, echo_times, field_strength, *, mask=None, unwrap="laplacian", voxel_size=(1, 1, 1)):
+def combine_echoes(
+    phase, magnitude, echo_times, field_strength, *, mask=None, unwrap="laplacian", voxel_size=(1, 1, 1)
+):
     """Total field (ppm) from one or more echoes.
 
     Single echo: the unwrapped phase / (2π γ̄ B0 TE); the receiver phase offset stays in it and is removed with the
@@ -283,7 +287,9 @@ def vsharp(total_field, mask, voxel_size, *, radii_mm=None, threshold=0.05):
         high_pass = scipy.fft.irfftn(field_spectrum * kernel, s=shape, workers=workers)[sl]
         inverse = np.where(np.abs(kernel) < threshold, 0.0, 1.0 / np.where(kernel == 0, 1, kernel))
         solution = scipy.fft.irfftn(
-            scipy.fft.rfftn(np.where(eroded, high_pass, 0.0), s=shape, workers=workers) * inverse, s=shape, workers=workers
+            scipy.fft.rfftn(np.where(eroded, high_pass, 0.0), s=shape, workers=workers) * inverse,
+            s=shape,
+            workers=workers,
         )[sl]
         local[new] = solution[new]
         filled |= eroded
@@ -495,7 +501,9 @@ def dipole_inversion(
         padded_f[sl] = f
         chi = conjugate_gradient(normal, ifft(D * fft(mp * padded_f)), n_iter, tolerance)[sl]
     else:
-        chi = _tv_admm(f, m, shape, D, voxel_size, regularization, 20 if iterations is None else iterations, fft, ifft)[sl]
+        chi = _tv_admm(f, m, shape, D, voxel_size, regularization, 20 if iterations is None else iterations, fft, ifft)[
+            sl
+        ]
     out = np.zeros(mask.shape, dtype=np.float32)
     out[box] = np.where(m, chi, 0.0)
     return out
@@ -591,7 +599,9 @@ class QSMResult:
 class QSMOptions:
     """The methods of the QSM chain (`reconstruct_qsm`)."""
 
-    unwrap: str = option("laplacian", "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image)", choices=UNWRAP_METHODS)
+    unwrap: str = option(
+        "laplacian", "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image)", choices=UNWRAP_METHODS
+    )
     background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)
     inversion: str = option("tv", "dipole inversion: TV (ADMM), TKD or CG", choices=INVERSION_METHODS)
     mask_erosion_mm: float = option(
@@ -647,7 +657,9 @@ def reconstruct_qsm(
     phase, scaling = step("phase scaling", 0.0, lambda: scale_phase(gre.phase))
     if mask is None:
         mask = step(
-            "brain mask", 0.1, lambda: masks.brain_mask(gre.magnitude[..., 0], voxel_size, erosion_mm=options.mask_erosion_mm)
+            "brain mask",
+            0.1,
+            lambda: masks.brain_mask(gre.magnitude[..., 0], voxel_size, erosion_mm=options.mask_erosion_mm),
         )
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != phase.shape[:3]:
@@ -655,17 +667,29 @@ def reconstruct_qsm(
     total = step(
         "unwrapping and echo combination",
         0.2,
-        lambda: combine_echoes(phase, gre.magnitude, gre.echo_times, gre.field_strength, mask=mask, unwrap=options.unwrap, voxel_size=voxel_size),
+        lambda: combine_echoes(
+            phase,
+            gre.magnitude,
+            gre.echo_times,
+            gre.field_strength,
+            mask=mask,
+            unwrap=options.unwrap,
+            voxel_size=voxel_size,
+        ),
     )
     local, local_mask = step(
         "background field removal",
         0.4,
-        lambda: background_field_removal(total, mask, voxel_size, b0, method=options.background, **(background_options or {})),
+        lambda: background_field_removal(
+            total, mask, voxel_size, b0, method=options.background, **(background_options or {})
+        ),
     )
     chi = step(
         "dipole inversion",
         0.6,
-        lambda: dipole_inversion(local, local_mask, voxel_size, b0_direction=b0, method=options.inversion, **(inversion_options or {})),
+        lambda: dipole_inversion(
+            local, local_mask, voxel_size, b0_direction=b0, method=options.inversion, **(inversion_options or {})
+        ),
     )
     chi = step("referencing", 0.95, lambda: reference(chi, local_mask, reference_region))
     report_progress(progress, 1.0, "QSM done", log)

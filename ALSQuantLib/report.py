@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import io, stats
 
 
 def _pyplot():
@@ -34,8 +34,12 @@ def roc_figure(rocs, stem, title="ROC curves"):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     for roc in rocs:
-        ax.plot(1 - roc.curve["specificity"], roc.curve["sensitivity"], lw=2,
-                label=f"{roc.name}: AUC {roc.auc:.2f} [{roc.ci_low:.2f}-{roc.ci_high:.2f}]")  # fmt: skip
+        ax.plot(
+            1 - roc.curve["specificity"],
+            roc.curve["sensitivity"],
+            lw=2,
+            label=f"{roc.name}: {stats.auc_text(roc.summary())}",
+        )
     ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
@@ -106,21 +110,29 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
     out_dir = Path(out_dir)
     io.write_json(out_dir / "results.json", results)
     io.write_table(out_dir / "group_comparison.csv", comparison)
-    marker_rows = [{"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, dict))}} for m, r in results["markers"].items()]
+    marker_rows = [
+        {"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, dict))}}
+        for m, r in results["markers"].items()
+    ]
     io.write_table(out_dir / "roc_markers.csv", marker_rows)
     combination_rows = [
-        {"combination": c, **{k: v for k, v in r.items() if k != "delong_p_vs"}, **{f"delong_p_vs_{m}": p for m, p in r["delong_p_vs"].items()}}
+        {
+            "combination": c,
+            **{k: v for k, v in r.items() if k != "delong_p_vs"},
+            **{f"delong_p_vs_{m}": p for m, p in r["delong_p_vs"].items()},
+        }
         for c, r in results["combinations"].items()
     ]
     if combination_rows:
         io.write_table(out_dir / "roc_combinations.csv", combination_rows)
     figures = [roc_figure(rocs, out_dir / "roc_curves"), group_figure(cohort, out_dir / "groups")]
     summary = [f"{cohort.n_positive} {cohort.positive_label}, {cohort.n_negative} {cohort.negative_label}"]
-    summary += [f"{m}: AUC {r['auc']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}] (DeLong), direction {r['direction']}, "
-                f"cut-off {r['threshold']:.4g}: sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
-                for m, r in results["markers"].items()]  # fmt: skip
-    summary += [f"{c}: apparent AUC {r['auc_apparent']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}], cross-validated AUC {r['auc_cv']:.3f}"
-                for c, r in results["combinations"].items()]  # fmt: skip
+    summary += [
+        f"{m}: {stats.auc_text(r, 3)} (DeLong), direction {r['direction']}, "
+        f"cut-off {r['threshold']:.4g}: sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
+        for m, r in results["markers"].items()
+    ]
+    summary += [f"{c}: {stats.auc_text(r, 3)}" for c, r in results["combinations"].items()]
     notes = [
         "AUC CIs by DeLong's method (Sun & Xu fast algorithm); cut-offs maximise Youden's J; sensitivity and "
         "specificity CIs are Wilson intervals; p-values are two-sided Mann-Whitney U with Holm correction.",
@@ -130,4 +142,11 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
     tables = {"Group comparison": comparison, "Single markers": marker_rows}
     if combination_rows:
         tables["Combined markers"] = combination_rows
-    return html_report(out_dir / "report.html", title="ALSQuant ROC analysis", summary=summary, tables=tables, figures=figures, notes=notes)
+    return html_report(
+        out_dir / "report.html",
+        title="ALSQuant ROC analysis",
+        summary=summary,
+        tables=tables,
+        figures=figures,
+        notes=notes,
+    )

@@ -97,7 +97,9 @@ def read_cohort(table, *, markers, group_column="group", positive="ALS", subject
     is_positive = np.array([g == positive for g in groups])
     for label, count in ((positive, is_positive.sum()), (negatives[0], (~is_positive).sum())):
         if count < MIN_PER_GROUP:
-            raise InputError(f"cohort table: group {label!r} has {count} subject(s); at least {MIN_PER_GROUP} are needed")
+            raise InputError(
+                f"cohort table: group {label!r} has {count} subject(s); at least {MIN_PER_GROUP} are needed"
+            )
     values = {}
     for marker in markers:
         column, bad = [], []
@@ -110,7 +112,9 @@ def read_cohort(table, *, markers, group_column="group", positive="ALS", subject
                 bad.append(subject)
             column.append(value)
         if bad:
-            raise InputError(f"cohort table: marker {marker!r} is missing or not numeric for subject(s) {', '.join(bad)}")
+            raise InputError(
+                f"cohort table: marker {marker!r} is missing or not numeric for subject(s) {', '.join(bad)}"
+            )
         values[marker] = np.array(column)
     return Cohort(subjects, is_positive, values, positive, negatives[0])
 
@@ -210,11 +214,33 @@ class MarkerROC:
 
     def summary(self):
         return {
-            "auc": self.auc, "ci_low": self.ci_low, "ci_high": self.ci_high, "direction": self.direction,
-            "threshold": self.threshold, "sensitivity": self.sensitivity, "specificity": self.specificity,
-            "sensitivity_ci": list(self.sensitivity_ci), "specificity_ci": list(self.specificity_ci),
+            "auc": self.auc,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "direction": self.direction,
+            "threshold": self.threshold,
+            "sensitivity": self.sensitivity,
+            "specificity": self.specificity,
+            "sensitivity_ci": list(self.sensitivity_ci),
+            "specificity_ci": list(self.specificity_ci),
             **({"bootstrap_ci": list(self.bootstrap_ci)} if self.bootstrap_ci else {}),
-        }  # fmt: skip
+        }
+
+
+def auc_text(result, digits=2):
+    """An AUC with its 95 % CI, as every output writes it; for a combination (`combine`'s result), the apparent
+    AUC with its CI and the cross-validated AUC.
+
+    >>> auc_text({"auc": 0.931, "ci_low": 0.853, "ci_high": 1.0})
+    'AUC 0.93 [0.85-1.00]'
+    >>> auc_text({"auc_apparent": 0.998, "ci_low": 0.99, "ci_high": 1.0, "auc_cv": 0.987}, digits=3)
+    'apparent AUC 0.998 [0.990-1.000], cross-validated 0.987'
+    """
+    interval = f"[{result['ci_low']:.{digits}f}-{result['ci_high']:.{digits}f}]"
+    if "auc_apparent" in result:
+        apparent, cross_validated = f"{result['auc_apparent']:.{digits}f}", f"{result['auc_cv']:.{digits}f}"
+        return f"apparent AUC {apparent} {interval}, cross-validated {cross_validated}"
+    return f"AUC {result['auc']:.{digits}f} {interval}"
 
 
 def roc_analysis(values, positive, *, name="marker", direction=None, level=0.95, bootstrap=0, random_seed=0):
@@ -228,11 +254,18 @@ def roc_analysis(values, positive, *, name="marker", direction=None, level=0.95,
     best = int(np.argmax(sens + spec))
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     result = MarkerROC(
-        name, auc, float(max(0.0, auc - z * se)), float(min(1.0, auc + z * se)), direction, float(thresholds[best]),
-        float(sens[best]), float(spec[best]),
-        wilson_interval(round(sens[best] * n_pos), n_pos, level), wilson_interval(round(spec[best] * n_neg), n_neg, level),
+        name,
+        auc,
+        float(max(0.0, auc - z * se)),
+        float(min(1.0, auc + z * se)),
+        direction,
+        float(thresholds[best]),
+        float(sens[best]),
+        float(spec[best]),
+        wilson_interval(round(sens[best] * n_pos), n_pos, level),
+        wilson_interval(round(spec[best] * n_neg), n_neg, level),
         curve={"threshold": thresholds, "sensitivity": sens, "specificity": spec},
-    )  # fmt: skip
+    )
     if bootstrap:
         result.bootstrap_ci = bootstrap_auc_ci(oriented, positive, bootstrap, random_seed, level)
     return result
@@ -284,10 +317,21 @@ def group_comparison(cohort):
         cases, controls = values[cohort.positive], values[~cohort.positive]
         test = sps.mannwhitneyu(cases, controls, alternative="two-sided")
         delta = 2 * test.statistic / (cases.size * controls.size) - 1  # Cliff's delta = rank-biserial r
-        row = {"marker": marker, "mannwhitney_u": float(test.statistic), "mannwhitney_p": float(test.pvalue), "cliffs_delta": float(delta)}
+        row = {
+            "marker": marker,
+            "mannwhitney_u": float(test.statistic),
+            "mannwhitney_p": float(test.pvalue),
+            "cliffs_delta": float(delta),
+        }
         for label, group in ((cohort.positive_label, cases), (cohort.negative_label, controls)):
-            row.update({f"{label}_n": int(group.size), f"{label}_median": float(np.median(group)),
-                        f"{label}_min": float(group.min()), f"{label}_max": float(group.max())})  # fmt: skip
+            row.update(
+                {
+                    f"{label}_n": int(group.size),
+                    f"{label}_median": float(np.median(group)),
+                    f"{label}_min": float(group.min()),
+                    f"{label}_max": float(group.max()),
+                }
+            )
         rows.append(row)
     for row, adjusted in zip(rows, holm([r["mannwhitney_p"] for r in rows])):
         row["holm_p"] = float(adjusted)
@@ -333,8 +377,14 @@ def combine(cohort, markers, *, cv_splits=5, cv_repeats=20, random_seed=0):
     for marker in markers:
         single, _ = orient(cohort.markers[marker], cohort.positive)
         delong_p[marker] = delong_test(scores, single, cohort.positive)[1]
-    return {"scores": scores, "roc": roc, "auc_cv": float(np.mean(cv_aucs)), "auc_cv_sd": float(np.std(cv_aucs)),
-            "delong_p_vs": delong_p, "model": (scaler, model)}  # fmt: skip
+    return {
+        "scores": scores,
+        "roc": roc,
+        "auc_cv": float(np.mean(cv_aucs)),
+        "auc_cv_sd": float(np.std(cv_aucs)),
+        "delong_p_vs": delong_p,
+        "model": (scaler, model),
+    }
 
 
 def diagnostic_model(cohort, markers, *, random_seed=0):
@@ -412,8 +462,12 @@ def classify(model, values):
         "probability": probability,
         "decision": model["positive"] if probability > model["cutoff"] else model["negative"],
         "cutoff": model["cutoff"],
-        "z_scores": {m: (float(values[m]) - training["control_mean"][m]) / training["control_sd"][m] for m in model["markers"]},
-        "out_of_range": [m for m in model["markers"] if not training["range"][m][0] <= float(values[m]) <= training["range"][m][1]],
+        "z_scores": {
+            m: (float(values[m]) - training["control_mean"][m]) / training["control_sd"][m] for m in model["markers"]
+        },
+        "out_of_range": [
+            m for m in model["markers"] if not training["range"][m][0] <= float(values[m]) <= training["range"][m][1]
+        ],
     }
 
 
@@ -433,23 +487,39 @@ def analyze(cohort, combinations=(), *, bootstrap=0, random_seed=0, cv_repeats=2
     """
     comparison = group_comparison(cohort)
     by_marker = {row["marker"]: row for row in comparison}
-    results = {"markers": {}, "combinations": {}, "groups": {cohort.positive_label: cohort.n_positive, cohort.negative_label: cohort.n_negative}}
+    results = {
+        "markers": {},
+        "combinations": {},
+        "groups": {cohort.positive_label: cohort.n_positive, cohort.negative_label: cohort.n_negative},
+    }
     rocs = []
     for marker, values in cohort.markers.items():
         roc = roc_analysis(values, cohort.positive, name=marker, bootstrap=bootstrap, random_seed=random_seed)
         rocs.append(roc)
-        results["markers"][marker] = {**roc.summary(), "mannwhitney_p": by_marker[marker]["mannwhitney_p"],
-                                      "holm_p": by_marker[marker]["holm_p"], "cliffs_delta": by_marker[marker]["cliffs_delta"]}  # fmt: skip
+        results["markers"][marker] = {
+            **roc.summary(),
+            "mannwhitney_p": by_marker[marker]["mannwhitney_p"],
+            "holm_p": by_marker[marker]["holm_p"],
+            "cliffs_delta": by_marker[marker]["cliffs_delta"],
+        }
     for combination in combinations:
         markers = combination.split("+")
         unknown = [m for m in markers if m not in cohort.markers]
         if unknown or len(markers) < 2:
-            raise InputError(f"combination {combination!r}: expected two or more of the markers {', '.join(cohort.markers)} joined by '+'")
+            raise InputError(
+                f"combination {combination!r}: expected two or more of the markers {', '.join(cohort.markers)} "
+                f"joined by '+'"
+            )
         combined = combine(cohort, markers, random_seed=random_seed, cv_repeats=cv_repeats)
         rocs.append(combined["roc"])
         results["combinations"][combination] = {
-            "auc_apparent": combined["roc"].auc, "ci_low": combined["roc"].ci_low, "ci_high": combined["roc"].ci_high,
-            "auc_cv": combined["auc_cv"], "auc_cv_sd": combined["auc_cv_sd"], "delong_p_vs": combined["delong_p_vs"],
-            "sensitivity": combined["roc"].sensitivity, "specificity": combined["roc"].specificity,
-        }  # fmt: skip
+            "auc_apparent": combined["roc"].auc,
+            "ci_low": combined["roc"].ci_low,
+            "ci_high": combined["roc"].ci_high,
+            "auc_cv": combined["auc_cv"],
+            "auc_cv_sd": combined["auc_cv_sd"],
+            "delong_p_vs": combined["delong_p_vs"],
+            "sensitivity": combined["roc"].sensitivity,
+            "specificity": combined["roc"].specificity,
+        }
     return results, rocs, comparison

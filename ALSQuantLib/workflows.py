@@ -116,7 +116,9 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
     outputs, results = compute(folder)
     results = {**results, "seconds": time.perf_counter() - start}
     relative = [os.path.relpath(path, folder) for path in outputs]
-    record = provenance.record(step, options=options, inputs=inputs, outputs=relative, arguments=arguments, results=results)
+    record = provenance.record(
+        step, options=options, inputs=inputs, outputs=relative, arguments=arguments, results=results
+    )
     io.write_json(record_path, record)
     log.info("%s: done in %.1f s", step, results["seconds"])
     return StepResult(step, folder, list(outputs), _as_json(record), True)
@@ -125,7 +127,9 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
 # ----------------------------------------------------------------------------------------------------------------
 # DKI
 # ----------------------------------------------------------------------------------------------------------------
-def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None, reuse=True):
+def dki_step(
+    dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None, reuse=True
+):
     """Fit DKI to a DWI file and write the maps (``<map>.nii.gz``) and the brain mask (``mask.nii.gz``).
 
     Parameters
@@ -167,8 +171,18 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
 # ----------------------------------------------------------------------------------------------------------------
 # QSM
 # ----------------------------------------------------------------------------------------------------------------
-def qsm_step(magnitude, phase, out_dir, options=None, *, echo_times=None, field_strength=None, mask=None, progress=None,
-             reuse=True):  # fmt: skip
+def qsm_step(
+    magnitude,
+    phase,
+    out_dir,
+    options=None,
+    *,
+    echo_times=None,
+    field_strength=None,
+    mask=None,
+    progress=None,
+    reuse=True,
+):
     """Reconstruct susceptibility from GRE files; write ``susceptibility.nii.gz`` (ppm), ``local_field.nii.gz``
     (ppm) and ``mask.nii.gz``.
 
@@ -204,7 +218,10 @@ def qsm_step(magnitude, phase, out_dir, options=None, *, echo_times=None, field_
         if io.sidecar_path(path).is_file():
             inputs[f"{name}_sidecar"] = io.sidecar_path(path)
     inputs["mask"] = mask
-    arguments = {"echo_times_s": list(echo_times) if echo_times is not None else None, "field_strength_t": field_strength}
+    arguments = {
+        "echo_times_s": list(echo_times) if echo_times is not None else None,
+        "field_strength_t": field_strength,
+    }
     planned = [f"{name}.nii.gz" for name in QSM_OUTPUTS] + [RECORD]
     return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned, reuse=reuse)
 
@@ -238,8 +255,20 @@ def write_labeling(out_dir, labeling):
     return outputs + [table, rows, quality]
 
 
-def label_step(reference, out_dir, options=None, *, maps=None, map_masks=None, gre_magnitude=None, tissue_mask=None,
-               subject="", keep_transforms=False, progress=None, reuse=True):  # fmt: skip
+def label_step(
+    reference,
+    out_dir,
+    options=None,
+    *,
+    maps=None,
+    map_masks=None,
+    gre_magnitude=None,
+    tissue_mask=None,
+    subject="",
+    keep_transforms=False,
+    progress=None,
+    reuse=True,
+):
     """Label a subject with an atlas and measure maps in its regions (`atlas.label_subject`); write the labels,
     ``roi_stats.csv`` and ``quality.json`` (`write_labeling`).
 
@@ -267,7 +296,9 @@ def label_step(reference, out_dir, options=None, *, maps=None, map_masks=None, g
     atlas = atlas_lib.atlas_for(options)
 
     def compute(folder):
-        valid = {name: io.load_image(path, ndim=3, what=f"mask of map {name}")[0] > 0 for name, path in map_masks.items()}
+        valid = {
+            name: io.load_image(path, ndim=3, what=f"mask of map {name}")[0] > 0 for name, path in map_masks.items()
+        }
         loaded = {}
         for name, path in maps.items():
             data, affine = io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True)
@@ -291,6 +322,8 @@ def label_step(reference, out_dir, options=None, *, maps=None, map_masks=None, g
     inputs.update({f"mask_{name}": path for name, path in map_masks.items()})
     inputs.update(atlas_template=atlas.template_fa or atlas.template, atlas_labels=atlas.labels)
     arguments = {"subject": subject, "keep_transforms": bool(keep_transforms)}
-    planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")]
+    planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [
+        f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")
+    ]
     planned += [*LABEL_OUTPUTS, RECORD]
     return run_step("label", out_dir, options, inputs, compute, arguments=arguments, planned=planned, reuse=reuse)

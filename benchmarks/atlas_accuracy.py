@@ -27,15 +27,21 @@ def measure(seed, config, template):
     magnitude = subject.gre.magnitude[..., 0]
     link = atlas.register(magnitude, subject.gre.affine, fit.fa, subject.dwi.affine, transform="Rigid")
     try:
-        dwi = atlas.propagate_labels(template["label"], template["affine"], fit.fa.shape, subject.dwi.affine, registration)
-        gre = atlas.propagate_labels(template["label"], template["affine"], magnitude.shape, subject.gre.affine, registration, link=link)
+        dwi = atlas.propagate_labels(
+            template["label"], template["affine"], fit.fa.shape, subject.dwi.affine, registration
+        )
+        gre = atlas.propagate_labels(
+            template["label"], template["affine"], magnitude.shape, subject.gre.affine, registration, link=link
+        )
     finally:
         registration.cleanup()
         link.cleanup()
     cst = {}
     masks = {("CST", side): dwi == value for side, value in zip(("left", "right"), phantom.REGIONS["CST"])}
     for erosion in (0, 1):
-        rows = atlas.roi_statistics({m: subject.truth_dwi[m] for m in ("mk", "md")}, masks, fa=fit.fa, erosion_voxels=erosion)
+        rows = atlas.roi_statistics(
+            {m: subject.truth_dwi[m] for m in ("mk", "md")}, masks, fa=fit.fa, erosion_voxels=erosion
+        )
         cst[erosion] = [100 * (r["mean"] / subject.values[f"cst_{r['map']}"] - 1) for r in rows]
     voxel_size = geometry.voxel_sizes(subject.gre.affine)
     grey = grey_matter_mask(magnitude, brain_mask(magnitude, voxel_size))
@@ -45,14 +51,18 @@ def measure(seed, config, template):
         for margin in MARGINS_MM:
             core = atlas.cortex_core(region, grey, voxel_size, margin)
             core = core if core.any() else region
-            m1[margin].append((100 * (subject.truth_gre["chi"][core].mean() / subject.values["m1_chi"] - 1), int(core.sum())))
+            m1[margin].append(
+                (100 * (subject.truth_gre["chi"][core].mean() / subject.values["m1_chi"] - 1), int(core.sum()))
+            )
     dice = [metrics.dice(dwi == v, subject.truth_dwi["label"] == v) for v in phantom.REGIONS["CST"]]
     return cst, m1, dice
 
 
 def summary(errors):
-    return (f"median {statistics.median(errors):+.1f} %, {min(errors):+.1f} to {max(errors):+.1f} %, "
-            f"{sum(abs(e) <= 2 for e in errors)} of {len(errors)} within 2 %")  # fmt: skip
+    return (
+        f"median {statistics.median(errors):+.1f} %, {min(errors):+.1f} to {max(errors):+.1f} %, "
+        f"{sum(abs(e) <= 2 for e in errors)} of {len(errors)} within 2 %"
+    )
 
 
 def main(n_subjects=35):
@@ -66,14 +76,21 @@ def main(n_subjects=35):
         for margin in MARGINS_MM:
             m1[margin] += m[margin]
         dice += d
-        print(f"subject {seed:2d}: M1 core {m[3.0][0][0]:+6.2f} / {m[3.0][1][0]:+6.2f} %, CST Dice {d[0]:.2f} / {d[1]:.2f}", flush=True)
+        print(
+            f"subject {seed:2d}: M1 core {m[3.0][0][0]:+6.2f} / {m[3.0][1][0]:+6.2f} %, CST Dice {d[0]:.2f} / "
+            f"{d[1]:.2f}",
+            flush=True,
+        )
     print(f"\nCST Dice (DWI grid): median {statistics.median(dice):.2f}, {min(dice):.2f} to {max(dice):.2f}")
     for erosion, errors in cst.items():
         print(f"CST true MK and MD, erosion {erosion}: {summary(errors)}")
     for margin, values in m1.items():
         errors, counts = [e for e, _ in values], [n for _, n in values]
         where = "whole, in grey matter" if margin == 0 else f"core {margin:g} mm"
-        print(f"M1 true susceptibility, {where}: {summary(errors)}; voxels a side median {int(np.median(counts))}, fewest {min(counts)}")
+        print(
+            f"M1 true susceptibility, {where}: {summary(errors)}; voxels a side median "
+            f"{int(np.median(counts))}, fewest {min(counts)}"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,10 @@ def main():
         times = {}
         for threads in (1, 2):
             times[threads], dice = run(tmp, threads)
-            print(f"  {threads} thread(s): {times[threads]:.1f} s per subject; Dice CST L/R, M1 L/R: "
-                  + ", ".join(f"{d:.2f}" for d in dice))
+            print(
+                f"  {threads} thread(s): {times[threads]:.1f} s per subject; Dice CST L/R, M1 L/R: "
+                + ", ".join(f"{d:.2f}" for d in dice)
+            )
         print(f"  1 thread / 2 threads: {times[1] / times[2]:.2f}x")
 
 

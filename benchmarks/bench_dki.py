@@ -65,7 +65,9 @@ def bench_wls(dwi, mask, results):
         def run():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fit = DiffusionKurtosisModel(gradient_table(bvals, bvecs=bvecs), fit_method=method).fit(dwi.data, mask=mask)
+                fit = DiffusionKurtosisModel(gradient_table(bvals, bvecs=bvecs), fit_method=method).fit(
+                    dwi.data, mask=mask
+                )
                 return fit.mk(min_kurtosis=-3 / 7, max_kurtosis=10), fit.fa, fit.md
 
         return run
@@ -88,11 +90,28 @@ def bench_mrtrix(dwi, mask, results):
         io.write_dwi(dwi, tmp / "dwi.nii.gz")
         io.save_image(tmp / "mask.nii.gz", mask, dwi.affine, dtype=np.uint8)
         command = [
-            "dwi2tensor", str(tmp / "dwi.nii.gz"), str(tmp / "dt.mif"), "-dkt", str(tmp / "dkt.mif"),
-            "-fslgrad", str(tmp / "dwi.bvec"), str(tmp / "dwi.bval"), "-mask", str(tmp / "mask.nii.gz"),
-            "-iter", "2", "-nthreads", "2", "-quiet", "-force",
-        ]  # fmt: skip
-        timed("MRtrix3 dwi2tensor -dkt (WLS, 2 iterations, 2 threads)", lambda: subprocess.run(command, check=True), results)
+            "dwi2tensor",
+            str(tmp / "dwi.nii.gz"),
+            str(tmp / "dt.mif"),
+            "-dkt",
+            str(tmp / "dkt.mif"),
+            "-fslgrad",
+            str(tmp / "dwi.bvec"),
+            str(tmp / "dwi.bval"),
+            "-mask",
+            str(tmp / "mask.nii.gz"),
+            "-iter",
+            "2",
+            "-nthreads",
+            "2",
+            "-quiet",
+            "-force",
+        ]
+        timed(
+            "MRtrix3 dwi2tensor -dkt (WLS, 2 iterations, 2 threads)",
+            lambda: subprocess.run(command, check=True),
+            results,
+        )
 
 
 def bench_cwls(dwi, mask, results, n_voxels):
@@ -147,22 +166,31 @@ def main():
     dwi, mask = simulate(GRID, VOXEL)
     print(f"grid {GRID}, {int(mask.sum())} brain voxels, {dwi.data.shape[3]} volumes, SNR 30")
     results = {}
-    dki.DKIModel(dwi.bvals, dwi.bvecs_voxel).fit(dwi.data[:8, :8]).mk  # warm-up: imports, caches
+    _ = dki.DKIModel(dwi.bvals, dwi.bvecs_voxel).fit(dwi.data[:8, :8]).mk  # warm-up: imports, caches
     bench_wls(dwi, mask, results)
     bench_mrtrix(dwi, mask, results)
     bench_cwls(dwi, mask, results, args.dipy_cwls_voxels)
 
     n = int(mask.sum())
     print("\nratios (peer time / ALSQuant time; > 1 means ALSQuant is faster)")
-    print(f"  DIPY WLS (fit + MK, FA, MD) / ALSQuant WLS (fit + all maps): "
-          f"{results['DIPY WLS fit + MK, FA, MD'] / results['ALSQuant WLS fit + all maps']:.1f}x")
-    print(f"  DIPY OLS (fit + MK, FA, MD) / ALSQuant OLS (fit + all maps): "
-          f"{results['DIPY OLS fit + MK, FA, MD'] / results['ALSQuant OLS fit + all maps']:.1f}x")
+    print(
+        f"  DIPY WLS (fit + MK, FA, MD) / ALSQuant WLS (fit + all maps): "
+        f"{results['DIPY WLS fit + MK, FA, MD'] / results['ALSQuant WLS fit + all maps']:.1f}x"
+    )
+    print(
+        f"  DIPY OLS (fit + MK, FA, MD) / ALSQuant OLS (fit + all maps): "
+        f"{results['DIPY OLS fit + MK, FA, MD'] / results['ALSQuant OLS fit + all maps']:.1f}x"
+    )
     key = "MRtrix3 dwi2tensor -dkt (WLS, 2 iterations, 2 threads)"
     if key in results:
-        print(f"  MRtrix3 dwi2tensor -dkt / ALSQuant WLS fit (1 reweighting): {results[key] / results['ALSQuant WLS fit only']:.2f}x")
-        print(f"  MRtrix3 dwi2tensor -dkt / ALSQuant WLS fit (2 reweightings): "
-              f"{results[key] / results['ALSQuant WLS fit only, 2 reweightings']:.2f}x")
+        print(
+            f"  MRtrix3 dwi2tensor -dkt / ALSQuant WLS fit (1 reweighting): "
+            f"{results[key] / results['ALSQuant WLS fit only']:.2f}x"
+        )
+        print(
+            f"  MRtrix3 dwi2tensor -dkt / ALSQuant WLS fit (2 reweightings): "
+            f"{results[key] / results['ALSQuant WLS fit only, 2 reweightings']:.2f}x"
+        )
     ours_cwls_rate = n / results["ALSQuant CWLS fit + all maps"]
     print(f"  ALSQuant CWLS: {ours_cwls_rate:,.0f} voxels/s (fit + all maps)")
     if "dipy_cwls_voxels" in results:
@@ -171,8 +199,10 @@ def main():
 
     if not args.skip_memory:
         voxels, data_gib, before, after = peak_memory((256, 256, 28), (0.6, 0.6, 4.4))
-        print(f"\n256x256x28: {voxels} brain voxels, DWI array {data_gib:.2f} GiB; peak RSS of the process "
-              f"{before:.2f} GiB after reading, {after:.2f} GiB after fit + all maps")
+        print(
+            f"\n256x256x28: {voxels} brain voxels, DWI array {data_gib:.2f} GiB; peak RSS of the process "
+            f"{before:.2f} GiB after reading, {after:.2f} GiB after fit + all maps"
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def main():
         steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in report[inversion]["steps_s"].items())
         print(f"chain with {inversion.upper()}: {report[inversion]['total_s']:.1f} s  ({steps})")
     print(f"TV chain / TKD chain: {report['tv']['total_s'] / report['tkd']['total_s']:.2f}x")
-    print(f"peak resident memory: {report['read_peak_gib']:.2f} GiB after reading, {report['peak_gib']:.2f} GiB overall")
+    print(
+        f"peak resident memory: {report['read_peak_gib']:.2f} GiB after reading, {report['peak_gib']:.2f} GiB overall"
+    )
 
 
 if __name__ == "__main__":

@@ -59,11 +59,13 @@ class ALSClassificationWidget(PanelWidget):
         ensureDependencies()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("The ROC analysis failed."), waitCursor=True):
-            out = self.logic.analyze(p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive)
-            for name, r in out["results"]["markers"].items():
-                self.ui.logText.appendPlainText(f"{name}: AUC {r['auc']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}]")
-            for name, r in out["results"]["combinations"].items():
-                self.ui.logText.appendPlainText(f"{name}: AUC {r['auc_apparent']:.2f}, cross-validated {r['auc_cv']:.2f}")
+            out = self.logic.analyze(
+                p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive
+            )
+            from ALSQuantLib.stats import auc_text
+
+            for name, r in (out["results"]["markers"] | out["results"]["combinations"]).items():
+                self.ui.logText.appendPlainText(f"{name}: {auc_text(r)}")
             slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
             slicer.modules.plots.logic().ShowChartInLayout(out["chart"])
 
@@ -81,7 +83,9 @@ class ALSClassificationWidget(PanelWidget):
         ensureDependencies()
         with slicer.util.tryWithErrorDisplay(_("Could not diagnose the subject."), waitCursor=True):
             result = self.logic.classify(p.modelPath, p.subjectTable)
-            flags = f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
+            flags = (
+                f" (outside the training range: {', '.join(result['out_of_range'])})" if result["out_of_range"] else ""
+            )
             self.ui.logText.appendPlainText(f"P(ALS) = {result['probability']:.3f} -> {result['decision']}{flags}")
 
 
@@ -94,6 +98,7 @@ class ALSClassificationTest(ScriptedLoadableModuleTest):
 
     def test_ALSClassification_cohort(self):
         import numpy as np
+
         ensureDependencies()
         from ALSClassificationLib.logic import ALSClassificationLogic
         from ALSQuantCommonLib import nodes
@@ -103,7 +108,14 @@ class ALSClassificationTest(ScriptedLoadableModuleTest):
         rows = []
         for n, group in enumerate(["ALS"] * 20 + ["control"] * 20):
             values = phantom.draw_subject_values(group, rng)
-            rows.append({"participant_id": f"sub-{n:02d}", "group": group, "cst_mk": values["cst_mk"], "m1_ms": values["m1_chi"]})
+            rows.append(
+                {
+                    "participant_id": f"sub-{n:02d}",
+                    "group": group,
+                    "cst_mk": values["cst_mk"],
+                    "m1_ms": values["m1_chi"],
+                }
+            )
         table = nodes.tableFromRows(slicer.mrmlScene, rows, "cohort")
         out = ALSClassificationLogic().analyze(table, ["cst_mk", "m1_ms"], combinations=["cst_mk+m1_ms"])
         self.assertEqual(out["chart"].GetNumberOfPlotSeriesNodes(), 3)

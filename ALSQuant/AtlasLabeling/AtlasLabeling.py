@@ -48,7 +48,12 @@ class AtlasLabelingParameterNode:
 
 def mapNodesOf(parameterNode):
     """The maps chosen in the panel: name → node."""
-    chosen = {"mk": parameterNode.mkVolume, "fa": parameterNode.faVolume, "md": parameterNode.mdVolume, "ms": parameterNode.msVolume}
+    chosen = {
+        "mk": parameterNode.mkVolume,
+        "fa": parameterNode.faVolume,
+        "md": parameterNode.mdVolume,
+        "ms": parameterNode.msVolume,
+    }
     return {name: node for name, node in chosen.items() if node is not None}
 
 
@@ -62,12 +67,18 @@ class AtlasLabelingWidget(PanelWidget):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Atlas labelling could not start."), waitCursor=True):
             job = self.logic.process(
-                p.referenceVolume, optionsFrom(p), mapNodes=mapNodesOf(p), greMagnitudeNode=p.greMagnitudeVolume, wait=False
+                p.referenceVolume,
+                optionsFrom(p),
+                mapNodes=mapNodesOf(p),
+                greMagnitudeNode=p.greMagnitudeVolume,
+                wait=False,
             )
             self.monitor.start(job, self.showResult)
 
     def showResult(self, outputs):
-        slicer.util.setSliceViewerLayers(background=self._parameterNode.referenceVolume, label=outputs["labels"], fit=True)
+        slicer.util.setSliceViewerLayers(
+            background=self._parameterNode.referenceVolume, label=outputs["labels"], fit=True
+        )
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(outputs["table"].GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
@@ -84,6 +95,7 @@ class AtlasLabelingTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+
         ensureDependencies()
         from ALSQuantCommonLib import nodes, sample
         from ALSQuantLib import phantom

@@ -28,7 +28,9 @@ class DKIReconstruction(ScriptedLoadableModule):
             ),
             "dki-reconstruction",
         )
-        self.parent.acknowledgementText = _("Fit equations after DIPY and Tabesh et al. 2011; runs in a background process.")
+        self.parent.acknowledgementText = _(
+            "Fit equations after DIPY and Tabesh et al. 2011; runs in a background process."
+        )
 
 
 @parameterNodeWrapper
@@ -85,6 +87,7 @@ class DKIReconstructionTest(ScriptedLoadableModuleTest):
 
     def test_DKIReconstruction_phantom(self):
         import numpy as np
+
         ensureDependencies()
         from ALSQuantCommonLib import nodes, sample
         from ALSQuantLib import phantom

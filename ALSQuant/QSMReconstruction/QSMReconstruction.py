@@ -79,7 +79,9 @@ class QSMReconstructionWidget(PanelWidget):
                 maskNode=p.maskVolume,
                 wait=False,
             )
-            self.monitor.start(job, lambda outputs: slicer.util.setSliceViewerLayers(background=outputs["susceptibility"], fit=True))
+            self.monitor.start(
+                job, lambda outputs: slicer.util.setSliceViewerLayers(background=outputs["susceptibility"], fit=True)
+            )
 
 
 class QSMReconstructionTest(ScriptedLoadableModuleTest):
@@ -91,12 +93,15 @@ class QSMReconstructionTest(ScriptedLoadableModuleTest):
 
     def test_QSMReconstruction_phantom(self):
         import numpy as np
+
         ensureDependencies()
         from ALSQuantCommonLib import nodes, sample
         from QSMReconstructionLib.logic import QSMReconstructionLogic
 
         subject = sample.loadSampleSubject(slicer.mrmlScene)
-        out = QSMReconstructionLogic().process(subject.magnitude, subject.phase, subject.echoTimes, subject.fieldStrength)
+        out = QSMReconstructionLogic().process(
+            subject.magnitude, subject.phase, subject.echoTimes, subject.fieldStrength
+        )
         chi, affine = nodes.imageFromVolume(out["susceptibility"])
         np.testing.assert_allclose(affine, nodes.ijkToRas(subject.phase[0]))
         self.assertLess(float(np.abs(chi).max()), 2.0)

@@ -15,7 +15,15 @@ The package, by job: `tables` (label tables), `definitions` (built-in atlases an
 masks, ROI statistics, the cortex core, quality flags) and `labeling` (`LabelingOptions` and `label_subject`).
 """
 
-from .definitions import BUILTIN_ATLASES, STUDY_MAPS, Atlas, AtlasDefinition, Region, label_json_regions, load_regions_json
+from .definitions import (
+    BUILTIN_ATLASES,
+    STUDY_MAPS,
+    Atlas,
+    AtlasDefinition,
+    Region,
+    label_json_regions,
+    load_regions_json,
+)
 from .labeling import ATLAS_SOURCES_HELP, Labeling, LabelingOptions, atlas_for, label_subject
 from .measure import (
     cortex_core,

@@ -7,6 +7,7 @@ from .. import io
 from ..errors import InputError
 from .tables import LabelTable
 
+
 @dataclass(frozen=True)
 class Region:
     """A named region: labels of one atlas per side. ``labels`` maps side ("left", "right", "both") → values.
@@ -41,7 +42,9 @@ def _regions_from_json(entries, where):
         try:
             labels = {side: tuple(int(v) for v in values) for side, values in entry["labels"].items()}
             regions.append(
-                Region(entry["name"], labels, entry.get("kind", "white_matter"), bool(entry.get("split_hemisphere", False)))
+                Region(
+                    entry["name"], labels, entry.get("kind", "white_matter"), bool(entry.get("split_hemisphere", False))
+                )
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise InputError(f"{where}: entry {entry!r} is not a region ({err})") from None
@@ -100,7 +103,9 @@ def load_regions_json(path, atlas_name=None):
             continue
         try:
             labels = {side: tuple(int(v) for v in values) for side, values in entry["labels"].items()}
-            regions[entry["name"]] = Region(entry["name"], labels, entry.get("kind", "white_matter"), bool(entry.get("split_hemisphere", False)))
+            regions[entry["name"]] = Region(
+                entry["name"], labels, entry.get("kind", "white_matter"), bool(entry.get("split_hemisphere", False))
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"regions file {path}: entry {entry!r} is not a region ({err})") from None
     if not regions:
@@ -111,8 +116,13 @@ def load_regions_json(path, atlas_name=None):
 def label_json_regions(atlas):
     """The atlas's regions as a JSON-ready dict (the format `load_regions_json` reads)."""
     regions = [
-        {"name": r.name, "atlas": atlas.name, "labels": {side: list(values) for side, values in r.labels.items()},
-         "kind": r.kind, "split_hemisphere": r.split_hemisphere}
+        {
+            "name": r.name,
+            "atlas": atlas.name,
+            "labels": {side: list(values) for side, values in r.labels.items()},
+            "kind": r.kind,
+            "split_hemisphere": r.split_hemisphere,
+        }
         for r in atlas.regions.values()
-    ]  # fmt: skip
+    ]
     return {"regions": regions}

@@ -51,7 +51,11 @@ class LabelingOptions:
     )
     rois: tuple = option(("CST", "M1"), "regions to measure, separated by commas")
     erosion_voxels: int = option(
-        0, "erode region masks by this many voxels before measuring", unit="voxels", flag="--roi-erosion", aliases=("--erosion",)
+        0,
+        "erode region masks by this many voxels before measuring",
+        unit="voxels",
+        flag="--roi-erosion",
+        aliases=("--erosion",),
     )
     fa_threshold: float = option(0.2, "white-matter regions keep voxels with FA at least this (needs an FA map)")
     cortex_segmentation: bool = option(
@@ -69,7 +73,7 @@ class LabelingOptions:
 
 
 def atlas_for(options):
-    """The atlas that `options` name, resolved to files (`find_atlas`), with the regions of ``regions_json`` if given."""
+    """The atlas that `options` name, resolved to files (`find_atlas`), with ``regions_json``'s regions if given."""
     check_choices(options)
     atlas = find_atlas(
         options.atlas, atlas_dir=options.atlas_dir, template=options.template, sources=options.atlas_sources
@@ -144,8 +148,9 @@ def _grey_matter(options, atlas, gre, gre_affine, tissue_mask):
     return masks.grey_matter_mask(gre, brain, seed=options.seed), gre_affine
 
 
-def _register_and_propagate(reference, reference_affine, atlas, labels, labels_affine, options, gre, gre_affine,
-                            keep_transforms, progress):  # fmt: skip
+def _register_and_propagate(
+    reference, reference_affine, atlas, labels, labels_affine, options, gre, gre_affine, keep_transforms, progress
+):
     """Register the reference to the template, bring the labels to the reference's (and the GRE's) grid; return
     (space → (labels, affine), template correlation, kept transform files)."""
     use_fa = options.reference_contrast == "FA" and atlas.template_fa is not None
@@ -267,11 +272,21 @@ def label_subject(
         if grey is not None and geometry.same_grid(grey[0].shape, grey[1], shape, affine):
             grey_matter[space] = grey
             label_image, measured, lost = _restrict_cortex(
-                atlas, label_image, region_masks_here, grey[0], geometry.voxel_sizes(affine), options.cortex_margin_mm, space
+                atlas,
+                label_image,
+                region_masks_here,
+                grey[0],
+                geometry.voxel_sizes(affine),
+                options.cortex_margin_mm,
+                space,
             )
             emptied += lost
         written[space] = (label_image, affine)
-        here = {name: image for name, (image, image_affine) in maps.items() if geometry.same_grid(image.shape, image_affine, shape, affine)}
+        here = {
+            name: image
+            for name, (image, image_affine) in maps.items()
+            if geometry.same_grid(image.shape, image_affine, shape, affine)
+        }
         statistics = roi_statistics(
             here,
             measured,

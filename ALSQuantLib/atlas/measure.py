@@ -5,6 +5,7 @@ from scipy import ndimage
 
 from .. import geometry
 
+
 def region_masks(labels, affine, atlas, region_names, *, template_midline_x=None):
     """Boolean masks per (region, side) for a label image in some space.
 
@@ -36,6 +37,7 @@ def split_labels_by_hemisphere(labels, affine, atlas):
                 out[(labels == value) & (world_x > atlas.midline_x_mm)] = value + 1000
     return out
 
+
 def region_values(atlas, region_name, side):
     """Label values of a region's side in a label image made by `split_labels_by_hemisphere`."""
     region = atlas.region(region_name)
@@ -43,6 +45,7 @@ def region_values(atlas, region_name, side):
         base = region.labels["both"]
         return base if side == "left" else tuple(v + 1000 for v in base)
     return region.labels[side]
+
 
 def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_threshold=0.2, kinds=None):
     """Tidy statistics: one row per region × side × map.
@@ -79,7 +82,12 @@ def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_thr
             stats = dict(n=int(v.size), mean=np.nan, median=np.nan, sd=np.nan, iqr=np.nan)
             if v.size:
                 q1, q3 = np.percentile(v, [25, 75])
-                stats.update(mean=float(v.mean()), median=float(np.median(v)), sd=float(v.std(ddof=1)) if v.size > 1 else 0.0, iqr=float(q3 - q1))
+                stats.update(
+                    mean=float(v.mean()),
+                    median=float(np.median(v)),
+                    sd=float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                    iqr=float(q3 - q1),
+                )
             rows.append({"subject": subject, "region": region, "side": side, "map": name, **stats, "eroded": eroded})
     return rows
 

@@ -29,7 +29,9 @@ def load_ants():
 
 def to_ants(data, affine):
     origin, spacing, direction = geometry.itk_from_affine(affine)
-    return load_ants().from_numpy(np.ascontiguousarray(data, dtype=np.float32), origin=origin, spacing=spacing, direction=direction)
+    return load_ants().from_numpy(
+        np.ascontiguousarray(data, dtype=np.float32), origin=origin, spacing=spacing, direction=direction
+    )
 
 
 def from_ants(image):
@@ -76,7 +78,9 @@ def register(subject, subject_affine, template, template_affine, *, transform="S
     previous = antspyx.config._random_seed
     antspyx.config._random_seed = int(random_seed) + 1
     try:
-        result = antspyx.registration(fixed=fixed, moving=moving, type_of_transform=transform, outprefix=str(workdir / "reg_"))
+        result = antspyx.registration(
+            fixed=fixed, moving=moving, type_of_transform=transform, outprefix=str(workdir / "reg_")
+        )
     finally:
         antspyx.config._random_seed = previous
     similarity = float(antspyx.image_similarity(fixed, result["warpedmovout"], metric_type="Correlation"))

@@ -93,12 +93,14 @@ def fetch_atlas(name, sources, cache_dir=None):
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}")
     if str(sources) == OFFICIAL:
         sources, where = official_sources(name), f"official atlas sources of {name}"
-        log.info("atlas %s from %s. %s. Cite: %s", name, sources["distributor"], sources["licence"], sources["citation"])
+        log.info(
+            "atlas %s from %s. %s. Cite: %s", name, sources["distributor"], sources["licence"], sources["citation"]
+        )
     else:
         where = "atlas sources" if isinstance(sources, dict) else f"atlas sources {sources}"
     files = (sources if isinstance(sources, dict) else io.read_json(sources)).get("files")
     if not isinstance(files, dict):
-        raise InputError(f"{where}: expected {{\"files\": {{name: {{\"url\": ..., \"sha256\": ...}}}}}}")
+        raise InputError(f'{where}: expected {{"files": {{name: {{"url": ..., "sha256": ...}}}}}}')
     definition = BUILTIN_ATLASES[name]
     tables = table_names(definition)
     table = next((t for t in tables if t in files), tables[0])
@@ -109,7 +111,11 @@ def fetch_atlas(name, sources, cache_dir=None):
     folder = Path(cache_dir or default_cache_dir()) / "atlases" / name
     for filename in needed + (["template_FA.nii.gz"] if "template_FA.nii.gz" in files else []):
         entry = files[filename]
-        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or len(str(entry.get("sha256", ""))) != 64:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("url"), str)
+            or len(str(entry.get("sha256", ""))) != 64
+        ):
             raise InputError(f"{where}: entry {filename!r} needs a url and a 64-digit sha256")
         fetch(entry["url"], entry["sha256"].lower(), folder, filename=filename)
     return folder

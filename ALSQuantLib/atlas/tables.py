@@ -90,7 +90,14 @@ def read_label_table(path):
     path = Path(path)
     if path.suffix.lower() == ".xml":
         return read_fsl_xml(path)
-    first = next((line for line in io._existing(path, "label table").read_text().splitlines() if line.strip() and not line.startswith("#")), "")
+    first = next(
+        (
+            line
+            for line in io._existing(path, "label table").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ),
+        "",
+    )
     if first.split() and first.split()[0].isdigit():
         return read_color_table(path)
     return read_index_table(path)

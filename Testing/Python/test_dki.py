@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ALSQuantLib import cli, dki, io, phantom, provenance
-from ALSQuantLib.masks import brain_mask_from_b0
 from ALSQuantLib.errors import InputError
+from ALSQuantLib.masks import brain_mask_from_b0
 
 BVALS, BVECS = phantom.acquisition_scheme()  # the study's protocol: b = 0 (x2), 1000, 2500; 20 directions
 
@@ -46,7 +46,9 @@ def multi_tensor_voxels(n, seed):
         extra = [rng.uniform(1.0e-3, 1.8e-3), rng.uniform(0.4e-3, 0.9e-3), rng.uniform(0.4e-3, 0.9e-3)]
         angles = [(rng.uniform(0, 180), rng.uniform(0, 360)) for _ in range(2)]
         f = rng.uniform(0.3, 0.6)
-        signal, dt, kt = multi_tensor_dki(table, np.array([intra, extra]), S0=1000, angles=angles, fractions=[f * 100, (1 - f) * 100], snr=None)
+        signal, dt, kt = multi_tensor_dki(
+            table, np.array([intra, extra]), S0=1000, angles=angles, fractions=[f * 100, (1 - f) * 100], snr=None
+        )
         signals.append(signal)
         dts.append(dt)
         kts.append(kt)
@@ -96,9 +98,14 @@ def test_measures_agree_with_dipy_on_the_same_tensors():
     rng = np.random.default_rng(2)
     n = 3000
     signal = phantom.dki_signal(
-        BVALS, BVECS, rng.uniform(0, 0.8, n), rng.uniform(0.6e-3, 1.2e-3, n), rng.uniform(0.4, 1.4, n),
-        rng.normal(size=(n, 3)) / np.sqrt(3), 1000.0,
-    )  # fmt: skip
+        BVALS,
+        BVECS,
+        rng.uniform(0, 0.8, n),
+        rng.uniform(0.6e-3, 1.2e-3, n),
+        rng.uniform(0.4, 1.4, n),
+        rng.normal(size=(n, 3)) / np.sqrt(3),
+        1000.0,
+    )
     noisy = np.sqrt((signal + rng.normal(0, 30, signal.shape)) ** 2 + rng.normal(0, 30, signal.shape) ** 2)
     fit = dki.DKIModel(BVALS, BVECS, fit_method="WLS").fit(noisy)
     params = fit.dipy_params()
@@ -175,8 +182,17 @@ def test_constrained_fit_keeps_wm_mk_physical_where_wls_does_not():
             w = np.exp(2 * model.design @ x_wls)
             w /= w.max()
             x_wls = np.linalg.lstsq(model.design * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
-        objective = lambda x: np.sum(w * (model.design @ x - y) ** 2)  # noqa: E731
-        ref = minimize(objective, x_wls, constraints={"type": "ineq", "fun": lambda x: model.constraints @ x}, method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000})
+
+        def objective(x, w=w, y=y):
+            return np.sum(w * (model.design @ x - y) ** 2)
+
+        ref = minimize(
+            objective,
+            x_wls,
+            constraints={"type": "ineq", "fun": lambda x: model.constraints @ x},
+            method="SLSQP",
+            options={"ftol": 1e-14, "maxiter": 1000},
+        )
         ours = dki.DKIModel(BVALS, BVECS, fit_method="CWLS").fit(signal[None])
         ours_x = ours._params[0]
         assert objective(ours_x) <= ref.fun * (1 + 1e-4) + 1e-12
@@ -188,11 +204,13 @@ def test_input_checks():
         dki.DKIModel(one_shell, BVECS)
     with pytest.warns(UserWarning, match="fitting DTI only"):
         model = dki.DKIModel(one_shell, BVECS, dti_only=True)
-    signal = phantom.dki_signal(one_shell, BVECS, np.array([0.5]), np.array([0.8e-3]), np.array([0.0]), np.array([[1.0, 0, 0]]), 1000.0)
+    signal = phantom.dki_signal(
+        one_shell, BVECS, np.array([0.5]), np.array([0.8e-3]), np.array([0.0]), np.array([[1.0, 0, 0]]), 1000.0
+    )
     fit = model.fit(signal)
     assert fit.fa[0] == pytest.approx(0.5, abs=1e-6) and fit.md[0] == pytest.approx(0.8e-3, rel=1e-6)
     with pytest.raises(InputError, match="MK is not available"):
-        fit.mk
+        _ = fit.mk
     few = np.concatenate([[0.0], np.full(10, 1000.0), np.full(10, 2500.0)])
     dirs = phantom.gradient_directions(10)
     with pytest.raises(InputError, match="10 directions"):
@@ -335,5 +353,8 @@ def test_dki_command_errors(tmp_path, capsys):
     assert cli.main(["dki", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     assert "file not found" in capsys.readouterr().err
     io.save_image(tmp_path / "small_mask.nii.gz", np.ones((4, 4, 4)), np.eye(4), dtype=np.uint8)
-    assert cli.main(["dki", str(dwi_path), "--mask", str(tmp_path / "small_mask.nii.gz"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(["dki", str(dwi_path), "--mask", str(tmp_path / "small_mask.nii.gz"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "does not match the DWI's" in capsys.readouterr().err

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ALSQuantLib
 import pytest
+
+import ALSQuantLib
 
 FORBIDDEN = {"slicer", "qt", "ctk", "vtk", "PythonQt", "vtkmodules", "mrml"}
 LIB_DIR = Path(ALSQuantLib.__file__).parent
@@ -83,10 +84,24 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert (tmp_path / "demo" / "roc" / "report.html").is_file()
     assert (tmp_path / "demo" / "demo_summary.txt").read_text() in out
     # run-cohort's table feeds `alsquant roc` as it is.
-    roc_args = ["roc", str(tmp_path / "demo" / "pipeline" / "cohort.csv"), "--subject-column", "participant_id",
-                "--markers", "cst_mk", "m1_ms", "--combine", "cst_mk+m1_ms", "--out", str(tmp_path / "roc")]  # fmt: skip
+    roc_args = [
+        "roc",
+        str(tmp_path / "demo" / "pipeline" / "cohort.csv"),
+        "--subject-column",
+        "participant_id",
+        "--markers",
+        "cst_mk",
+        "m1_ms",
+        "--combine",
+        "cst_mk+m1_ms",
+        "--out",
+        str(tmp_path / "roc"),
+    ]
     assert cli.main(roc_args) == 0
-    assert io.read_json(tmp_path / "roc" / "results.json")["markers"]["cst_mk"]["auc"] == results["markers"]["cst_mk"]["auc"]
+    assert (
+        io.read_json(tmp_path / "roc" / "results.json")["markers"]["cst_mk"]["auc"]
+        == results["markers"]["cst_mk"]["auc"]
+    )
     capsys.readouterr()
     # A second run finds the cohort and every stage current, and gives the same numbers.
     assert cli.main(["demo", "--als", "3", "--controls", "3", "--out", str(tmp_path / "demo")]) == 0
@@ -95,3 +110,65 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert io.read_table(tmp_path / "demo" / "markers.csv") == measured
     assert cli.main(["demo", "--als", "2", "--out", str(tmp_path / "small")]) == 2
     assert not (tmp_path / "small").exists()  # refused before any work
+
+
+# The library's layers, lowest first: a module imports only from layers below its own (the atlas package's modules
+# also import each other). The simulator is test infrastructure: only the demo and the command line import it.
+LAYERS = (
+    {"errors"},
+    {"progress", "options", "geometry"},
+    {"io", "dipole", "metrics", "provenance", "masks"},
+    {"dki", "qsm", "atlas", "stats"},
+    {"workflows", "report"},
+    {"pipeline"},
+    {"phantom"},
+    {"demo"},
+    {"cli"},
+)
+SIMULATION_USERS = {"demo", "cli"}
+
+
+def _library_imports():
+    """(importing module, imported module) for every relative import of the library, at any depth."""
+    pairs = []
+    for path in LIB_DIR.rglob("*.py"):
+        relative = path.relative_to(LIB_DIR)
+        in_package = len(relative.parts) > 1
+        owner = relative.parts[0] if in_package else path.stem
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            if in_package and node.level == 1:
+                continue  # a sibling inside the package
+            names = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+            pairs += [(owner, name) for name in names if name not in ("__init__",)]
+    return pairs
+
+
+def test_library_imports_go_one_way():
+    layer = {name: n for n, names in enumerate(LAYERS) for name in names}
+    modules = {p.stem for p in LIB_DIR.glob("*.py")} | {
+        p.name for p in LIB_DIR.iterdir() if (p / "__init__.py").is_file()
+    }
+    assert modules - {"__init__"} == set(layer), "every library module has a layer"
+    upward = [(a, b) for a, b in _library_imports() if b in layer and layer[b] >= layer[a] and a != b]
+    assert upward == []
+    assert {a for a, b in _library_imports() if b == "phantom"} <= SIMULATION_USERS
+
+
+def test_slicer_modules_do_not_reach_into_the_command_line():
+    for path in (PROJECT / "ALSQuant").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in imported if m.startswith(("ALSQuantLib.cli", "ALSQuantLib.demo"))}, path
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_code_is_linted_and_formatted(command):
+    """The house rules (pyproject.toml's [tool.ruff]: line length 120, pycodestyle, pyflakes, import order,
+    bugbear, pyupgrade) hold for every Python file."""
+    ruff = Path(sys.executable).parent / "ruff"
+    if not ruff.exists():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    result = subprocess.run([str(ruff), *command, str(PROJECT)], capture_output=True, text=True, cwd=PROJECT)
+    assert result.returncode == 0, result.stdout + result.stderr

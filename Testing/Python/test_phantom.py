@@ -140,7 +140,9 @@ def test_oblique_gre_uses_b0_in_voxel_axes():
     np.testing.assert_allclose(subject.gre.b0_direction, [0.0, np.sin(np.deg2rad(25)), np.cos(np.deg2rad(25))])
     chi = subject.truth_gre["chi"]
     brain = subject.truth_gre["label"] > 0
-    expected = dipole.forward_field(np.where(brain, chi, 0), geometry.voxel_sizes(subject.gre.affine), subject.gre.b0_direction)
+    expected = dipole.forward_field(
+        np.where(brain, chi, 0), geometry.voxel_sizes(subject.gre.affine), subject.gre.b0_direction
+    )
     np.testing.assert_allclose(subject.truth_gre["local_field"], expected, atol=1e-6)
 
 

@@ -37,9 +37,23 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     inputs = pipeline.find_subject(folder, "sub-01")
     before = _checksums(folder / "sub-01")
     out = tmp_path / "sub-01"
-    args = ["run-subject", "--dwi", str(inputs.dwi), "--gre-magnitude", *map(str, inputs.gre_magnitude),
-            "--gre-phase", *map(str, inputs.gre_phase), "--atlas", "phantom",
-            "--atlas-dir", str(folder / phantom.TRUTH_DIR / "template"), "--subject", "sub-01", "--out", str(out)]  # fmt: skip
+    args = [
+        "run-subject",
+        "--dwi",
+        str(inputs.dwi),
+        "--gre-magnitude",
+        *map(str, inputs.gre_magnitude),
+        "--gre-phase",
+        *map(str, inputs.gre_phase),
+        "--atlas",
+        "phantom",
+        "--atlas-dir",
+        str(folder / phantom.TRUTH_DIR / "template"),
+        "--subject",
+        "sub-01",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     assert "stages run: dki, qsm, label" in capsys.readouterr().out
     markers = io.read_json(out / "markers.json")
@@ -48,7 +62,11 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     assert markers["cst_md"] == pytest.approx(float(true["cst_md"]), rel=0.03)
     assert 0 < markers["m1_ms"] < float(true["m1_chi"])  # positive, and underestimated (test_qsm measures the slope)
     assert markers["qc_passed"]
-    for stage, names in (("dki", ["mk", "fa", "md", "mask"]), ("qsm", ["susceptibility", "local_field", "mask"]), ("label", ["labels_reference", "labels_gre"])):
+    for stage, names in (
+        ("dki", ["mk", "fa", "md", "mask"]),
+        ("qsm", ["susceptibility", "local_field", "mask"]),
+        ("label", ["labels_reference", "labels_gre"]),
+    ):
         for name in names:
             assert (out / stage / f"{name}.nii.gz").exists()
     _, chi_affine = io.load_image(out / "qsm" / "susceptibility.nii.gz")
@@ -84,8 +102,21 @@ def test_run_cohort_resumes_after_a_kill_and_reports_a_failing_subject(cohort, t
     bval.write_text(" ".join(bval.read_text().split()[:5]) + "\n")
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "ALSQuantLib.cli", "run-cohort", str(broken), "--out", str(out), "--workers", "2",
-               "--atlas", "phantom", "--atlas-dir", str(folder / phantom.TRUTH_DIR / "template")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "ALSQuantLib.cli",
+        "run-cohort",
+        str(broken),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--atlas",
+        "phantom",
+        "--atlas-dir",
+        str(folder / phantom.TRUTH_DIR / "template"),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(out.glob("subjects/*/markers.json")) and time.monotonic() < deadline and process.poll() is None:
@@ -115,10 +146,17 @@ def test_run_cohort_on_a_dask_cluster_gives_the_local_results(cohort, tmp_path):
     distributed = pytest.importorskip("distributed")
     folder, _ = cohort
     subjects = ["sub-02", "sub-03"]
-    local = pipeline.run_cohort(folder, tmp_path / "local", _options(folder), workers=2, subjects=subjects, echo=lambda line: None)
+    local = pipeline.run_cohort(
+        folder, tmp_path / "local", _options(folder), workers=2, subjects=subjects, echo=lambda line: None
+    )
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = pipeline.run_cohort(
-            folder, tmp_path / "dask", _options(folder), scheduler=cluster.scheduler_address, subjects=subjects, echo=lambda line: None
+            folder,
+            tmp_path / "dask",
+            _options(folder),
+            scheduler=cluster.scheduler_address,
+            subjects=subjects,
+            echo=lambda line: None,
         )
     assert not remote.failures and len(remote.rows) == 2
     assert remote.rows == local.rows  # single-threaded ANTs with a fixed seed: the same numbers everywhere
@@ -155,14 +193,20 @@ def test_a_worker_that_dies_is_reported_and_the_run_goes_on(cohort, tmp_path):
     folder, _ = cohort
     result = {}
     thread = threading.Thread(
-        target=lambda: result.update(r=pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None))
+        target=lambda: result.update(
+            r=pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None)
+        )
     )
     before = set(_children(os.getpid()))
     thread.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "out").glob("subjects/*/dki")):
         time.sleep(0.1)  # the workers are at work
-    workers = [pid for pid in _children(os.getpid()) if pid not in before and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    workers = [
+        pid
+        for pid in _children(os.getpid())
+        if pid not in before and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     assert workers
     os.kill(workers[0], signal.SIGKILL)
     thread.join(300)

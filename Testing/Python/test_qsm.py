@@ -87,7 +87,9 @@ def test_echo_times_in_milliseconds_are_refused():
         qsm.combine_echoes(np.zeros((4, 4, 4, 2)), np.ones((4, 4, 4, 2)), [4.0, 8.0], 3.0)
 
 
-@pytest.mark.parametrize("voxel_size, b0", [((1.0, 1.0, 1.0), (0, 0, 1.0)), ((0.8, 0.8, 1.6), (0, np.sin(0.4), np.cos(0.4)))])
+@pytest.mark.parametrize(
+    "voxel_size, b0", [((1.0, 1.0, 1.0), (0, 0, 1.0)), ((0.8, 0.8, 1.6), (0, np.sin(0.4), np.cos(0.4)))]
+)
 def test_inversions_on_an_analytic_sphere(voxel_size, b0, capsys):
     chi, field, r, radius = sphere_case(voxel_size, b0)
     mask = r < 3 * radius
@@ -96,10 +98,18 @@ def test_inversions_on_an_analytic_sphere(voxel_size, b0, capsys):
     for method in qsm.INVERSION_METHODS:
         estimate = qsm.reference(qsm.dipole_inversion(field, mask, voxel_size, b0_direction=b0, method=method), mask)
         contrast = estimate[r < radius - 2].mean() - estimate[(r > radius + 3) & mask].mean()
-        scores[method] = (metrics.nrmse(estimate, truth, mask), metrics.hfen(estimate, truth, mask), metrics.xsim(estimate, truth, mask), contrast)
+        scores[method] = (
+            metrics.nrmse(estimate, truth, mask),
+            metrics.hfen(estimate, truth, mask),
+            metrics.xsim(estimate, truth, mask),
+            contrast,
+        )
     with capsys.disabled():
         for method, (n, h, x, c) in scores.items():
-            print(f"\n  sphere {voxel_size} {method}: NRMSE {n:.1f} %, HFEN {h:.1f} %, XSIM {x:.3f}, contrast {c:.3f} (true 0.200)")
+            print(
+                f"\n  sphere {voxel_size} {method}: NRMSE {n:.1f} %, HFEN {h:.1f} %, XSIM {x:.3f}, contrast "
+                f"{c:.3f} (true 0.200)"
+            )
     assert scores["tv"][0] < scores["tkd"][0] and scores["tv"][0] < scores["cg"][0]
     assert scores["tv"][3] == pytest.approx(0.2, abs=0.02)
 
@@ -117,14 +127,26 @@ def test_inversions_on_the_phantom_from_its_true_local_field(capsys):
     m1 = np.isin(subject.truth_gre["label"], phantom.REGIONS["M1"]) & mask
     scores = {}
     for method in qsm.INVERSION_METHODS:
-        estimate = qsm.reference(qsm.dipole_inversion(local, mask, voxel_size, b0_direction=gre.b0_direction, method=method), mask)
-        scores[method] = (metrics.nrmse(estimate, truth, mask), estimate[m1].mean() - truth[m1].mean(),
-                          metrics.hfen(estimate, truth, mask), metrics.xsim(estimate, truth, mask))  # fmt: skip
+        estimate = qsm.reference(
+            qsm.dipole_inversion(local, mask, voxel_size, b0_direction=gre.b0_direction, method=method), mask
+        )
+        scores[method] = (
+            metrics.nrmse(estimate, truth, mask),
+            estimate[m1].mean() - truth[m1].mean(),
+            metrics.hfen(estimate, truth, mask),
+            metrics.xsim(estimate, truth, mask),
+        )
     wrong_b0 = qsm.reference(qsm.dipole_inversion(local, mask, voxel_size, b0_direction=(0, 0, 1), method="tv"), mask)
     with capsys.disabled():
         for method, (n, m1_error, h, x) in scores.items():
-            print(f"\n  phantom, true local field, {method}: NRMSE {n:.1f} %, HFEN {h:.1f} %, XSIM {x:.3f}, M1 mean error {m1_error:+.3f} ppm")
-        print(f"  the same with B0 taken as (0, 0, 1) instead of the oblique truth: NRMSE {metrics.nrmse(wrong_b0, truth, mask):.1f} %")
+            print(
+                f"\n  phantom, true local field, {method}: NRMSE {n:.1f} %, HFEN {h:.1f} %, XSIM {x:.3f}, M1 "
+                f"mean error {m1_error:+.3f} ppm"
+            )
+        print(
+            f"  the same with B0 taken as (0, 0, 1) instead of the oblique truth: NRMSE "
+            f"{metrics.nrmse(wrong_b0, truth, mask):.1f} %"
+        )
     assert scores["tv"][0] < scores["cg"][0] and scores["tv"][0] < scores["tkd"][0]
     # TV with the data term inside the mask only: measured 13.0 % and −0.002 ppm (before the phantom had sulci,
     # 13.4 % and −0.005 ppm, and 35 % and −0.046 ppm when the field outside the mask was fitted as zero)
@@ -158,8 +180,12 @@ def test_real_multi_echo_gre_runs_and_is_plausible(shared_data, capsys):
     result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(unwrap="path", background="pdf", inversion="tv"))
     chi = result.susceptibility[result.mask]
     with capsys.disabled():
-        print(f"\n  ROMEO GRE: {result.parameters['phase_scaling']}; mask {result.mask.sum()} voxels; "
-              f"χ 1st/50th/99th percentile {np.percentile(chi, 1):.3f}/{np.median(chi):.3f}/{np.percentile(chi, 99):.3f} ppm")
+        print(
+            f"\n  ROMEO GRE: {result.parameters['phase_scaling']}; mask {result.mask.sum()} voxels; "
+            f""
+            f"χ 1st/50th/99th percentile "
+            f"{np.percentile(chi, 1):.3f}/{np.median(chi):.3f}/{np.percentile(chi, 99):.3f} ppm"
+        )
     assert "rescaled" in result.parameters["phase_scaling"]
     assert np.all(np.isfinite(result.susceptibility)) and result.mask.sum() > 1000
     assert -0.5 < np.percentile(chi, 1) and np.percentile(chi, 99) < 0.5  # brain tissue lies within ±0.5 ppm
@@ -171,7 +197,17 @@ def test_qsm_command_writes_outputs_with_input_geometry(tmp_path):
     phantom.write_subject(tmp_path / "ds", "sub-01", subject, config)
     anat = tmp_path / "ds" / "sub-01" / "anat"
     out = tmp_path / "qsm"
-    code = cli.main(["qsm", "--magnitude", str(anat / "sub-01_part-mag_T2starw.nii.gz"), "--phase", str(anat / "sub-01_part-phase_T2starw.nii.gz"), "--out", str(out)])
+    code = cli.main(
+        [
+            "qsm",
+            "--magnitude",
+            str(anat / "sub-01_part-mag_T2starw.nii.gz"),
+            "--phase",
+            str(anat / "sub-01_part-phase_T2starw.nii.gz"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     for name in ("susceptibility", "local_field", "mask"):
         data, affine = io.load_image(out / f"{name}.nii.gz")
@@ -180,8 +216,25 @@ def test_qsm_command_writes_outputs_with_input_geometry(tmp_path):
     record = io.read_json(out / "provenance.json")
     assert record["results"]["echo_times_s"] == [0.015] and record["options"]["inversion"] == "tv"
     assert "phase_1_sidecar" in record["inputs"]  # echo time and field strength came from it
-    np.testing.assert_allclose(record["results"]["b0_direction_voxel"], [0, np.sin(np.deg2rad(10)), np.cos(np.deg2rad(10))], atol=1e-6)
-    assert cli.main(["qsm", "--magnitude", str(anat / "sub-01_part-mag_T2starw.nii.gz"), "--phase", str(anat / "sub-01_part-phase_T2starw.nii.gz"), "--te", "15", "--out", str(out)]) == 2
+    np.testing.assert_allclose(
+        record["results"]["b0_direction_voxel"], [0, np.sin(np.deg2rad(10)), np.cos(np.deg2rad(10))], atol=1e-6
+    )
+    assert (
+        cli.main(
+            [
+                "qsm",
+                "--magnitude",
+                str(anat / "sub-01_part-mag_T2starw.nii.gz"),
+                "--phase",
+                str(anat / "sub-01_part-phase_T2starw.nii.gz"),
+                "--te",
+                "15",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_tv_gradient_and_its_adjoint():
@@ -223,8 +276,11 @@ def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
     slope, intercept = np.polyfit(truth, measured, 1)
     correlation = np.corrcoef(truth, measured)[0, 1]
     with capsys.disabled():
-        print(f"\n  whole chain, M1 mean over 6 subjects: correlation with the truth {correlation:.3f}, slope {slope:.2f}, "
-              f"intercept {intercept:+.3f} ppm, mean error {np.mean(measured - truth):+.3f} ppm")
+        print(
+            f"\n  whole chain, M1 mean over 6 subjects: correlation with the truth {correlation:.3f}, slope "
+            f"{slope:.2f}, "
+            f"intercept {intercept:+.3f} ppm, mean error {np.mean(measured - truth):+.3f} ppm"
+        )
     assert correlation > 0.9  # measured 0.995 (0.988 before the phantom had sulci)
     # measured 0.73 (0.69 before the phantom had sulci; 0.61 with V-SHARP radii down to 4 mm only): the cortex is
     # underestimated

@@ -6,8 +6,8 @@ import dataclasses
 import re
 import subprocess
 import sys
-from dataclasses import replace
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from importlib import metadata
 
 import numpy as np
@@ -25,7 +25,9 @@ PANELS = MODULE_NAMES[1:]
 @pytest.fixture(scope="module")
 def subject():
     """One simulated ALS subject, three echoes (so multi-echo inputs are exercised)."""
-    return phantom.simulate_subject("ALS", 21, phantom.with_overrides(phantom.PhantomConfig(), echo_times=(0.005, 0.010, 0.015)))
+    return phantom.simulate_subject(
+        "ALS", 21, phantom.with_overrides(phantom.PhantomConfig(), echo_times=(0.005, 0.010, 0.015))
+    )
 
 
 def _ijk_to_ras(node):
@@ -39,6 +41,7 @@ def _ijk_to_ras(node):
 # ----------------------------------------------------------------------------------------------------------------
 def test_dwi_node_round_trip_honours_the_measurement_frame(module_logic, mrml_scene, subject):
     import slicer
+
     from ALSQuantCommonLib import nodes
 
     node = nodes.dwiNodeFromDWI(mrml_scene, subject.dwi, "dwi")
@@ -107,9 +110,15 @@ def test_qsm_logic_per_echo_nodes_and_a_vector_volume_agree(module_logic, mrml_s
     m1 = np.isin(subject.truth_gre["label"], phantom.REGIONS["M1"]) & mask
     deep = np.isin(subject.truth_gre["label"], (phantom.DEEP_GM_LEFT, phantom.DEEP_GM_RIGHT)) & mask
     assert 0 < chi[m1].mean() < subject.values["m1_chi"]  # paramagnetic cortex, underestimated (see test_qsm)
-    assert chi[deep].mean() == pytest.approx(subject.truth_gre["chi"][deep].mean() - subject.truth_gre["chi"][mask].mean(), abs=0.03)
-    vector_mag = nodes.volumeFromImage(mrml_scene, gre.magnitude, gre.affine, "mag", className="vtkMRMLVectorVolumeNode")
-    vector_phase = nodes.volumeFromImage(mrml_scene, gre.phase, gre.affine, "phase", className="vtkMRMLVectorVolumeNode")
+    assert chi[deep].mean() == pytest.approx(
+        subject.truth_gre["chi"][deep].mean() - subject.truth_gre["chi"][mask].mean(), abs=0.03
+    )
+    vector_mag = nodes.volumeFromImage(
+        mrml_scene, gre.magnitude, gre.affine, "mag", className="vtkMRMLVectorVolumeNode"
+    )
+    vector_phase = nodes.volumeFromImage(
+        mrml_scene, gre.phase, gre.affine, "phase", className="vtkMRMLVectorVolumeNode"
+    )
     assert vector_phase.GetImageData().GetNumberOfScalarComponents() == 3
     again = logic.process(vector_mag, vector_phase, gre.echo_times, gre.field_strength)
     np.testing.assert_array_equal(nodes.imageFromVolume(again["susceptibility"])[0], chi)
@@ -136,20 +145,25 @@ def test_background_task_cancel_stops_the_process(module_logic, mrml_scene, subj
         logic.process(magnitude, phase, gre.echo_times, 0.0, wait=False)
     failing = logic.process(magnitude, phase, gre.echo_times, 3.0, QSMOptions(mask_erosion_mm=500.0), wait=False)
     assert failing.task.wait(300) != 0
-    with pytest.raises(RuntimeError, match="alsquant qsm failed:(.|\n)*mask"):  # the command's own error reaches the user
+    with pytest.raises(
+        RuntimeError, match="alsquant qsm failed:(.|\n)*mask"
+    ):  # the command's own error reaches the user
         failing.finish()
     assert failing.temporary is None
 
 
 def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_scene, subject, tmp_path):
     import vtk
-    from AtlasLabelingLib.logic import AtlasLabelingLogic
+
     from ALSQuantCommonLib import nodes
+    from AtlasLabelingLib.logic import AtlasLabelingLogic
 
     config = phantom.PhantomConfig()
     phantom.write_template(tmp_path, config)
     atlas_dir = str(tmp_path / phantom.TRUTH_DIR / "template")
-    fa = nodes.volumeFromImage(mrml_scene, subject.truth_dwi["fa"].astype(np.float32), subject.dwi.affine, "FA")  # as written to NIfTI
+    fa = nodes.volumeFromImage(
+        mrml_scene, subject.truth_dwi["fa"].astype(np.float32), subject.dwi.affine, "FA"
+    )  # as written to NIfTI
     mk = nodes.volumeFromImage(mrml_scene, subject.truth_dwi["mk"], subject.dwi.affine, "MK")
     gre = nodes.volumeFromImage(mrml_scene, subject.gre.magnitude[..., 0], subject.gre.affine, "GRE")
     ms = nodes.volumeFromImage(mrml_scene, subject.truth_gre["chi"], subject.gre.affine, "chi")
@@ -180,7 +194,9 @@ def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_
     template_labels, template_affine = phantom.make_template(config)["label"], phantom.make_template(config)["affine"]
     from ALSQuantLib import geometry
 
-    centre_template = geometry.voxel_centers_world(template_labels.shape, template_affine)[np.isin(template_labels, phantom.REGIONS["CST"])].mean(axis=0)
+    centre_template = geometry.voxel_centers_world(template_labels.shape, template_affine)[
+        np.isin(template_labels, phantom.REGIONS["CST"])
+    ].mean(axis=0)
     centre_subject = geometry.voxel_centers_world(true_cst.shape, subject.dwi.affine)[true_cst].mean(axis=0)
     matrix = vtk.vtkMatrix4x4()
     out["transform"].GetMatrixTransformFromParent(matrix)
@@ -189,7 +205,9 @@ def test_atlas_logic_labels_measures_and_gives_the_transform(module_logic, mrml_
     assert np.linalg.norm(centre_template - centre_subject) > np.linalg.norm(moved - centre_subject)
     # The panel's way gives the same labels; without the cortex segmentation, M1 on the GRE grid is the propagated
     # label whole, of which the default kept the grey-matter part.
-    job = logic.process(fa, replace(options, cortex_segmentation=False), mapNodes={"mk": mk}, greMagnitudeNode=gre, wait=False)
+    job = logic.process(
+        fa, replace(options, cortex_segmentation=False), mapNodes={"mk": mk}, greMagnitudeNode=gre, wait=False
+    )
     assert job.task.wait(600) == 0, job.task.errorText()
     background = job.finish()
     np.testing.assert_array_equal(nodes.imageFromVolume(background["labels"])[0], labels)
@@ -206,7 +224,9 @@ def test_classification_logic_curves_model_and_diagnosis(module_logic, mrml_scen
     rows = []
     for n, group in enumerate(["ALS"] * 25 + ["control"] * 20):
         values = phantom.draw_subject_values(group, rng)
-        rows.append({"participant_id": f"sub-{n:02d}", "group": group, "cst_mk": values["cst_mk"], "m1_ms": values["m1_chi"]})
+        rows.append(
+            {"participant_id": f"sub-{n:02d}", "group": group, "cst_mk": values["cst_mk"], "m1_ms": values["m1_chi"]}
+        )
     cohort = nodes.tableFromRows(mrml_scene, rows, "cohort")
     logic = ALSClassificationLogic(mrml_scene)
     out = logic.analyze(cohort, ["cst_mk", "m1_ms"], combinations=["cst_mk+m1_ms"])
@@ -253,7 +273,9 @@ def test_dependencies_pin_slicers_own_packages(module_logic, tmp_path, monkeypat
     monkeypatch.setitem(dependencies.REQUIREMENTS, "alsquant_absent_module", "alsquant-absent-package>=1")
     calls = []
     stand_in = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=calls.append))
-    assert dependencies.ensureDependencies(stand_in, confirm=lambda text: "alsquant-absent-package" in text) == ["alsquant-absent-package>=1"]
+    assert dependencies.ensureDependencies(stand_in, confirm=lambda text: "alsquant-absent-package" in text) == [
+        "alsquant-absent-package>=1"
+    ]
     (arguments,) = calls
     assert arguments[0] == "-c" and arguments[2:] == ["alsquant-absent-package>=1"]
     assert f"scipy=={metadata.version('scipy')}" in open(arguments[1]).read()
@@ -273,7 +295,9 @@ def _parameter_fields(module):
 
     tree = ast.parse((MODULES_DIR / module / f"{module}.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+        if isinstance(node, ast.ClassDef) and any(
+            getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list
+        ):
             fields = {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
             for decorator in node.decorator_list:
                 if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "withOptions":
@@ -293,7 +317,9 @@ def test_ui_parses_and_binds_only_parameter_node_fields(module):
     names = {w.get("name") for w in root.iter("widget")}
     assert {"applyButton", "cancelButton", "progressBar", "logText"} <= names
     combos = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
-    connected = {c.find("receiver").text for c in root.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    connected = {
+        c.find("receiver").text for c in root.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"
+    }
     assert combos == connected  # each node selector sees the scene
 
 
@@ -306,7 +332,11 @@ def test_cmake_lists_name_every_module_file(module):
         assert (folder / path).is_file(), path
     python_files = {str(p.relative_to(folder)) for p in folder.rglob("*.py")}
     assert python_files <= named, python_files - named
-    resources = {str(p.relative_to(folder)) for p in (folder / "Resources").rglob("*") if p.is_file()} if (folder / "Resources").exists() else set()
+    resources = (
+        {str(p.relative_to(folder)) for p in (folder / "Resources").rglob("*") if p.is_file()}
+        if (folder / "Resources").exists()
+        else set()
+    )
     assert resources <= named, resources - named
 
 
@@ -375,7 +405,10 @@ def test_each_module_logic_owns_its_parameter_node(module_logic, mrml_scene):
     found = [logic.getParameterNode() for logic in logics]
     assert all(node.IsA("vtkMRMLScriptedModuleNode") for node in found)
     assert [node.GetAttribute("ModuleName") for node in found] == list(PANELS)
-    assert len({node.GetID() for node in found}) == 4 and mrml_scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 4
+    assert (
+        len({node.GetID() for node in found}) == 4
+        and mrml_scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 4
+    )
     found[0].SetParameter("maskVolume", "dki-mask")
     assert found[1].GetParameter("maskVolume") == ""  # the QSM panel's mask is its own
     again = DKIReconstructionLogic().getParameterNode()  # a new logic finds the module's node
@@ -399,7 +432,9 @@ def test_parameter_node_fields_come_from_the_options_and_go_back(module_logic, o
         setattr(panel, name, ",".join(value) if isinstance(value, tuple) else value)
     assert optionsFrom(panel) == optionsClass(**changed)
     with pytest.raises(TypeError, match="declared by hand"):
-        withOptions(optionsClass)(type("Clash", (), {"__annotations__": {next(iter(options_fields(optionsClass))): str}}))
+        withOptions(optionsClass)(
+            type("Clash", (), {"__annotations__": {next(iter(options_fields(optionsClass))): str}})
+        )
 
 
 def options_fields(optionsClass):
@@ -427,4 +462,6 @@ def test_requirements_file_matches_pyproject(module_logic):
 
     declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert sorted(dependencies.readRequirements().values()) == sorted(declared)
-    assert dependencies.REQUIREMENTS["ants"] == "antspyx>=0.5" and dependencies.REQUIREMENTS["sklearn"].startswith("scikit-learn")
+    assert dependencies.REQUIREMENTS["ants"] == "antspyx>=0.5" and dependencies.REQUIREMENTS["sklearn"].startswith(
+        "scikit-learn"
+    )

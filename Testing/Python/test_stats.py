@@ -16,9 +16,15 @@ def cohort_rows(seed=0, n_als=20, n_controls=15):
     rows = []
     for i in range(n_als + n_controls):
         als = i < n_als
-        rows.append({"subject": f"sub-{i + 1:02d}", "group": "ALS" if als else "control",
-                     "mk": rng.normal(1.045 if als else 1.09, 0.035), "ms": rng.normal(0.23 if als else 0.14, 0.06),
-                     "fa": rng.normal(0.6, 0.03)})  # fmt: skip
+        rows.append(
+            {
+                "subject": f"sub-{i + 1:02d}",
+                "group": "ALS" if als else "control",
+                "mk": rng.normal(1.045 if als else 1.09, 0.035),
+                "ms": rng.normal(0.23 if als else 0.14, 0.06),
+                "fa": rng.normal(0.6, 0.03),
+            }
+        )
     return rows
 
 
@@ -117,8 +123,9 @@ for (m in c("mk", "ms")) {
   r <- roc(d$y, d[[m]], levels = c("control", "ALS"), direction = "auto", quiet = TRUE)
   ci <- ci.auc(r, method = "delong")
   b <- coords(r, "best", best.method = "youden", ret = c("threshold", "sensitivity", "specificity"), transpose = TRUE)
-  out <- c(out, sprintf('"%s": {"auc": %.12f, "ci_low": %.12f, "ci_high": %.12f, "direction": "%s", "threshold": %.12f, "sensitivity": %.12f, "specificity": %.12f}',
-                        m, as.numeric(r$auc), ci[1], ci[3], r$direction, b[1], b[2], b[3]))
+  fmt <- paste0('"%s": {"auc": %.12f, "ci_low": %.12f, "ci_high": %.12f, "direction": "%s", ',
+                '"threshold": %.12f, "sensitivity": %.12f, "specificity": %.12f}')
+  out <- c(out, sprintf(fmt, m, as.numeric(r$auc), ci[1], ci[3], r$direction, b[1], b[2], b[3]))
 }
 r1 <- roc(d$y, d$mk, levels = c("control", "ALS"), direction = "auto", quiet = TRUE)
 r2 <- roc(d$y, d$ms, levels = c("control", "ALS"), direction = "auto", quiet = TRUE)
@@ -139,7 +146,9 @@ def test_agrees_with_proc(tmp_path):
     rows = cohort_rows(seed=4)
     io.write_table(tmp_path / "cohort.csv", rows)
     (tmp_path / "check.R").write_text(R_SCRIPT)
-    output = subprocess.run(["Rscript", str(tmp_path / "check.R"), str(tmp_path / "cohort.csv")], capture_output=True, text=True, check=True)
+    output = subprocess.run(
+        ["Rscript", str(tmp_path / "check.R"), str(tmp_path / "cohort.csv")], capture_output=True, text=True, check=True
+    )
     reference = json.loads(output.stdout)
     cohort = stats.read_cohort(tmp_path / "cohort.csv", markers=["mk", "ms"])
     for marker in ("mk", "ms"):
@@ -160,8 +169,24 @@ def test_roc_and_classify_commands(tmp_path, capsys):
 
     io.write_table(tmp_path / "cohort.csv", cohort_rows(seed=5))
     out = tmp_path / "roc"
-    code = cli.main(["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "ms", "fa", "--combine", "mk+ms",
-                     "--bootstrap", "200", "--save-model", str(tmp_path / "model.json"), "--out", str(out)])  # fmt: skip
+    code = cli.main(
+        [
+            "roc",
+            str(tmp_path / "cohort.csv"),
+            "--markers",
+            "mk",
+            "ms",
+            "fa",
+            "--combine",
+            "mk+ms",
+            "--bootstrap",
+            "200",
+            "--save-model",
+            str(tmp_path / "model.json"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = io.read_json(out / "results.json")
     assert set(results["markers"]) == {"mk", "ms", "fa"} and results["groups"] == {"ALS": 20, "control": 15}
@@ -170,15 +195,30 @@ def test_roc_and_classify_commands(tmp_path, capsys):
     combination = results["combinations"]["mk+ms"]
     assert {"auc_apparent", "ci_low", "ci_high", "auc_cv", "delong_p_vs"} <= set(combination)
     assert results["markers"]["mk"]["direction"] == ">" and results["markers"]["ms"]["direction"] == "<"
-    for name in ("report.html", "roc_curves.png", "roc_curves.svg", "groups.png", "group_comparison.csv", "roc_markers.csv"):
+    for name in (
+        "report.html",
+        "roc_curves.png",
+        "roc_curves.svg",
+        "groups.png",
+        "group_comparison.csv",
+        "roc_markers.csv",
+    ):
         assert (out / name).is_file()
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "mk+ms" in page
-    io.write_table(tmp_path / "new.csv", [{"subject": "new-1", "mk": 1.00, "ms": 0.32}, {"subject": "new-2", "mk": 1.11, "ms": 0.09}])
+    io.write_table(
+        tmp_path / "new.csv",
+        [{"subject": "new-1", "mk": 1.00, "ms": 0.32}, {"subject": "new-2", "mk": 1.11, "ms": 0.09}],
+    )
     assert cli.main(["classify", "--model", str(tmp_path / "model.json"), str(tmp_path / "new.csv")]) == 0
     diagnosis = io.read_table(tmp_path / "new_diagnosis.csv")
     assert [d["decision"] for d in diagnosis] == ["ALS", "control"]
-    assert cli.main(["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--combine", "mk+md", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            ["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--combine", "mk+md", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "combination 'mk+md'" in capsys.readouterr().err
 
 

@@ -26,8 +26,17 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
             return nodes.rowsFromTable(cohort)
         return io.read_table(cohort)
 
-    def analyze(self, cohort, markers=STUDY_MARKERS, *, combinations=("cst_mk+m1_ms",), positive="ALS", groupColumn="group",
-                subjectColumn="participant_id", seed=0):  # fmt: skip
+    def analyze(
+        self,
+        cohort,
+        markers=STUDY_MARKERS,
+        *,
+        combinations=("cst_mk+m1_ms",),
+        positive="ALS",
+        groupColumn="group",
+        subjectColumn="participant_id",
+        seed=0,
+    ):
         """Run the analysis and make its nodes.
 
         Returns
@@ -37,14 +46,28 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
             (name → table node with 1 − specificity and sensitivity), ``chart`` (plot chart node with one series
             per ROC curve).
         """
-        table = stats.read_cohort(self.cohortRows(cohort), markers=list(markers), group_column=groupColumn, positive=positive, subject_column=subjectColumn)
+        table = stats.read_cohort(
+            self.cohortRows(cohort),
+            markers=list(markers),
+            group_column=groupColumn,
+            positive=positive,
+            subject_column=subjectColumn,
+        )
         results, rocs, _ = stats.analyze(table, list(combinations), random_seed=seed)
-        markerRows = [{"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple))}} for m, r in results["markers"].items()]
-        combinationRows = [{"combination": c, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple, dict))}} for c, r in results["combinations"].items()]
+        markerRows = [
+            {"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple))}}
+            for m, r in results["markers"].items()
+        ]
+        combinationRows = [
+            {"combination": c, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple, dict))}}
+            for c, r in results["combinations"].items()
+        ]
         out = {
             "results": results,
             "markerTable": nodes.tableFromRows(self.scene, markerRows, "ALSQuant_ROC_markers"),
-            "combinationTable": nodes.tableFromRows(self.scene, combinationRows, "ALSQuant_ROC_combinations") if combinationRows else None,
+            "combinationTable": nodes.tableFromRows(self.scene, combinationRows, "ALSQuant_ROC_combinations")
+            if combinationRows
+            else None,
             "curves": {},
         }
         chart = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", self.scene.GenerateUniqueName("ALSQuant_ROC"))
@@ -56,7 +79,9 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
             tpr = np.asarray(roc.curve["sensitivity"], dtype=float)
             order = np.lexsort((tpr, fpr))  # from (0, 0) to (1, 1)
             fpr, tpr = fpr[order], tpr[order]
-            curve = nodes.tableFromRows(self.scene, [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)], f"ALSQuant_ROC_{roc.name}")
+            curve = nodes.tableFromRows(
+                self.scene, [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)], f"ALSQuant_ROC_{roc.name}"
+            )
             series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{roc.name} (AUC {roc.auc:.2f})")
             series.SetAndObserveTableNodeID(curve.GetID())
             series.SetXColumnName("fpr")
@@ -68,9 +93,17 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         out["chart"] = chart
         return out
 
-    def saveModel(self, cohort, markers, path, *, positive="ALS", groupColumn="group", subjectColumn="participant_id", seed=0):
+    def saveModel(
+        self, cohort, markers, path, *, positive="ALS", groupColumn="group", subjectColumn="participant_id", seed=0
+    ):
         """Fit the diagnostic model of `markers` on the cohort and save it as JSON; return the model."""
-        table = stats.read_cohort(self.cohortRows(cohort), markers=list(markers), group_column=groupColumn, positive=positive, subject_column=subjectColumn)
+        table = stats.read_cohort(
+            self.cohortRows(cohort),
+            markers=list(markers),
+            group_column=groupColumn,
+            positive=positive,
+            subject_column=subjectColumn,
+        )
         model = stats.diagnostic_model(table, list(markers), random_seed=seed)
         stats.save_model(model, path)
         return model

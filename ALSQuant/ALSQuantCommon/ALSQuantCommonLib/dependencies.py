@@ -79,7 +79,9 @@ def ensureDependencies(slicerModule, *, confirm=None):
             ensure([Requirement(r) for r in missing], constraints=str(constraintsPath), requester="ALSQuant")
             return missing
     confirm = confirm or (lambda text: slicerModule.util.confirmOkCancelDisplay(text))
-    if not confirm(f"ALSQuant needs these Python packages, which will be downloaded and installed:\n{', '.join(missing)}"):
+    if not confirm(
+        f"ALSQuant needs these Python packages, which will be downloaded and installed:\n{', '.join(missing)}"
+    ):
         raise RuntimeError(f"ALSQuant cannot run without: {', '.join(missing)}")
     slicerModule.util.pip_install(["-c", str(constraintsPath), *missing])
     return missing

@@ -63,7 +63,9 @@ def dwiFromNode(dwiNode):
 
 def dwiNodeFromDWI(scene, dwi, name):
     """A ``vtkMRMLDiffusionWeightedVolumeNode`` from an `ALSQuantLib.io.DWI` (gradients in RAS, identity frame)."""
-    node = volumeFromImage(scene, dwi.data.astype(np.float32), dwi.affine, name, className="vtkMRMLDiffusionWeightedVolumeNode")
+    node = volumeFromImage(
+        scene, dwi.data.astype(np.float32), dwi.affine, name, className="vtkMRMLDiffusionWeightedVolumeNode"
+    )
     node.SetNumberOfGradients(len(dwi.bvals))
     for i, (b, g) in enumerate(zip(dwi.bvals, dwi.bvecs)):
         node.SetBValue(i, float(b))
@@ -97,7 +99,9 @@ def rowsFromTable(tableNode):
         raise InputError("table: no table node selected")
     table = tableNode.GetTable()
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-    return [{names[c]: table.GetValue(r, c).ToString() for c in range(len(names))} for r in range(table.GetNumberOfRows())]
+    return [
+        {names[c]: table.GetValue(r, c).ToString() for c in range(len(names))} for r in range(table.GetNumberOfRows())
+    ]
 
 
 def colorTableFromEntries(scene, entries, name):

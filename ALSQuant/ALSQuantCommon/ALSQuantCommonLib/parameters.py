@@ -23,7 +23,9 @@ def withOptions(optionsClass):
         for name, spec in options_lib.parameter_fields(optionsClass).items():
             if name in annotations:
                 raise TypeError(f"{cls.__name__}.{name}: declared by hand and by {optionsClass.__name__}")
-            annotations[name] = Annotated[spec.type, Choice(list(spec.choices))] if spec.choices and Choice else spec.type
+            annotations[name] = (
+                Annotated[spec.type, Choice(list(spec.choices))] if spec.choices and Choice else spec.type
+            )
             setattr(cls, name, spec.default)
         cls.__annotations__ = annotations
         cls.optionsClass = optionsClass

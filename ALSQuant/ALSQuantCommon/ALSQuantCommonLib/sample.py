@@ -29,9 +29,21 @@ def loadSampleSubject(scene, *, group="ALS", seed=1, config=None):
     dwi = nodes.dwiNodeFromDWI(scene, subject.dwi, f"{prefix}_DWI")
     gre = subject.gre
     echoes = gre.magnitude.shape[3]
-    magnitude = [nodes.volumeFromImage(scene, gre.magnitude[..., e], gre.affine, f"{prefix}_GRE_magnitude_echo{e + 1}") for e in range(echoes)]
-    phase = [nodes.volumeFromImage(scene, gre.phase[..., e], gre.affine, f"{prefix}_GRE_phase_echo{e + 1}") for e in range(echoes)]
+    magnitude = [
+        nodes.volumeFromImage(scene, gre.magnitude[..., e], gre.affine, f"{prefix}_GRE_magnitude_echo{e + 1}")
+        for e in range(echoes)
+    ]
+    phase = [
+        nodes.volumeFromImage(scene, gre.phase[..., e], gre.affine, f"{prefix}_GRE_phase_echo{e + 1}")
+        for e in range(echoes)
+    ]
     labels = nodes.volumeFromImage(
-        scene, subject.truth_dwi["label"], subject.dwi.affine, f"{prefix}_true_labels", className="vtkMRMLLabelMapVolumeNode"
+        scene,
+        subject.truth_dwi["label"],
+        subject.dwi.affine,
+        f"{prefix}_true_labels",
+        className="vtkMRMLLabelMapVolumeNode",
     )
-    return SampleSubject(dwi, magnitude, phase, list(gre.echo_times), gre.field_strength, labels, subject.values, subject)
+    return SampleSubject(
+        dwi, magnitude, phase, list(gre.echo_times), gre.field_strength, labels, subject.values, subject
+    )

@@ -37,11 +37,20 @@ class BackgroundTask:
         self.cancelled = False
 
     def start(self):
-        kwargs = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        kwargs = (
+            {"start_new_session": True}
+            if os.name == "posix"
+            else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        )
         self._process = subprocess.Popen(
             [pythonExecutable(), "-m", "ALSQuantLib.cli", *self.arguments],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=self.environment, **kwargs,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=self.environment,
+            **kwargs,
+        )
         threading.Thread(target=self._read, daemon=True).start()
         return self
 

@@ -42,8 +42,17 @@ class AtlasLabelingLogic(StepLogic):
         folder, temporary = self.workFolder("label", workdir)
         io.save_image(folder / "reference.nii.gz", *nodes.imageFromVolume(referenceNode, "reference"))
         name = referenceNode.GetName()
-        arguments = ["label", "--reference", folder / "reference.nii.gz", "--subject", name, "--keep-transforms",
-                     "--out", folder / "out", *options_lib.to_argv(options)]  # fmt: skip
+        arguments = [
+            "label",
+            "--reference",
+            folder / "reference.nii.gz",
+            "--subject",
+            name,
+            "--keep-transforms",
+            "--out",
+            folder / "out",
+            *options_lib.to_argv(options),
+        ]
         if greMagnitudeNode is not None:
             io.save_image(folder / "gre.nii.gz", *nodes.imageFromVolume(greMagnitudeNode, "GRE magnitude"))
             arguments += ["--gre-magnitude", folder / "gre.nii.gz"]
@@ -56,7 +65,9 @@ class AtlasLabelingLogic(StepLogic):
 
         def load():
             out = folder / "out"
-            colors = nodes.colorTableFromEntries(self.scene, atlas_lib.read_color_table(out / "labels.ctbl").as_list(), f"{name}_atlas_colors")
+            colors = nodes.colorTableFromEntries(
+                self.scene, atlas_lib.read_color_table(out / "labels.ctbl").as_list(), f"{name}_atlas_colors"
+            )
             made = {"colorTable": colors}
             for space, node, key in (("reference", referenceNode, "labels"), ("gre", greMagnitudeNode, "greLabels")):
                 path = out / f"labels_{space}.nii.gz"
@@ -73,7 +84,9 @@ class AtlasLabelingLogic(StepLogic):
             rows = [_typed(row) for row in io.read_table(out / "roi_stats.csv")]
             made["table"] = nodes.tableFromRows(self.scene, rows, f"{name}_ROI_statistics")
             affine = next(iter(sorted((out / "transforms").glob("*.mat"))), None)
-            made["transform"] = nodes.linearTransformFromItkFile(self.scene, affine, f"{name}_to_atlas_affine") if affine else None
+            made["transform"] = (
+                nodes.linearTransformFromItkFile(self.scene, affine, f"{name}_to_atlas_affine") if affine else None
+            )
             return made
 
         return self.run(arguments, load, temporary, wait=wait)

@@ -29,7 +29,14 @@ def greFromNodes(magnitudeNodes, phaseNodes, echoTimes, fieldStrength):
                 raise InputError(f"{what} {node.GetName()}: not on the first echo's grid")
             echoes.append(data if data.ndim == 4 else data[..., None])
         arrays[what] = np.concatenate(echoes, axis=3).astype(np.float32)
-    return io.GRE(arrays["magnitude"], arrays["phase"], grid[1], np.asarray(echoTimes, dtype=float), float(fieldStrength), source="Slicer nodes")
+    return io.GRE(
+        arrays["magnitude"],
+        arrays["phase"],
+        grid[1],
+        np.asarray(echoTimes, dtype=float),
+        float(fieldStrength),
+        source="Slicer nodes",
+    )
 
 
 def parseEchoTimes(text):
@@ -48,8 +55,18 @@ class QSMReconstructionLogic(StepLogic):
         out = QSMReconstructionLogic().process([mag1, mag2], [phase1, phase2], [0.005, 0.010], 3.0)
     """
 
-    def process(self, magnitudeNodes, phaseNodes, echoTimes, fieldStrength, options=None, *, maskNode=None, wait=True,
-                workdir=None):  # fmt: skip
+    def process(
+        self,
+        magnitudeNodes,
+        phaseNodes,
+        echoTimes,
+        fieldStrength,
+        options=None,
+        *,
+        maskNode=None,
+        wait=True,
+        workdir=None,
+    ):
         """Reconstruct; make susceptibility (ppm) and local field (ppm) volumes and the mask as a label map, on the
         GRE's grid.
 
@@ -65,8 +82,19 @@ class QSMReconstructionLogic(StepLogic):
         folder, temporary = self.workFolder("qsm", workdir)
         io.save_image(folder / "magnitude.nii.gz", gre.magnitude, gre.affine)
         io.save_image(folder / "phase.nii.gz", gre.phase, gre.affine)
-        arguments = ["qsm", "--magnitude", folder / "magnitude.nii.gz", "--phase", folder / "phase.nii.gz",
-                     "--te", *gre.echo_times, "--b0", gre.field_strength, "--out", folder / "out"]  # fmt: skip
+        arguments = [
+            "qsm",
+            "--magnitude",
+            folder / "magnitude.nii.gz",
+            "--phase",
+            folder / "phase.nii.gz",
+            "--te",
+            *gre.echo_times,
+            "--b0",
+            gre.field_strength,
+            "--out",
+            folder / "out",
+        ]
         if maskNode is not None:
             mask = nodes.maskOnGrid(maskNode, gre.phase.shape, gre.affine, "GRE")
             io.save_image(folder / "mask.nii.gz", mask, gre.affine, dtype=np.uint8)
