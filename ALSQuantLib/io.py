@@ -145,7 +145,7 @@ def load_image(path, *, ndim=None, what="image", allow_nonfinite=False):
 def load_mask(path, shape, affine, *, matching="image"):
     """Read a mask (non-zero = inside) and check it lies on the grid of `shape` and `affine`."""
     data, mask_affine = load_image(path, ndim=3, what="mask")
-    if data.shape != tuple(shape[:3]) or not np.allclose(mask_affine, affine, atol=1e-3):
+    if not geometry.same_grid(data.shape, mask_affine, shape, affine):
         raise InputError(f"mask {path}: its grid {data.shape} does not match the {matching}'s {tuple(shape[:3])}")
     return data > 0
 
@@ -483,9 +483,9 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
         pha, pha_affine = load_image(pha_path, ndim=(3, 4), what="GRE phase")
         if mag.shape != pha.shape:
             raise InputError(f"GRE magnitude {mag_path} {mag.shape} and phase {pha_path} {pha.shape} differ in shape")
-        if not np.allclose(mag_affine, pha_affine, atol=1e-3):
+        if not geometry.same_grid(mag.shape, mag_affine, pha.shape, pha_affine):
             raise InputError(f"GRE magnitude {mag_path} and phase {pha_path} have different geometry (affines)")
-        if affine is not None and not np.allclose(affine, mag_affine, atol=1e-3):
+        if affine is not None and not geometry.same_grid(mags[0].shape, affine, mag.shape, mag_affine):
             raise InputError(f"GRE echo {mag_path} has a different geometry from the first echo")
         affine = mag_affine
         mags.append(_as_echoes(mag, str(mag_path)))
