@@ -76,7 +76,8 @@ class ALSClassificationWidget(PanelWidget):
         ensureDependencies()
         with slicer.util.tryWithErrorDisplay(_("Could not save the model."), waitCursor=True):
             self.logic.saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
-            self.ui.logText.appendPlainText(f"model of {'+'.join(markers)} saved to {p.modelPath}")
+            message = _("model of {markers} saved to {path}").format(markers="+".join(markers), path=p.modelPath)
+            self.ui.logText.appendPlainText(message)
 
     def onDiagnose(self):
         p = self._parameterNode

@@ -291,19 +291,7 @@ OPTIONS_CLASSES = {"DKIOptions": DKIOptions, "QSMOptions": QSMOptions, "Labeling
 
 def _parameter_fields(module):
     """The parameter node's fields: those declared in the class, and those `withOptions(X)` adds from X."""
-    from ALSQuantLib import options
-
-    tree = ast.parse((MODULES_DIR / module / f"{module}.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and any(
-            getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list
-        ):
-            fields = {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
-            for decorator in node.decorator_list:
-                if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "withOptions":
-                    fields |= set(options.parameter_fields(OPTIONS_CLASSES[decorator.args[0].id]))
-            return fields
-    raise AssertionError(f"{module}: no @parameterNodeWrapper class")
+    return set(_parameter_kinds(module))
 
 
 @pytest.mark.parametrize("module", PANELS)
@@ -321,6 +309,59 @@ def test_ui_parses_and_binds_only_parameter_node_fields(module):
         c.find("receiver").text for c in root.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"
     }
     assert combos == connected  # each node selector sees the scene
+
+
+# The widgets Slicer's parameterNodeWrapper can bind each type to (its guiConnectors: exact classes).
+CONNECTABLE = {
+    "node": {"qMRMLNodeComboBox"},
+    "bool": {"QCheckBox", "QPushButton"},
+    "int": {"QSpinBox", "QSlider"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "str": {"QLineEdit", "QTextEdit"},
+    "choice": {"QComboBox"},
+    "Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+}
+
+
+def _wrapper_class(module):
+    tree = ast.parse((MODULES_DIR / module / f"{module}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and "parameterNodeWrapper" in [
+            getattr(d, "id", None) for d in node.decorator_list
+        ]:
+            return node
+    raise AssertionError(f"{module}: no @parameterNodeWrapper class")
+
+
+def _parameter_kinds(module):
+    """Parameter name → the kind of value it holds (the keys of CONNECTABLE): the fields declared in the class and
+    those `withOptions(X)` adds from X."""
+    from ALSQuantLib import options
+
+    wrapper, kinds = _wrapper_class(module), {}
+    for item in wrapper.body:
+        if isinstance(item, ast.AnnAssign):
+            name = ast.unparse(item.annotation)
+            kinds[item.target.id] = "node" if name.startswith("vtkMRML") else name.split(".")[-1]
+    for decorator in wrapper.decorator_list:
+        if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "withOptions":
+            for name, spec in options.parameter_fields(OPTIONS_CLASSES[decorator.args[0].id]).items():
+                kinds[name] = "choice" if spec.choices else spec.type.__name__
+    return kinds
+
+
+@pytest.mark.parametrize("module", PANELS)
+def test_each_parameter_is_bound_to_a_widget_slicer_can_connect(module):
+    root = ET.parse(MODULES_DIR / module / "Resources" / "UI" / f"{module}.ui").getroot()
+    widgets = {}
+    for widget in root.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                widgets[prop.find("string").text] = widget
+    for name, kind in _parameter_kinds(module).items():
+        assert widgets[name].get("class") in CONNECTABLE[kind], (name, kind, widgets[name].get("class"))
+        if kind == "choice":  # the choices come from the options' declaration, not from the .ui
+            assert not widgets[name].findall("item"), name
 
 
 @pytest.mark.parametrize("module", MODULE_NAMES)
