@@ -1,12 +1,12 @@
 """One subject's whole pipeline, and a cohort's: DWI and GRE in; DKI maps, susceptibility, atlas labels and the
 study's markers out.
 
-A subject runs in three stages, each in its own folder: ``dki`` (MK, FA, MD, mask), ``qsm`` (susceptibility, local
-field, mask) and ``label`` (the atlas registered to the FA, labels in DWI and GRE space, ROI statistics). Every
-output is written atomically, and each stage's provenance record (its parameters and the SHA-256 of its inputs) is
-written last: a stage whose record matches the current parameters and inputs, with all its outputs present, is
-skipped. A killed run therefore resumes at the first stage without a matching record, and changing an option or an
-input reruns exactly the stages that depend on it.
+A subject runs in three stages, each in its own folder and each the same step function as its command
+(`ALSQuantLib.workflows`): ``dki`` (MK, FA, MD, mask), ``qsm`` (susceptibility, local field, mask) and ``label`` (the
+atlas registered to the FA, labels in DWI and GRE space, ROI statistics). Every output is written atomically, and each
+stage's provenance record (its options and the SHA-256 of its inputs) is written last: a stage whose record matches
+the current options and inputs, with all its outputs present, is skipped. A killed run therefore resumes at the first
+stage without a matching record, and changing an option or an input reruns exactly the stages that depend on it.
 
 A cohort (a BIDS-like folder with ``participants.tsv``) runs its subjects in parallel: a local process pool by
 default, or a Dask distributed cluster. One subject's failure is logged and reported; the others go on.

@@ -19,6 +19,13 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene or slicer.mrmlScene
 
+    def readCohort(self, cohort, markers, positive, groupColumn, subjectColumn):
+        """`stats.Cohort` of `markers` from a table node or a CSV/TSV file."""
+        rows = self.cohortRows(cohort)
+        return stats.read_cohort(
+            rows, markers=list(markers), group_column=groupColumn, positive=positive, subject_column=subjectColumn
+        )
+
     @staticmethod
     def cohortRows(cohort):
         """Rows of a table node, or of a CSV/TSV file."""
@@ -46,13 +53,7 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
             (name → table node with 1 − specificity and sensitivity), ``chart`` (plot chart node with one series
             per ROC curve).
         """
-        table = stats.read_cohort(
-            self.cohortRows(cohort),
-            markers=list(markers),
-            group_column=groupColumn,
-            positive=positive,
-            subject_column=subjectColumn,
-        )
+        table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn)
         results, rocs, _ = stats.analyze(table, list(combinations), random_seed=seed)
         markerRows = [
             {"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple))}}
@@ -97,13 +98,7 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         self, cohort, markers, path, *, positive="ALS", groupColumn="group", subjectColumn="participant_id", seed=0
     ):
         """Fit the diagnostic model of `markers` on the cohort and save it as JSON; return the model."""
-        table = stats.read_cohort(
-            self.cohortRows(cohort),
-            markers=list(markers),
-            group_column=groupColumn,
-            positive=positive,
-            subject_column=subjectColumn,
-        )
+        table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn)
         model = stats.diagnostic_model(table, list(markers), random_seed=seed)
         stats.save_model(model, path)
         return model
