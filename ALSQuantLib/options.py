@@ -215,14 +215,11 @@ def parameter_fields(cls):
 def from_parameters(cls, values):
     """The dataclass `cls` from parameter values (camelCase name → value, as `parameter_fields` declares them)."""
     out = {}
-    for name, spec in parameter_fields(cls).items():
-        value = values[name]
-        if spec.type is pathlib.Path:
+    for field in dataclasses.fields(cls):
+        value = values[camel_case(field.name)]
+        if field.metadata["path"]:
             value = str(value) if value is not None and str(value) not in ("", ".") else None
-        elif (
-            isinstance(spec.default, str)
-            and _type(cls, next(f for f in dataclasses.fields(cls) if f.name == spec.option)) is tuple
-        ):
+        elif _type(cls, field) is tuple:
             value = _comma_list(value)
-        out[spec.option] = value
+        out[field.name] = value
     return cls(**out)

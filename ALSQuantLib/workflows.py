@@ -6,8 +6,8 @@ subject, and what the Slicer modules' background jobs run (through the same comm
 step's files.
 
 Each step writes ``provenance.json`` last (its options as ``dataclasses.asdict``, the other values that shaped it,
-the SHA-256 of every input, its outputs, what it found, software versions). With ``reuse=True`` a step whose record
-matches the options, the arguments and the inputs' checksums, with every output present, is not run again.
+the SHA-256 of every input, its outputs, what it found, software versions). A step whose record matches the
+options, the arguments and the inputs' checksums, with every output present, is not run again.
 """
 
 import dataclasses
@@ -75,7 +75,7 @@ def _refuse_overwriting_inputs(out_dir, planned, inputs):
             raise InputError(f"output {Path(out_dir) / name} would overwrite an input; choose another output folder")
 
 
-def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned=(), reuse=True):
+def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned=()):
     """Run one step: `compute(folder) → (output paths, results)`, then its provenance record, written last.
 
     Parameters
@@ -90,8 +90,8 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
         Other values that shape the result (recorded and compared like the options).
     planned : iterable of str
         Names of the files the step may write, checked against the inputs before anything is computed.
-    reuse : bool
-        Skip the step when its record is current.
+
+    A step whose record is current (`_current`) is not run again.
 
     Returns
     -------
@@ -105,11 +105,10 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
             raise InputError(f"{step}: input {name} {path}: file not found")
     _refuse_overwriting_inputs(folder, planned, inputs)
     record_path = folder / RECORD
-    if reuse:
-        record = _current(record_path, options, arguments, inputs)
-        if record is not None:
-            log.info("%s: current, skipped", step)
-            return StepResult(step, folder, [folder / name for name in record["outputs"]], record, False)
+    record = _current(record_path, options, arguments, inputs)
+    if record is not None:
+        log.info("%s: current, skipped", step)
+        return StepResult(step, folder, [folder / name for name in record["outputs"]], record, False)
     if record_path.exists():
         record_path.unlink()  # a stale record must not vouch for half-rewritten outputs
     start = time.perf_counter()
@@ -127,9 +126,7 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
 # ----------------------------------------------------------------------------------------------------------------
 # DKI
 # ----------------------------------------------------------------------------------------------------------------
-def dki_step(
-    dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None, reuse=True
-):
+def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None):
     """Fit DKI to a DWI file and write the maps (``<map>.nii.gz``) and the brain mask (``mask.nii.gz``).
 
     Parameters
@@ -165,23 +162,14 @@ def dki_step(
 
     inputs = {"dwi": dwi, "bval": bval, "bvec": bvec, "mask": mask}
     planned = [f"{m}.nii.gz" for m in maps] + ["mask.nii.gz", RECORD]
-    return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned, reuse=reuse)
+    return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # QSM
 # ----------------------------------------------------------------------------------------------------------------
 def qsm_step(
-    magnitude,
-    phase,
-    out_dir,
-    options=None,
-    *,
-    echo_times=None,
-    field_strength=None,
-    mask=None,
-    progress=None,
-    reuse=True,
+    magnitude, phase, out_dir, options=None, *, echo_times=None, field_strength=None, mask=None, progress=None
 ):
     """Reconstruct susceptibility from GRE files; write ``susceptibility.nii.gz`` (ppm), ``local_field.nii.gz``
     (ppm) and ``mask.nii.gz``.
@@ -223,7 +211,7 @@ def qsm_step(
         "field_strength_t": field_strength,
     }
     planned = [f"{name}.nii.gz" for name in QSM_OUTPUTS] + [RECORD]
-    return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned, reuse=reuse)
+    return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +255,6 @@ def label_step(
     subject="",
     keep_transforms=False,
     progress=None,
-    reuse=True,
 ):
     """Label a subject with an atlas and measure maps in its regions (`atlas.label_subject`); write the labels,
     ``roi_stats.csv`` and ``quality.json`` (`write_labeling`).
@@ -326,4 +313,4 @@ def label_step(
         f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")
     ]
     planned += [*LABEL_OUTPUTS, RECORD]
-    return run_step("label", out_dir, options, inputs, compute, arguments=arguments, planned=planned, reuse=reuse)
+    return run_step("label", out_dir, options, inputs, compute, arguments=arguments, planned=planned)
