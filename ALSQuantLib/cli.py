@@ -5,11 +5,10 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, options
+from . import __version__, options, outputs, pipeline
 from .atlas.labeling import LabelingOptions
 from .dki import DKI_MAPS, DKIOptions
 from .errors import InputError
-from .pipeline import SubjectOptions
 from .qsm import QSMOptions
 
 log = logging.getLogger("alsquant")
@@ -127,6 +126,8 @@ def _run_dki(args):
         progress=_print_progress,
     )
     results = step.record["results"]
+    for warning in results.get("warnings", []):
+        print(f"warning: {warning}")
     if results["not_available"]:
         print(f"not available from a DTI-only fit, not written: {', '.join(results['not_available'])}")
     print(
@@ -161,6 +162,8 @@ def _run_qsm(args):
         mask=args.mask,
         progress=_print_progress,
     )
+    for warning in step.record["results"].get("warnings", []):
+        print(f"warning: {warning}")
     print(
         f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; "
         f"{step.record['results']['phase_scaling']}"
@@ -249,6 +252,8 @@ def _run_roc(args):
         subject_column=args.subject_column,
     )
     results, rocs, comparison = stats.analyze(cohort, args.combine, bootstrap=args.bootstrap, random_seed=args.seed)
+    model_markers = args.combine[0].split("+") if args.combine else args.markers
+    model = stats.diagnostic_model(cohort, model_markers, random_seed=args.seed) if args.save_model else None
     page = report.write_roc_outputs(args.out, cohort, results, rocs, comparison)
     for marker, r in results["markers"].items():
         print(
@@ -256,10 +261,9 @@ def _run_roc(args):
         )
     for combination, r in results["combinations"].items():
         print(f"{combination}: {stats.auc_text(r, 3)}")
-    if args.save_model:
-        markers = args.combine[0].split("+") if args.combine else args.markers
-        stats.save_model(stats.diagnostic_model(cohort, markers, random_seed=args.seed), args.save_model)
-        print(f"model of {'+'.join(markers)} saved to {args.save_model}")
+    if model:
+        stats.save_model(model, args.save_model)
+        print(f"model of {'+'.join(model_markers)} saved to {args.save_model}")
     print(f"report: {page}")
     return 0
 
@@ -310,7 +314,7 @@ def _run_classify(args):
 # ----------------------------------------------------------------------------------------------------------------
 def _add_pipeline_options(p):
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    options.add_arguments(p, SubjectOptions)
+    options.add_arguments(p, pipeline.SubjectOptions)
 
 
 def _add_run_subject(subparsers):
@@ -329,7 +333,7 @@ def _add_run_subject(subparsers):
 
 
 def _run_run_subject(args):
-    from . import io, pipeline
+    from . import io
 
     bval, bvec = args.bval, args.bvec
     if not args.dwi.name.endswith(io.NRRD_SUFFIXES):
@@ -346,7 +350,9 @@ def _run_run_subject(args):
         args.b0,
     )
     logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
-    result = pipeline.run_subject(inputs, args.out, options.from_arguments(SubjectOptions, args), group=args.group)
+    result = pipeline.run_subject(
+        inputs, args.out, options.from_arguments(pipeline.SubjectOptions, args), group=args.group
+    )
     for column in pipeline.MARKERS:
         print(f"{column}: {result[column]:.4g}")
     print(
@@ -368,12 +374,11 @@ def _add_run_cohort(subparsers):
 
 
 def _run_run_cohort(args):
-    from . import pipeline
 
     result = pipeline.run_cohort(
         args.dataset,
         args.out,
-        options.from_arguments(SubjectOptions, args),
+        options.from_arguments(pipeline.SubjectOptions, args),
         workers=args.workers,
         scheduler=args.scheduler,
         subjects=args.subjects,
@@ -410,14 +415,24 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run a command; return its exit code: 0, 1 (some subjects failed), 2 (an input or output problem, explained
+    on one line), 130 (interrupted by Ctrl-C or SIGTERM; finished work is kept and a rerun resumes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    pipeline.interrupt_on_sigterm()  # stop as Ctrl-C does: workers stopped, temporaries removed
     try:
         return args.run(args)
     except InputError as err:
         print(f"alsquant {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system failed outside a checked write
+        print(f"alsquant {args.command}: error: {outputs.os_error(err, err.filename)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        cause = f" ({interrupt})" if str(interrupt) else ""
+        print(f"alsquant {args.command}: interrupted{cause}; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

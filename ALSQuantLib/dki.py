@@ -51,7 +51,8 @@ from scipy.special import elliprd, elliprf
 
 from . import geometry, masks
 from .errors import InputError
-from .options import check_choices, option
+from .io import MIN_DIFFUSION_WEIGHTING
+from .options import check_choices, flag, option
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ _KT_FULL = _full_kt_index()
 # ----------------------------------------------------------------------------------------------------------------
 # Acquisition handling
 # ----------------------------------------------------------------------------------------------------------------
-def round_bvals(bvals, *, b0_threshold=50.0, tolerance=100.0):
+def round_bvals(bvals, *, b0_threshold=MIN_DIFFUSION_WEIGHTING, tolerance=100.0):
     """Round b-values to their shells.
 
     b-values within `tolerance` (s/mm²) of each other form one shell, represented by its median rounded to the
@@ -507,7 +508,9 @@ class DKIModel:
                 f"{len(self.shells)} shell(s) {self.shells} and {self.n_directions} directions"
             )
             if not dti_only:
-                raise InputError(reason + " (pass dti_only=True to fit the diffusion tensor only)")
+                raise InputError(
+                    f"{reason}; to fit the diffusion tensor only, choose DTI only ({flag(DKIOptions, 'dti_only')})"
+                )
             if self.n_directions < 6:
                 raise InputError(f"DTI needs at least 6 directions; this acquisition has {self.n_directions}")
             warnings.warn(reason + "; fitting DTI only (FA, MD, AD, RD)", stacklevel=2)
@@ -767,11 +770,22 @@ def reconstruct(dwi, options=None, *, mask=None, progress=None):
     data = np.asarray(dwi.data, dtype=np.float32)
     # Bad samples are masked by the fit, never passed to the filters: zero them for preprocessing only.
     finite = np.isfinite(data)
-    if mask is None:
-        mask = masks.brain_mask_from_b0(np.where(finite, data, 0)[..., bvals == 0].mean(axis=-1))
+    name = f"DWI {dwi.source}".strip()
+    b0 = np.where(finite, data, 0)[..., bvals == 0]
+    if not np.any(b0 > 0):
+        raise InputError(
+            f"{name}: the b = 0 volumes hold no positive signal (all zero, negative or not finite); expected "
+            "magnitude images"
+        )
+    automatic = mask is None
+    if automatic:
+        mask = masks.brain_mask_from_b0(b0.mean(axis=-1))
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != data.shape[:3]:
         raise InputError(f"mask: shape {mask.shape} does not match the DWI's spatial shape {data.shape[:3]}")
+    warnings = [w for w in [masks.check_brain_mask(mask, name, automatic=automatic)] if w]
+    for warning in warnings:
+        log.warning(warning)
     if options.denoise or options.gibbs:
         clean = np.where(finite, data, 0.0)
         if options.denoise:
@@ -796,5 +810,6 @@ def reconstruct(dwi, options=None, *, mask=None, progress=None):
         "mask_voxels": int(mask.sum()),
         "invalid_signals": fit.n_invalid_signals,
         "failed_voxels": fit.n_failed,
+        "warnings": warnings,
     }
     return fit, mask, details

@@ -294,6 +294,34 @@ def same_grid(shape_a, affine_a, shape_b, affine_b):
     return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=GRID_TOLERANCE_MM)
 
 
+def grid_difference(shape_a, affine_a, shape_b, affine_b):
+    """How the first grid differs from the second, in words, for messages.
+
+    >>> shifted = np.eye(4); shifted[:3, 3] = [0, 2.5, 0]
+    >>> grid_difference((48, 58, 42), shifted, (48, 58, 42), np.eye(4))
+    'same shape (48, 58, 42); origin shifted by (0, 2.5, 0) mm'
+    """
+    shape_a, shape_b = tuple(int(n) for n in shape_a[:3]), tuple(int(n) for n in shape_b[:3])
+    parts = [f"same shape {shape_a}" if shape_a == shape_b else f"shape {shape_a} against {shape_b}"]
+    affine_a, affine_b = np.asarray(affine_a, dtype=float), np.asarray(affine_b, dtype=float)
+    sizes_a, sizes_b = voxel_sizes(affine_a), voxel_sizes(affine_b)
+    if not np.allclose(sizes_a, sizes_b, atol=GRID_TOLERANCE_MM):
+        parts.append(f"voxel size {_mm(sizes_a)} against {_mm(sizes_b)} mm")
+    axes_a, axes_b = affine_a[:3, :3] / sizes_a, affine_b[:3, :3] / sizes_b
+    cosine = np.clip(np.sum(axes_a * axes_b, axis=0), -1.0, 1.0)
+    angle = float(np.degrees(np.arccos(cosine)).max())
+    if angle > 0.01:
+        parts.append(f"axes turned by up to {angle:.3g} degrees")
+    shift = affine_a[:3, 3] - affine_b[:3, 3]
+    if not np.allclose(shift, 0.0, atol=GRID_TOLERANCE_MM):
+        parts.append(f"origin shifted by {_mm(shift)} mm")
+    return "; ".join(parts)
+
+
+def _mm(values):
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
 @functools.lru_cache(maxsize=16)
 def sphere_directions(n_directions, seed=1234):
     """`n_directions` unit vectors spread over a hemisphere by electrostatic repulsion (DIPY), fixed by `seed`.

@@ -10,71 +10,70 @@ Arrays are nibabel-ordered ``(i, j, k[, n])`` with a RAS affine; gradients are R
 killed process never leaves a half-written output.
 """
 
-import contextlib
 import csv
+import gzip
 import json
-import os
-import tempfile
+import math
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 
 from . import geometry
 from .errors import InputError
+from .outputs import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
+MIN_DIFFUSION_WEIGHTING = 50.0
+"""s/mm²: b-values at or below it count as b = 0 (`ALSQuantLib.dki.round_bvals`); a DWI whose largest b-value is
+below it is in other units."""
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Atomic writing
+# Text and JSON
 # --------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    The temporary name keeps the full suffix (``.nii.gz``) so that writers that choose a format by suffix work.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def write_text(path, text):
-    """Write `text` to `path` atomically."""
+    """Write `text` to `path` atomically; a file that already holds exactly `text` is left alone (a rerun whose
+    results did not change writes nothing, so it also works on a full disk)."""
+    path, data = Path(path), text.encode("utf-8")
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # unreadable: replace it
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+
+
+def json_ready(value):
+    """`value` with NumPy types as Python's, paths as strings and NaN or infinite numbers as null: standard JSON has
+    no NaN or Infinity, and other readers refuse them."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def write_json(path, obj):
-    """Write `obj` as indented JSON, atomically. NumPy scalars and arrays are converted."""
-
-    def default(value):
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        if isinstance(value, Path):
-            return str(value)
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-    write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
+    """Write `obj` as indented, standard JSON, atomically: NumPy values are converted, NaN and infinities become
+    null."""
+    write_text(path, json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path):
     """Read a JSON file, with an error naming the file when it is missing or malformed."""
     path = _existing(path, "JSON file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not valid JSON ({err})") from None
 
@@ -126,7 +125,15 @@ def load_image(path, *, ndim=None, what="image", allow_nonfinite=False):
             img = nib.load(str(path))
         except Exception as err:  # nibabel raises several types for unreadable files
             raise InputError(f"{what} {path}: not a readable NIfTI image ({err})") from None
-        data = np.asanyarray(img.dataobj)
+        try:  # nibabel reads the voxels only now: a truncated or corrupted file fails here
+            data = np.asanyarray(img.dataobj)
+            if path.name.endswith(".gz"):
+                _check_gzip(path)
+        except Exception as err:  # EOFError, zlib.error, OSError ("CRC check failed"), ValueError (short file)
+            raise InputError(
+                f"{what} {path}: the file is truncated or damaged ({type(err).__name__}: {err}); "
+                "expected a complete NIfTI image"
+            ) from None
         if data.dtype != np.float64:
             data = data.astype(np.float32)
         affine = img.affine
@@ -142,12 +149,40 @@ def load_image(path, *, ndim=None, what="image", allow_nonfinite=False):
     return data, np.asarray(affine, dtype=float)
 
 
+def _check_gzip(path):
+    """Read a gzip file to its end, where its CRC is checked: nibabel stops after the voxels, so a damaged stream
+    that still inflates would pass unnoticed."""
+    with gzip.open(path, "rb") as stream:
+        while stream.read(1 << 24):
+            pass
+
+
+def image_grid(path, what="image"):
+    """``(shape, affine)`` of an image from its header alone (NIfTI; NRRD is read whole), to check grids before any
+    computation."""
+    path = _existing(path, what)
+    if path.name.endswith(NRRD_SUFFIXES):
+        data, affine = load_image(path, what=what, allow_nonfinite=True)
+        return data.shape, affine
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise InputError(f"{what} {path}: not a readable NIfTI image ({err})") from None
+    return tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=float)
+
+
 def load_mask(path, shape, affine, *, matching="image"):
     """Read a mask (non-zero = inside) and check it lies on the grid of `shape` and `affine`."""
     data, mask_affine = load_image(path, ndim=3, what="mask")
     if not geometry.same_grid(data.shape, mask_affine, shape, affine):
-        raise InputError(f"mask {path}: its grid {data.shape} does not match the {matching}'s {tuple(shape[:3])}")
-    return data > 0
+        difference = geometry.grid_difference(data.shape, mask_affine, shape, affine)
+        raise InputError(f"mask {path}: not on the {matching}'s grid ({difference})")
+    inside = data > 0
+    if not inside.any():
+        raise InputError(f"mask {path}: it is empty (no non-zero voxel); expected a brain mask")
+    return inside
 
 
 def save_image(path, data, affine, *, dtype=np.float32, description=None):
@@ -205,6 +240,11 @@ class DWI:
             )
         if not np.all(np.isfinite(self.bvals)) or np.any(self.bvals < 0):
             raise InputError(f"{name}: b-values must be finite and non-negative, got {self.bvals}")
+        if 0 < self.bvals.max() < MIN_DIFFUSION_WEIGHTING:
+            raise InputError(
+                f"{name}: the largest b-value is {self.bvals.max():g}: the b-values look like ms/µm² (or are all "
+                f"b = 0); expected s/mm² (e.g. 1000 and 2500): multiply them by 1000"
+            )
         if not np.all(np.isfinite(self.bvecs)):
             raise InputError(f"{name}: gradient directions contain NaN or infinite values")
 
@@ -278,11 +318,9 @@ def read_dwi(path, bval=None, bvec=None):
 
 
 def _check_dwi_data(data, path):
+    """A 4D image. Non-finite signals are allowed: the fit masks and counts them (`ALSQuantLib.dki`)."""
     if data.ndim != 4:
         raise InputError(f"DWI {path}: expected a 4D image (volumes along the 4th axis), got shape {data.shape}")
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise InputError(f"DWI {path}: {bad} values are NaN or infinite; expected finite signal intensities")
 
 
 def write_dwi(dwi, path):
@@ -484,9 +522,11 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
         if mag.shape != pha.shape:
             raise InputError(f"GRE magnitude {mag_path} {mag.shape} and phase {pha_path} {pha.shape} differ in shape")
         if not geometry.same_grid(mag.shape, mag_affine, pha.shape, pha_affine):
-            raise InputError(f"GRE magnitude {mag_path} and phase {pha_path} have different geometry (affines)")
+            difference = geometry.grid_difference(pha.shape, pha_affine, mag.shape, mag_affine)
+            raise InputError(f"GRE phase {pha_path}: not on the grid of magnitude {mag_path} ({difference})")
         if affine is not None and not geometry.same_grid(mags[0].shape, affine, mag.shape, mag_affine):
-            raise InputError(f"GRE echo {mag_path} has a different geometry from the first echo")
+            difference = geometry.grid_difference(mag.shape, mag_affine, mags[0].shape, affine)
+            raise InputError(f"GRE echo {mag_path}: not on the first echo's grid ({difference})")
         affine = mag_affine
         mags.append(_as_echoes(mag, str(mag_path)))
         phases.append(_as_echoes(pha, str(pha_path)))
@@ -499,7 +539,7 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
             if "EchoTime" not in sidecar:
                 raise InputError(
                     f"GRE phase {pha_path}: no echo time given and no EchoTime in {sidecar_path(pha_path)}; "
-                    "pass echo times in seconds"
+                    "give the echo times in seconds (--te)"
                 )
             echo_times.extend(np.atleast_1d(sidecar["EchoTime"]).tolist())
     if field_strength is None:
@@ -507,7 +547,7 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
         if field_strength is None:
             raise InputError(
                 f"GRE phase {pha_paths[0]}: no field strength given and no MagneticFieldStrength in its sidecar; "
-                "pass the field strength in tesla"
+                "give the field strength in tesla (--b0)"
             )
     return GRE(
         magnitude_data,
@@ -532,11 +572,12 @@ def write_table(path, rows, columns=None):
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, delimiter=_delimiter(path), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    text = StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, delimiter=_delimiter(path), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    write_text(path, text.getvalue())
 
 
 def read_table(path):

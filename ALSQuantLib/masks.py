@@ -8,6 +8,30 @@ from scipy import ndimage
 
 from .errors import InputError
 
+SMALL_MASK_FRACTION = 0.05
+"""An automatic brain mask below this fraction of the image is implausible (a brain fills 15-50 % of a head's field
+of view, more of a crop): it is kept but warned about."""
+
+
+def check_brain_mask(mask, what, *, automatic):
+    """Refuse an empty brain mask; return a warning (str) when an automatic one is implausibly small, else None.
+
+    >>> check_brain_mask(np.ones((10, 10, 10), bool), "DWI", automatic=True) is None
+    True
+    """
+    mask = np.asarray(mask, dtype=bool)
+    inside = int(mask.sum())
+    if inside == 0:
+        found = "the automatic brain mask found no brain; give a mask" if automatic else "expected a brain mask"
+        raise InputError(f"{what}: the brain mask is empty ({found})")
+    fraction = inside / mask.size
+    if automatic and fraction < SMALL_MASK_FRACTION:
+        return (
+            f"{what}: the automatic brain mask holds only {inside} of {mask.size} voxels ({fraction:.1%}); check it "
+            "or give a mask"
+        )
+    return None
+
 
 def brain_mask_from_b0(b0, *, median_radius=2, numpass=2):
     """Brain mask from a mean b = 0 image by DIPY's ``median_otsu``."""

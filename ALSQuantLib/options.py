@@ -86,6 +86,16 @@ def _flag(field):
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+def flag(cls, name):
+    """The command-line flag of option `name` of `cls`, for messages that tell the user what to change.
+
+    >>> from ALSQuantLib.dki import DKIOptions
+    >>> flag(DKIOptions, "dti_only")
+    '--dti-only'
+    """
+    return _flag(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
 def _is_group(cls, field):
     hint = typing.get_type_hints(cls)[field.name]
     return dataclasses.is_dataclass(hint)

@@ -16,13 +16,16 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dipole, io, workflows
-from .atlas import LabelingOptions
+from . import dipole, geometry, io, outputs, workflows
+from .atlas import LabelingOptions, atlas_for
 from .dki import DKIOptions
 from .errors import InputError
 from .qsm import QSMOptions
@@ -130,9 +133,50 @@ def markers_from_rows(rows):
     return out
 
 
+def check_subject(inputs, options):
+    """Everything about a subject's inputs that can be checked in a second, before minutes of computing: every file
+    there and readable, the DWI's gradient files one entry per volume, the GRE's magnitude and phase on one grid, the
+    atlas and its regions found."""
+    files = inputs.files()
+    for name, path in files.items():
+        if not path.is_file():
+            raise InputError(f"subject {inputs.subject}: input {name} {path}: file not found")
+    if not inputs.dwi.name.endswith(io.NRRD_SUFFIXES):
+        shape, affine = io.image_grid(inputs.dwi, "DWI")
+        if len(shape) != 4:
+            raise InputError(f"DWI {inputs.dwi}: expected a 4D image (volumes along the 4th axis), got shape {shape}")
+        stem = io.strip_image_suffix(inputs.dwi)
+        bval, bvec = inputs.bval or stem.with_suffix(".bval"), inputs.bvec or stem.with_suffix(".bvec")
+        bvals, _ = io.read_fsl_gradients(bval, bvec, affine)
+        if bvals.size != shape[3]:
+            raise InputError(
+                f"DWI {inputs.dwi} has {shape[3]} volumes but {bval} lists {bvals.size} b-values; "
+                "expected one per volume"
+            )
+    if len(inputs.gre_magnitude) != len(inputs.gre_phase):
+        raise InputError(
+            f"subject {inputs.subject} GRE: {len(inputs.gre_magnitude)} magnitude files but "
+            f"{len(inputs.gre_phase)} phase files"
+        )
+    first = io.image_grid(inputs.gre_magnitude[0], "GRE magnitude")
+    for path in (*inputs.gre_magnitude, *inputs.gre_phase):
+        grid = io.image_grid(path, "GRE image")
+        if not geometry.same_grid(*grid, *first):
+            raise InputError(
+                f"GRE image {path}: not on the grid of {inputs.gre_magnitude[0]} "
+                f"({geometry.grid_difference(*grid, *first)})"
+            )
+    atlas = atlas_for(options.labeling)
+    for roi in options.labeling.rois:
+        atlas.region(roi)
+
+
 def run_subject(inputs, out_dir, options=None, *, group=""):
     """Run DKI, QSM and labelling for one subject into `out_dir` (`ALSQuantLib.workflows`; current stages are
-    skipped), then write ``markers.json``.
+    skipped), then write ``markers.json`` (only when its content changes).
+
+    The inputs are checked first (`check_subject`), and `out_dir` is locked for the run: a second run on the same
+    folder is refused while this one holds it.
 
     Parameters
     ----------
@@ -149,12 +193,16 @@ def run_subject(inputs, out_dir, options=None, *, group=""):
     out_dir = Path(out_dir)
     stage_dirs = [(out_dir / stage).resolve() for stage in STAGES]
     for path in inputs.files().values():
-        if not path.exists():
-            raise InputError(f"subject {inputs.subject}: input {path} does not exist")
         if any(folder in path.resolve().parents for folder in stage_dirs):
             raise InputError(
                 f"subject {inputs.subject}: input {path} lies in an output folder of {out_dir}; choose another"
             )
+    check_subject(inputs, options)
+    with outputs.locked(out_dir, f"subject {inputs.subject} output folder"):
+        return _run_stages(inputs, out_dir, options, group)
+
+
+def _run_stages(inputs, out_dir, options, group):
     dki_result = workflows.dki_step(
         inputs.dwi, out_dir / "dki", options.dki, bval=inputs.bval, bvec=inputs.bvec, maps=DKI_MAPS
     )
@@ -187,7 +235,13 @@ def run_subject(inputs, out_dir, options=None, *, group=""):
         **markers_from_rows(rows),
         "qc_passed": bool(quality["passed"]),
     }
-    io.write_json(out_dir / "markers.json", result)
+    markers_path = out_dir / "markers.json"
+    try:
+        unchanged = markers_path.is_file() and io.read_json(markers_path) == io.json_ready(result)
+    except InputError:
+        unchanged = False
+    if not unchanged:  # a finished subject is not rewritten: a rerun on a full disk still succeeds
+        io.write_json(markers_path, result)
     ran = [r.step for r in (dki_result, qsm_result, label_result) if r.ran]
     return {**result, "stages_run": ran}
 
@@ -204,17 +258,46 @@ def read_participants(dataset):
     return [(r["participant_id"], r.get("group", "")) for r in rows]
 
 
+class _SubjectLog(logging.FileHandler):
+    """A subject's log file. If it cannot be written (a full disk), one line on stderr says so and logging to it
+    stops, instead of a traceback for every message."""
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:  # flushing what could not be written: already reported
+            pass
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            reason = outputs.os_error(error, self.baseFilename) if isinstance(error, OSError) else error
+            sys.stderr.write(f"log {self.baseFilename} cannot be written ({reason}); logging to it stops\n")
+
+
 def _subject_job(dataset, subject, group, out_dir, options, threads):
     """Run one subject in a worker; log to ``logs/<subject>.log``; return (subject, result or None, error or None)."""
     if threads:
         os.environ["ALSQUANT_THREADS"] = str(threads)
     log_path = Path(out_dir) / "logs" / f"{subject}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_log = logging.getLogger("ALSQuantLib")
-    package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _SubjectLog(log_path)
+    except OSError as err:
+        handler = logging.NullHandler()
+        sys.stderr.write(f"log {log_path} cannot be written ({outputs.os_error(err, log_path)})\n")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_log.addHandler(handler)
+    propagate, package_log.propagate = package_log.propagate, False  # the details go to the log, not the console
     try:
         log.info("%s (%s): start", subject, group)
         result = run_subject(find_subject(dataset, subject), Path(out_dir) / "subjects" / subject, options, group=group)
@@ -225,13 +308,53 @@ def _subject_job(dataset, subject, group, out_dir, options, threads):
         return subject, None, f"{type(error).__name__}: {error}"
     finally:
         package_log.removeHandler(handler)
+        package_log.propagate = propagate
         handler.close()
+
+
+def _die_with_parent():
+    """Make this worker process end when its parent does, however the parent ends (SIGKILL included), so that no
+    orphan goes on writing into folders a rerun writes too: Linux's parent-death signal, and elsewhere a thread
+    that waits on the parent's sentinel."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent.pid:  # the parent died before the call
+            os._exit(1)
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="alsquant-parent-watch", daemon=True).start()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_on_sigterm():
+    """Make SIGTERM stop this process as Ctrl-C does (`KeyboardInterrupt`), so that it unwinds: workers are stopped,
+    temporaries removed, locks released. Only from the main thread (where Python runs signal handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _worker(connection):
     """A worker process: run the subjects the parent sends, one at a time, until it sends None."""
-    while (job := connection.recv()) is not None:
-        connection.send(_subject_job(*job))
+    _die_with_parent()
+    interrupt_on_sigterm()  # the parent's terminate() unwinds the subject's step, leaving no temporaries
+    try:
+        while (job := connection.recv()) is not None:
+            connection.send(_subject_job(*job))
+    except KeyboardInterrupt:  # stopped by the parent (or Ctrl-C): the parent reports it
+        sys.exit(130)
 
 
 def _run_in_processes(jobs, workers, collect):
@@ -239,15 +362,15 @@ def _run_in_processes(jobs, workers, collect):
 
     The parent knows which subject each process is on, so a process that dies (killed, out of memory) fails only
     that subject, and a new process takes over the rest (a process pool would break and fail every pending one).
+    If the parent is interrupted (Ctrl-C, SIGTERM: `KeyboardInterrupt`), it stops its workers before it returns;
+    if it is killed, they die with it (`_die_with_parent`).
     """
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or ITK state
     pending, busy = list(jobs), {}  # busy: parent's end of the pipe → (process, subject)
 
     def start_worker():
         connection, child = context.Pipe()
-        process = context.Process(
-            target=_worker, args=(child,), name="alsquant-worker", daemon=True
-        )  # ends with the parent
+        process = context.Process(target=_worker, args=(child,), name="alsquant-worker", daemon=True)
         process.start()
         child.close()
         return connection, process
@@ -262,22 +385,31 @@ def _run_in_processes(jobs, workers, collect):
             connection.close()
             process.join()
 
-    for _ in range(min(workers, len(pending))):
-        hand_out(*start_worker())
-    while busy:
-        for connection in multiprocessing.connection.wait(list(busy)):
-            process, subject = busy.pop(connection)
-            try:
-                message = connection.recv()
-            except EOFError:  # the process died on this subject
-                connection.close()
+    try:
+        for _ in range(min(workers, len(pending))):
+            hand_out(*start_worker())
+        while busy:
+            for connection in multiprocessing.connection.wait(list(busy)):
+                process, subject = busy.pop(connection)
+                try:
+                    message = connection.recv()
+                except EOFError:  # the process died on this subject
+                    connection.close()
+                    process.join()
+                    collect(subject, None, f"worker process died (exit code {process.exitcode})")
+                    if pending:
+                        hand_out(*start_worker())
+                    continue
+                collect(*message)
+                hand_out(connection, process)
+    finally:
+        for process, _ in busy.values():
+            process.terminate()
+        for process, _ in busy.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
                 process.join()
-                collect(subject, None, f"worker process died (exit code {process.exitcode})")
-                if pending:
-                    hand_out(*start_worker())
-                continue
-            collect(*message)
-            hand_out(connection, process)
 
 
 @dataclass
@@ -307,7 +439,8 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
         Progress lines (a bar per finished subject).
 
     Local processes are spawned: a script calling this with more than one worker needs the usual
-    ``if __name__ == "__main__":`` guard.
+    ``if __name__ == "__main__":`` guard. The output folder is locked for the run (a second run on it is refused);
+    the workers die with this process, and an interrupt (`KeyboardInterrupt`) stops them before it propagates.
 
     Returns
     -------
@@ -327,7 +460,15 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
         if unknown:
             raise InputError(f"subjects {', '.join(unknown)}: not in {dataset / 'participants.tsv'}")
         participants = [(p, g) for p, g in participants if p in subjects]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    options = options or SubjectOptions()
+    atlas = atlas_for(options.labeling)  # the atlas and its regions, before any subject starts
+    for roi in options.labeling.rois:
+        atlas.region(roi)
+    with outputs.locked(out_dir, "cohort output folder"):
+        return _run_cohort(dataset, out_dir, options, participants, workers, scheduler, echo)
+
+
+def _run_cohort(dataset, out_dir, options, participants, workers, scheduler, echo):
     cores = dipole.fft_workers()
     workers = max(1, min(workers or cores, len(participants)))
     threads = max(1, cores // workers)
@@ -362,10 +503,8 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
         _run_in_processes(jobs, workers, collect)
     rows = [{k: v for k, v in results[s].items() if k != "stages_run"} for s, _ in participants if s in results]
     table = out_dir / COHORT_TABLE
-    if rows:
-        io.write_table(table, rows)
-    elif table.exists():
-        table.unlink()  # a table from an earlier run must not pass for this one's
+    # Replaced atomically, even when empty: a table from an earlier run must not pass for this one's.
+    io.write_table(table, rows, ["participant_id", "group", *MARKERS, "qc_passed"])
     io.write_json(out_dir / FAILURES, failures)
     echo(f"{len(rows)} subjects measured, {len(failures)} failed; cohort table {table}")
     for subject, error in failures.items():

@@ -3,6 +3,7 @@
 import dataclasses
 import datetime
 import hashlib
+import os
 import platform
 import sys
 from importlib import metadata
@@ -33,6 +34,19 @@ def versions():
     return found
 
 
+def checksums(paths):
+    """Name → ``{"path": absolute path, "sha256": ...}`` for each file of `paths` (name → path)."""
+    return {name: {"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for name, p in paths.items()}
+
+
+def output_entries(folder, paths):
+    """``[{"path": relative to folder, "bytes": ..., "sha256": ...}]`` for the files a step wrote."""
+    folder = Path(folder)
+    return [
+        {"path": os.path.relpath(p, folder), "bytes": Path(p).stat().st_size, "sha256": file_sha256(p)} for p in paths
+    ]
+
+
 def record(step, *, options, inputs, outputs=(), arguments=None, results=None):
     """A step's provenance record.
 
@@ -43,9 +57,9 @@ def record(step, *, options, inputs, outputs=(), arguments=None, results=None):
     options : dataclass instance
         The step's options (`ALSQuantLib.options`): recorded as ``dataclasses.asdict(options)``.
     inputs : dict
-        Name → path of each input file; each gets its SHA-256.
-    outputs : iterable of path
-        As they should be recorded (the workflows give them relative to the step's folder).
+        Name → ``{"path", "sha256"}`` of each input file (`checksums`, taken before the step read them).
+    outputs : list of dict
+        `output_entries` of the files written.
     arguments : dict, optional
         Other values given to the step that shape its result (echo times given by hand, the maps asked for).
     results : dict, optional
@@ -56,8 +70,8 @@ def record(step, *, options, inputs, outputs=(), arguments=None, results=None):
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": dataclasses.asdict(options),
         "arguments": arguments or {},
-        "inputs": {name: {"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for name, p in inputs.items()},
-        "outputs": [str(p) for p in outputs],
+        "inputs": dict(inputs),
+        "outputs": list(outputs),
         "results": results or {},
         "versions": versions(),
     }

@@ -655,7 +655,8 @@ def reconstruct_qsm(
     voxel_size = geometry.voxel_sizes(gre.affine)
     b0 = gre.b0_direction
     phase, scaling = step("phase scaling", 0.0, lambda: scale_phase(gre.phase))
-    if mask is None:
+    automatic = mask is None
+    if automatic:
         mask = step(
             "brain mask",
             0.1,
@@ -664,6 +665,9 @@ def reconstruct_qsm(
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != phase.shape[:3]:
         raise InputError(f"mask: shape {mask.shape} does not match the GRE's {phase.shape[:3]}")
+    warnings = [w for w in [masks.check_brain_mask(mask, f"GRE {gre.source}", automatic=automatic)] if w]
+    for warning in warnings:
+        log.warning(warning)
     total = step(
         "unwrapping and echo combination",
         0.2,
@@ -702,5 +706,6 @@ def reconstruct_qsm(
         "voxel_size_mm": voxel_size.tolist(),
         "inversion_options": inversion_options or {},
         "background_options": background_options or {},
+        "warnings": warnings,
     }
     return QSMResult(chi, local, total, local_mask, mask, parameters, timings)

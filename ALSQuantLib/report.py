@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, stats
+from . import io, outputs, stats
 
 
 def _pyplot():
@@ -23,7 +23,7 @@ def _save(fig, stem):
     paths = []
     for suffix in (".png", ".svg"):
         path = Path(f"{stem}{suffix}")
-        with io.atomic_path(path) as tmp:
+        with outputs.atomic_path(path) as tmp:
             fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
         paths.append(path)
     return paths[0]
@@ -107,7 +107,7 @@ def html_report(path, *, title, summary, tables, figures, notes=()):
 
 def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
     """results.json, the tables as CSV, ROC and group figures (PNG + SVG) and report.html in `out_dir`."""
-    out_dir = Path(out_dir)
+    out_dir = outputs.prepare_folder(out_dir, "report folder")
     io.write_json(out_dir / "results.json", results)
     io.write_table(out_dir / "group_comparison.csv", comparison)
     marker_rows = [

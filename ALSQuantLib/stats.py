@@ -396,13 +396,21 @@ def diagnostic_model(cohort, markers, *, random_seed=0):
     """
     from importlib import metadata
 
+    if isinstance(markers, str) or not all(m in cohort.markers for m in markers):
+        raise InputError(f"diagnostic model: markers must be a list of the cohort's markers, got {markers!r}")
+    controls = ~cohort.positive
+    constant = [m for m in markers if np.ptp(cohort.markers[m][controls]) == 0]
+    if constant:
+        raise InputError(
+            f"diagnostic model: marker(s) {', '.join(constant)} take one value in every "
+            f"{cohort.negative_label} subject; a model needs markers that vary"
+        )
     X = np.column_stack([cohort.markers[m] for m in markers])
     scaler, model = _fit_logistic(X, cohort.positive.astype(int), random_seed)
     probability = model.predict_proba(scaler.transform(X))[:, 1]
     roc = roc_analysis(probability, cohort.positive, direction="<")
-    controls = ~cohort.positive
     return {
-        "format": "alsquant-diagnostic-model/1",
+        "format": MODEL_FORMAT,
         "markers": list(markers),
         "positive": cohort.positive_label,
         "negative": cohort.negative_label,
@@ -423,16 +431,86 @@ def diagnostic_model(cohort, markers, *, random_seed=0):
     }
 
 
+MODEL_FORMAT = "alsquant-diagnostic-model/1"
+
+
+def _finite_list(value, length, where, field, *, positive=False):
+    if (
+        not isinstance(value, list)
+        or len(value) != length
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    ):
+        raise InputError(f"{where}: field {field} must be a list of {length} finite numbers, got {value!r}")
+    if positive and not all(v > 0 for v in value):
+        raise InputError(f"{where}: field {field} must hold positive numbers, got {value!r}")
+    return value
+
+
+def _finite_number(value, where, field, *, low=-np.inf, high=np.inf, positive=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+        raise InputError(f"{where}: field {field} must be a finite number, got {value!r}")
+    if not low <= value <= high or (positive and value <= 0):
+        bounds = "positive" if positive else f"between {low:g} and {high:g}"
+        raise InputError(f"{where}: field {field} must be {bounds}, got {value!r}")
+    return value
+
+
+def validate_model(model, where="model"):
+    """Check a diagnostic model completely (types, lengths, finiteness, ranges); `InputError` naming `where` and the
+    field otherwise. A model that passes gives a finite probability and a real decision for any finite input."""
+    if not isinstance(model, dict) or model.get("format") != MODEL_FORMAT:
+        raise InputError(f"{where}: not an ALSQuant diagnostic model (expected format {MODEL_FORMAT!r})")
+    needed = ("markers", "positive", "negative", "scaler", "coefficients", "intercept", "cutoff", "training")
+    missing = [k for k in needed if k not in model]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+    markers = model["markers"]
+    if (
+        not isinstance(markers, list)
+        or not markers
+        or not all(isinstance(m, str) and m for m in markers)
+        or len(set(markers)) != len(markers)
+    ):
+        raise InputError(f"{where}: field markers must be a list of distinct marker names, got {markers!r}")
+    for label in ("positive", "negative"):
+        if not isinstance(model[label], str) or not model[label]:
+            raise InputError(f"{where}: field {label} must be a group label, got {model[label]!r}")
+    if model["positive"] == model["negative"]:
+        raise InputError(f"{where}: fields positive and negative name the same group {model['positive']!r}")
+    n = len(markers)
+    scaler = model["scaler"]
+    if not isinstance(scaler, dict):
+        raise InputError(f"{where}: field scaler must hold mean and scale, got {scaler!r}")
+    _finite_list(scaler.get("mean"), n, where, "scaler.mean")
+    _finite_list(scaler.get("scale"), n, where, "scaler.scale", positive=True)
+    _finite_list(model["coefficients"], n, where, "coefficients")
+    _finite_number(model["intercept"], where, "intercept")
+    _finite_number(model["cutoff"], where, "cutoff (a probability)", low=0.0, high=1.0)
+    training = model["training"]
+    if not isinstance(training, dict):
+        raise InputError(f"{where}: field training must be an object, got {training!r}")
+    for summary in ("range", "control_mean", "control_sd"):
+        if not isinstance(training.get(summary), dict) or set(training[summary]) != set(markers):
+            raise InputError(f"{where}: field training.{summary} must give a value for each of {', '.join(markers)}")
+    for marker in markers:
+        low, high = _finite_list(training["range"][marker], 2, where, f"training.range.{marker}")
+        if low > high:
+            raise InputError(f"{where}: field training.range.{marker} must be [low, high], got {[low, high]}")
+        _finite_number(training["control_mean"][marker], where, f"training.control_mean.{marker}")
+        _finite_number(training["control_sd"][marker], where, f"training.control_sd.{marker}", positive=True)
+    return model
+
+
 def save_model(model, path):
+    """Write a diagnostic model as JSON, after `validate_model`: a degenerate model (a constant marker, a cut-off
+    that no probability reaches) is refused, never saved."""
+    validate_model(io.json_ready(model), "diagnostic model")
     io.write_json(path, model)
 
 
 def load_model(path):
-    model = io.read_json(path)
-    needed = {"markers", "scaler", "coefficients", "intercept", "cutoff", "training", "positive", "negative"}
-    if model.get("format") != "alsquant-diagnostic-model/1" or not needed <= set(model):
-        raise InputError(f"model {path}: not an ALSQuant diagnostic model (expected keys {', '.join(sorted(needed))})")
-    return model
+    """Read and fully check (`validate_model`) a diagnostic model saved by `save_model`."""
+    return validate_model(io.read_json(path), f"model {path}")
 
 
 def classify(model, values):
@@ -448,6 +526,7 @@ def classify(model, values):
     dict with ``probability`` (of the positive group), ``decision``, ``z_scores`` against the training controls,
     and ``out_of_range`` (markers outside the training range: extrapolation, trust less).
     """
+    validate_model(model)
     missing = [m for m in model["markers"] if m not in values]
     if missing:
         raise InputError(f"subject: no value for marker(s) {', '.join(missing)}")

@@ -5,15 +5,14 @@ subject, and what the Slicer modules' background jobs run (through the same comm
 (`ALSQuantLib.dki`, `ALSQuantLib.qsm`, `ALSQuantLib.atlas`) compute and return arrays; only this module writes a
 step's files.
 
-Each step writes ``provenance.json`` last (its options as ``dataclasses.asdict``, the other values that shaped it,
-the SHA-256 of every input, its outputs, what it found, software versions). A step whose record matches the
-options, the arguments and the inputs' checksums, with every output present, is not run again.
+Each step locks its folder while it runs and writes ``provenance.json`` last: its options as ``dataclasses.asdict``,
+the other values that shaped it, the SHA-256 of every input as it was read, each output's size and SHA-256, what it
+found, and the software versions. A step whose record matches the options, the arguments and the inputs' checksums,
+with every output there and unchanged, is not run again; a damaged or missing output makes it run again.
 """
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atlas as atlas_lib
-from . import dki, io, provenance, qsm
+from . import dki, geometry, io, outputs, provenance, qsm
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -42,28 +41,30 @@ class StepResult:
     ran: bool
 
 
-def _as_json(value):
-    """`value` as JSON gives it back (tuples → lists, paths → strings, NumPy → Python), for comparisons."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
-
-
 def _current(record_path, options, arguments, inputs):
-    """The record at `record_path` if it matches these options, arguments and inputs and its outputs exist."""
+    """The record at `record_path` if it matches these options, arguments and input checksums and every output it
+    lists is there with its recorded size and SHA-256; else None (the step runs again)."""
     if not record_path.exists():
         return None
     try:
         record = io.read_json(record_path)
     except InputError:
         return None
-    if record.get("options") != _as_json(dataclasses.asdict(options)) or record.get("arguments") != _as_json(arguments):
+    if record.get("options") != io.json_ready(dataclasses.asdict(options)) or record.get("arguments") != io.json_ready(
+        arguments
+    ):
         return None
-    recorded = record.get("inputs", {})
-    if set(recorded) != set(inputs):
+    recorded = {name: entry.get("sha256") for name, entry in record.get("inputs", {}).items()}
+    if recorded != {name: entry["sha256"] for name, entry in inputs.items()}:
         return None
-    if any(recorded[name].get("sha256") != provenance.file_sha256(path) for name, path in inputs.items()):
-        return None
-    if not all((record_path.parent / name).exists() for name in record.get("outputs", [])):
-        return None
+    for entry in record.get("outputs", []):
+        path = record_path.parent / str(entry.get("path", "")) if isinstance(entry, dict) else None
+        if path is None or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            log.info("%s: output %s missing or damaged; the step runs again", record.get("step"), path)
+            return None
+        if provenance.file_sha256(path) != entry.get("sha256"):
+            log.info("%s: output %s changed since it was written; the step runs again", record.get("step"), path)
+            return None
     return record
 
 
@@ -91,7 +92,11 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
     planned : iterable of str
         Names of the files the step may write, checked against the inputs before anything is computed.
 
-    A step whose record is current (`_current`) is not run again.
+    The folder is checked (writable, with room) and locked first: a second run on it is refused while this one
+    holds it, and temporaries a killed run left are removed. The inputs are hashed before `compute` reads them and
+    again after: a file that changed meanwhile fails the step, so a record names exactly the bytes that were read.
+    A step whose record is current (`_current`: same options, arguments and input checksums, every output there
+    with its recorded checksum) is not run again.
 
     Returns
     -------
@@ -104,23 +109,36 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
         if not path.is_file():
             raise InputError(f"{step}: input {name} {path}: file not found")
     _refuse_overwriting_inputs(folder, planned, inputs)
-    record_path = folder / RECORD
-    record = _current(record_path, options, arguments, inputs)
-    if record is not None:
-        log.info("%s: current, skipped", step)
-        return StepResult(step, folder, [folder / name for name in record["outputs"]], record, False)
-    if record_path.exists():
-        record_path.unlink()  # a stale record must not vouch for half-rewritten outputs
-    start = time.perf_counter()
-    outputs, results = compute(folder)
-    results = {**results, "seconds": time.perf_counter() - start}
-    relative = [os.path.relpath(path, folder) for path in outputs]
-    record = provenance.record(
-        step, options=options, inputs=inputs, outputs=relative, arguments=arguments, results=results
-    )
-    io.write_json(record_path, record)
+    with outputs.locked(folder, f"{step} output folder"):
+        read = provenance.checksums(inputs)
+        record_path = folder / RECORD
+        record = _current(record_path, options, arguments, read)
+        if record is not None:
+            log.info("%s: current, skipped", step)
+            return StepResult(step, folder, [folder / e["path"] for e in record["outputs"]], record, False)
+        outputs.check_room(folder)
+        if record_path.exists():
+            record_path.unlink()  # a stale record must not vouch for half-rewritten outputs
+        start = time.perf_counter()
+        written, results = compute(folder)
+        results = {**results, "seconds": time.perf_counter() - start}
+        changed = [name for name, entry in provenance.checksums(inputs).items() if entry != read[name]]
+        if changed:
+            raise InputError(
+                f"{step}: input(s) {', '.join(f'{n} {inputs[n]}' for n in changed)} changed while the step was "
+                "reading them; nothing was recorded, run the step again"
+            )
+        record = provenance.record(
+            step,
+            options=options,
+            inputs=read,
+            outputs=provenance.output_entries(folder, written),
+            arguments=arguments,
+            results=results,
+        )
+        io.write_json(record_path, record)
     log.info("%s: done in %.1f s", step, results["seconds"])
-    return StepResult(step, folder, list(outputs), _as_json(record), True)
+    return StepResult(step, folder, list(written), io.json_ready(record), True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,13 +239,13 @@ def write_labeling(out_dir, labeling):
     """Write ``labels_<space>.nii.gz``, ``grey_matter_<space>.nii.gz`` (if any), ``labels.ctbl``, ``roi_stats.csv``
     and ``quality.json``; return the paths."""
     out_dir = Path(out_dir)
-    outputs = []
+    written = []
     for space, (label_image, affine) in labeling.label_images.items():
-        outputs.append(out_dir / f"labels_{space}.nii.gz")
-        io.save_image(outputs[-1], label_image, affine, dtype=np.int16)
+        written.append(out_dir / f"labels_{space}.nii.gz")
+        io.save_image(written[-1], label_image, affine, dtype=np.int16)
     for space, (mask, affine) in labeling.grey_matter.items():
-        outputs.append(out_dir / f"grey_matter_{space}.nii.gz")
-        io.save_image(outputs[-1], mask, affine, dtype=np.uint8)
+        written.append(out_dir / f"grey_matter_{space}.nii.gz")
+        io.save_image(written[-1], mask, affine, dtype=np.uint8)
     table, rows, quality = (out_dir / name for name in LABEL_OUTPUTS)
     io.write_color_table(table, labeling.table.as_list())
     io.write_table(rows, labeling.rows)
@@ -240,7 +258,33 @@ def write_labeling(out_dir, labeling):
             "passed": labeling.passed,
         },
     )
-    return outputs + [table, rows, quality]
+    return written + [table, rows, quality]
+
+
+def _check_grids(reference, gre_magnitude, maps, map_masks, tissue_mask):
+    """Every map and mask on the reference's or the GRE's grid, each map mask on its map's, from the headers: a
+    wrong grid is refused before minutes of registration."""
+    grids = {"reference": io.image_grid(reference, "reference")}
+    if gre_magnitude:
+        grids["GRE magnitude"] = io.image_grid(gre_magnitude, "GRE magnitude")
+    checked = {f"map {name}": path for name, path in maps.items()}
+    if tissue_mask:
+        checked["tissue mask"] = tissue_mask
+    for what, path in checked.items():
+        grid = io.image_grid(path, what)
+        if not any(geometry.same_grid(*grid, *other) for other in grids.values()):
+            differences = "; against the ".join(
+                f"{n}'s: {geometry.grid_difference(*grid, *g)}" for n, g in grids.items()
+            )
+            raise InputError(
+                f"{what} {path}: on neither the reference's nor the GRE's grid (against the {differences})"
+            )
+    for name, path in map_masks.items():
+        grid, map_grid = io.image_grid(path, f"mask of map {name}"), io.image_grid(maps[name], f"map {name}")
+        if not geometry.same_grid(*grid, *map_grid):
+            raise InputError(
+                f"mask of map {name} {path}: not on the map's grid ({geometry.grid_difference(*grid, *map_grid)})"
+            )
 
 
 def label_step(
@@ -281,6 +325,7 @@ def label_step(
     if unknown:
         raise InputError(f"map masks {', '.join(unknown)}: no such map")
     atlas = atlas_lib.atlas_for(options)
+    _check_grids(reference, gre_magnitude, maps, map_masks, tissue_mask)
 
     def compute(folder):
         valid = {
@@ -299,6 +344,7 @@ def label_step(
             tissue_mask=io.load_image(tissue_mask, ndim=3, what="tissue mask") if tissue_mask else None,
             subject=subject,
             keep_transforms=folder / "transforms" if keep_transforms else None,
+            workdir=folder,
             progress=progress,
         )
         results = {"flags": labeling.flags, "passed": labeling.passed, "template_correlation": labeling.similarity}
@@ -307,7 +353,8 @@ def label_step(
     inputs = {"reference": reference, "gre_magnitude": gre_magnitude, "tissue_mask": tissue_mask}
     inputs.update({f"map_{name}": path for name, path in maps.items()})
     inputs.update({f"mask_{name}": path for name, path in map_masks.items()})
-    inputs.update(atlas_template=atlas.template_fa or atlas.template, atlas_labels=atlas.labels)
+    inputs.update(atlas_template=atlas.template, atlas_template_fa=atlas.template_fa, atlas_labels=atlas.labels)
+    inputs.update(atlas_table=atlas.table_file, atlas_regions=options.regions_json)
     arguments = {"subject": subject, "keep_transforms": bool(keep_transforms)}
     planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [
         f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")

@@ -30,7 +30,7 @@ def study_subject(folder):
     pipeline.run_subject(inputs, folder / "out", options)
     total = time.perf_counter() - start
     stages = {
-        s: io.read_json(folder / "out" / s / "provenance.json")["details"]["seconds"] for s in ("dki", "qsm", "label")
+        s: io.read_json(folder / "out" / s / "provenance.json")["results"]["seconds"] for s in ("dki", "qsm", "label")
     }
     start = time.perf_counter()
     rerun = pipeline.run_subject(inputs, folder / "out", options)

@@ -76,7 +76,8 @@ STUDY_MAPS = {"CST": ("mk", "fa", "md"), "M1": ("ms",)}
 
 @dataclass
 class Atlas:
-    """An atlas resolved to files: template, label image, label table, and its regions."""
+    """An atlas resolved to files: template (and FA template), label image, label table (parsed, and its file), and
+    its regions."""
 
     name: str
     template: Path
@@ -85,6 +86,7 @@ class Atlas:
     regions: dict
     template_fa: Path = None
     midline_x_mm: float = 0.0
+    table_file: Path = None
 
     def region(self, name):
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import geometry, io, masks
+from .. import geometry, io, masks, outputs
 from ..errors import InputError
 from ..options import check_choices, option
 from ..progress import report as report_progress
@@ -149,21 +149,41 @@ def _grey_matter(options, atlas, gre, gre_affine, tissue_mask):
 
 
 def _register_and_propagate(
-    reference, reference_affine, atlas, labels, labels_affine, options, gre, gre_affine, keep_transforms, progress
+    reference,
+    reference_affine,
+    atlas,
+    labels,
+    labels_affine,
+    options,
+    gre,
+    gre_affine,
+    keep_transforms,
+    workdir,
+    progress,
 ):
     """Register the reference to the template, bring the labels to the reference's (and the GRE's) grid; return
     (space → (labels, affine), template correlation, kept transform files)."""
     use_fa = options.reference_contrast == "FA" and atlas.template_fa is not None
     template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
     report_progress(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", log)
-    registration = register(reference, reference_affine, template, template_affine, random_seed=options.seed)
+    registration = register(
+        reference, reference_affine, template, template_affine, random_seed=options.seed, workdir=workdir
+    )
     link = None
     try:
         propagated = propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration)
         label_images = {"reference": (propagated, reference_affine)}
         if gre is not None:
             report_progress(progress, 0.8, "linking the GRE to the reference (rigid)", log)
-            link = register(gre, gre_affine, reference, reference_affine, transform="Rigid", random_seed=options.seed)
+            link = register(
+                gre,
+                gre_affine,
+                reference,
+                reference_affine,
+                transform="Rigid",
+                random_seed=options.seed,
+                workdir=workdir,
+            )
             propagated = propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link)
             label_images["gre"] = (propagated, gre_affine)
         kept = []
@@ -171,7 +191,7 @@ def _register_and_propagate(
             Path(keep_transforms).mkdir(parents=True, exist_ok=True)
             for path in registration.forward:
                 kept.append(Path(keep_transforms) / Path(path).name)
-                with io.atomic_path(kept[-1]) as tmp:
+                with outputs.atomic_path(kept[-1]) as tmp:
                     shutil.copyfile(path, tmp)
         return label_images, registration.similarity, kept
     finally:
@@ -217,6 +237,7 @@ def label_subject(
     tissue_mask=None,
     subject="",
     keep_transforms=None,
+    workdir=None,
     progress=None,
 ):
     """Register the subject to the atlas, bring the regions back, and measure the maps in them.
@@ -243,6 +264,8 @@ def label_subject(
         only farther than ``options.cortex_margin_mm`` from the grey matter around them (`cortex_core`).
     keep_transforms : path, optional
         Folder to copy the registration's transform files into (else they are deleted).
+    workdir : path, optional
+        Folder for the registration's temporary files (default: the system's temporary folder).
 
     Returns
     -------
@@ -258,7 +281,17 @@ def label_subject(
     raw_labels = raw_labels.astype(np.int32)
     labels = split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
     label_images, similarity, kept = _register_and_propagate(
-        reference, reference_affine, atlas, labels, labels_affine, options, gre, gre_affine, keep_transforms, progress
+        reference,
+        reference_affine,
+        atlas,
+        labels,
+        labels_affine,
+        options,
+        gre,
+        gre_affine,
+        keep_transforms,
+        workdir,
+        progress,
     )
     template_masks = region_masks(raw_labels, labels_affine, atlas, rois)
     kinds = {r: atlas.region(r).kind for r in rois}

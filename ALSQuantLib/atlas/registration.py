@@ -27,6 +27,9 @@ def load_ants():
     return ants
 
 
+WORKDIR_PREFIX = "alsquant-ants-"
+
+
 def to_ants(data, affine):
     origin, spacing, direction = geometry.itk_from_affine(affine)
     return load_ants().from_numpy(
@@ -63,6 +66,9 @@ def register(subject, subject_affine, template, template_affine, *, transform="S
         ANTsPy ``type_of_transform`` (``"SyNRA"``: rigid + affine + SyN; ``"Rigid"``; ``"Affine"``).
     random_seed : int
         Seeds the metric sampling; with ANTs single-threaded (this module's default) results repeat bit for bit.
+    workdir : path, optional
+        Where the transform files go, in a new ``alsquant-ants-*`` folder (default: the system's temporary folder);
+        removed if the registration fails, else by `Registration.cleanup`.
 
     Returns
     -------
@@ -73,7 +79,7 @@ def register(subject, subject_affine, template, template_affine, *, transform="S
         log.warning("ANTs runs multi-threaded: registrations will differ slightly from run to run")
     fixed = to_ants(template / max(np.percentile(template, 99), 1e-6), template_affine)
     moving = to_ants(subject / max(np.percentile(subject, 99), 1e-6), subject_affine)
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="alsquant-ants-"))
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=workdir))
     # antsRegistration reads seed 0 as "seed from the clock": shift by one. antspyx takes the seed from its config.
     previous = antspyx.config._random_seed
     antspyx.config._random_seed = int(random_seed) + 1
@@ -81,6 +87,9 @@ def register(subject, subject_affine, template, template_affine, *, transform="S
         result = antspyx.registration(
             fixed=fixed, moving=moving, type_of_transform=transform, outprefix=str(workdir / "reg_")
         )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     finally:
         antspyx.config._random_seed = previous
     similarity = float(antspyx.image_similarity(fixed, result["warpedmovout"], metric_type="Correlation"))

@@ -4,12 +4,12 @@ a cache. The official download addresses are data: ``sources.json`` beside this 
 import hashlib
 import logging
 import os
-import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .. import io, provenance
-from ..errors import InputError
+from .. import io, outputs, provenance
+from ..errors import InputError, OutputError
 from .definitions import BUILTIN_ATLASES, Atlas
 from .tables import read_label_table
 
@@ -21,37 +21,61 @@ def default_cache_dir():
     return Path(os.environ.get("ALSQUANT_CACHE", Path.home() / ".cache" / "alsquant"))
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_url(url, what):
+    """Only https (plain http on loopback, for local mirrors and tests): a download's integrity rests on its
+    checksum, its privacy and provenance on TLS."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
+        return parts
+    raise InputError(f"{what} {url}: expected an https:// address (http:// only on this machine's loopback)")
+
+
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same host and only to an allowed scheme."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), _check_url(newurl, "download redirected to")
+        if new.hostname != old.hostname:
+            raise InputError(
+                f"download {req.full_url}: redirected to another host ({newurl}); refused, give the final address"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch(url, sha256, cache_dir=None, *, filename=None, timeout=60):
     """Download `url` into the cache (once) and check its SHA-256; return the cached path.
 
     The file is written to a temporary name and renamed only when its checksum matches, so the cache never holds a
-    partial or corrupted file; a cached file whose checksum no longer matches is downloaded again.
+    partial or corrupted file; a cached file whose checksum no longer matches is downloaded again. Only https is
+    accepted (http on loopback), and redirects only to the same host.
 
     Parameters
     ----------
     filename : str, optional
         Name in the cache folder (default: the URL's file name behind the checksum's first 16 digits).
     """
+    _check_url(url, "download")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / (filename or f"{sha256[:16]}-{Path(url.split('?')[0]).name}")
     if target.is_file() and provenance.file_sha256(target) == sha256:
         return target
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
+    opener = urllib.request.build_opener(_SameHostRedirects)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with outputs.atomic_path(target) as tmp, open(tmp, "wb") as out, opener.open(url, timeout=timeout) as response:
             while block := response.read(1 << 20):
                 digest.update(block)
                 out.write(block)
-        if digest.hexdigest() != sha256:
-            raise InputError(f"download {url}: SHA-256 {digest.hexdigest()} does not match the expected {sha256}")
-        os.replace(tmp, target)
-    except OSError as err:
+            out.flush()
+            if digest.hexdigest() != sha256:
+                raise InputError(f"download {url}: SHA-256 {digest.hexdigest()} does not match the expected {sha256}")
+    except OutputError:
+        raise
+    except OSError as err:  # URLError and HTTPError are OSErrors
         raise InputError(f"download {url} failed: {err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -109,7 +133,8 @@ def fetch_atlas(name, sources, cache_dir=None):
     if missing:
         raise InputError(f"{where}: no entry for {', '.join(missing)} (atlas {name} needs {', '.join(needed)})")
     folder = Path(cache_dir or default_cache_dir()) / "atlases" / name
-    for filename in needed + (["template_FA.nii.gz"] if "template_FA.nii.gz" in files else []):
+    wanted = needed + (["template_FA.nii.gz"] if "template_FA.nii.gz" in files else [])
+    for filename in wanted:
         entry = files[filename]
         if (
             not isinstance(entry, dict)
@@ -118,7 +143,7 @@ def fetch_atlas(name, sources, cache_dir=None):
         ):
             raise InputError(f"{where}: entry {filename!r} needs a url and a 64-digit sha256")
         fetch(entry["url"], entry["sha256"].lower(), folder, filename=filename)
-    return folder
+    return folder, wanted
 
 
 def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None, cache_dir=None):
@@ -127,33 +152,38 @@ def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None
     Looks in `atlas_dir` (the user's folder holding the files named in the definition, or FSL's XML table), then in
     ``$FSLDIR/data/atlases`` (FSL's layout), then, when `sources` is given (``"official"`` or a sources file),
     downloads the files into the cache (`fetch_atlas`). `template` overrides the template image (e.g. an MNI152 T1
-    for the FSL atlases, which ship without one).
+    for the FSL atlases, which ship without one). An FA template (``template_FA.nii.gz``) beside the labels is used
+    from the user's folders; from the cache only when this call verified it against its sources.
     """
     if name not in BUILTIN_ATLASES:
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}, or give your own files")
     definition = BUILTIN_ATLASES[name]
-    candidates = []  # (label image, label-table choices)
+    candidates = []  # (label image, label-table choices, whether an FA template beside them may be used)
     if atlas_dir:
-        candidates.append((Path(atlas_dir) / definition.labels, [Path(atlas_dir) / t for t in table_names(definition)]))
+        folder = Path(atlas_dir)
+        candidates.append((folder / definition.labels, [folder / t for t in table_names(definition)], True))
     fsldir = fsldir or os.environ.get("FSLDIR")
     if fsldir and definition.fsl_paths:
         base = Path(fsldir) / "data" / "atlases"
-        candidates.append((base / definition.fsl_paths[0], [base / definition.fsl_paths[1]]))
+        candidates.append((base / definition.fsl_paths[0], [base / definition.fsl_paths[1]], True))
 
     def resolved(labels, tables):
         return labels.is_file() and next((t for t in tables if t.is_file()), None)
 
-    if sources is not None and not any(resolved(*c) for c in candidates):
-        folder = fetch_atlas(name, sources, cache_dir)
-        candidates.append((folder / definition.labels, [folder / t for t in table_names(definition)]))
-    for labels, tables in candidates:
+    if sources is not None and not any(resolved(*c[:2]) for c in candidates):
+        folder, verified = fetch_atlas(name, sources, cache_dir)
+        tables = [folder / t for t in table_names(definition)]
+        candidates.append((folder / definition.labels, tables, "template_FA.nii.gz" in verified))
+    for labels, tables, fa_allowed in candidates:
         table = resolved(labels, tables)
         if table:
             template_path = Path(template) if template else labels.parent / definition.template
             if not template_path.is_file() and fsldir:
                 template_path = Path(fsldir) / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz"
             if not template_path.is_file():
-                raise InputError(f"atlas {name}: template {template_path} not found; pass template=")
+                raise InputError(
+                    f"atlas {name}: template {template_path} not found; give a template image (--template)"
+                )
             fa = labels.parent / "template_FA.nii.gz"
             return Atlas(
                 name,
@@ -161,8 +191,9 @@ def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None
                 labels,
                 read_label_table(table),
                 {r.name: r for r in definition.regions},
-                template_fa=fa if fa.is_file() else None,
+                template_fa=fa if fa_allowed and fa.is_file() else None,
                 midline_x_mm=definition.midline_x_mm,
+                table_file=table,
             )
     looked = ", ".join(str(c[0].parent) for c in candidates) or "nowhere (no atlas folder given, FSLDIR unset)"
     raise InputError(

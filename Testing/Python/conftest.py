@@ -40,3 +40,16 @@ def mrml_scene():
     yield scene
     scene.Clear(1)
     slicer.mrmlScene = previous
+
+
+def child_processes(pid):
+    """Process ids whose parent is `pid` (from /proc; an empty list where there is none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

@@ -464,7 +464,7 @@ def test_label_command_refuses_unknown_regions_and_bad_maps(tmp_path, capsys):
     assert "expected name=file pairs" in capsys.readouterr().err
     io.save_image(tmp_path / "small_mask.nii.gz", np.ones((4, 4, 4), np.uint8), np.eye(4))
     assert cli.main(base + ["--tissue-mask", str(tmp_path / "small_mask.nii.gz")]) == 2  # refused before registering
-    assert "tissue mask (4, 4, 4): on neither the reference's nor the GRE's grid" in capsys.readouterr().err
+    assert "small_mask.nii.gz: on neither the reference's nor the GRE's grid" in capsys.readouterr().err
 
 
 def test_eve_registered_to_mni_agrees_with_harvard_oxford_and_jhu(shared_data, capsys):

@@ -116,7 +116,7 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
 # also import each other). The simulator is test infrastructure: only the demo and the command line import it.
 LAYERS = (
     {"errors"},
-    {"progress", "options", "geometry"},
+    {"progress", "options", "geometry", "outputs"},
     {"io", "dipole", "metrics", "provenance", "masks"},
     {"dki", "qsm", "atlas", "stats"},
     {"workflows", "report"},

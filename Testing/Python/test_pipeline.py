@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_processes
 
 from ALSQuantLib import cli, io, phantom, pipeline, provenance
 from ALSQuantLib.atlas import LabelingOptions
@@ -174,18 +175,6 @@ def test_run_cohort_refuses_bad_requests(cohort, tmp_path):
         pipeline.run_cohort(tmp_path / "empty", tmp_path / "o2", _options(folder))
 
 
-def _children(pid):
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the worker processes")
 def test_a_worker_that_dies_is_reported_and_the_run_goes_on(cohort, tmp_path):
     import threading
@@ -197,14 +186,14 @@ def test_a_worker_that_dies_is_reported_and_the_run_goes_on(cohort, tmp_path):
             r=pipeline.run_cohort(folder, tmp_path / "out", _options(folder), workers=2, echo=lambda line: None)
         )
     )
-    before = set(_children(os.getpid()))
+    before = set(child_processes(os.getpid()))
     thread.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "out").glob("subjects/*/dki")):
         time.sleep(0.1)  # the workers are at work
     workers = [
         pid
-        for pid in _children(os.getpid())
+        for pid in child_processes(os.getpid())
         if pid not in before and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert workers
