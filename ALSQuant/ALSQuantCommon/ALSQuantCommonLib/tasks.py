@@ -6,6 +6,7 @@ progress and the log, and `cancel` stops the process and its children. The comma
 into nodes by the module's logic. Plain Python: tested headless.
 """
 
+import contextlib
 import os
 import queue
 import re
@@ -90,15 +91,27 @@ class BackgroundTask:
         self.poll()
         return code
 
-    def cancel(self):
-        """Stop the process and everything it started."""
+    def cancel(self, grace=5.0):
+        """Stop the process and everything it started: SIGTERM first, so that the command unwinds (its temporaries
+        removed, its workers stopped), then, after `grace` seconds (a long native call such as an ANTs registration
+        only returns to Python when done), SIGKILL."""
         if self.running:
             self.cancelled = True
-            if os.name == "posix":
-                os.killpg(self._process.pid, signal.SIGTERM)
-            else:
-                self._process.terminate()
-            self._process.wait()
+            self._signal(signal.SIGTERM)
+            try:
+                self._process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self._signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+                self._process.wait()
+
+    def _signal(self, number):
+        if os.name == "posix":
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, number)
+        elif number == signal.SIGTERM:
+            self._process.terminate()
+        else:
+            self._process.kill()
 
     def errorText(self):
         """The command's error message (its last lines), for the user."""
