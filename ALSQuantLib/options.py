@@ -31,6 +31,7 @@ ExampleOptions(method='a', radius_mm=3.0, smooth=False)
 2.0
 """
 
+import argparse
 import dataclasses
 import pathlib
 import typing
@@ -39,7 +40,7 @@ from typing import NamedTuple
 from .errors import InputError
 
 
-def option(default, help, *, unit=None, choices=None, flag=None, aliases=(), path=False):
+def option(default, help, *, unit=None, choices=None, flag=None, aliases=(), path=False, several=False):
     """A dataclass field declaring one option.
 
     Parameters
@@ -59,6 +60,9 @@ def option(default, help, *, unit=None, choices=None, flag=None, aliases=(), pat
         Other flags accepted for the same option (older names).
     path : bool
         The value is a file or folder (a path field in Slicer; ``None`` when not given).
+    several : bool
+        A string option whose value may name several of its choices, separated by commas (``"a,b"``); `choices`
+        may also list such combinations, to offer them in Slicer.
     """
     metadata = {
         "help": help,
@@ -67,6 +71,7 @@ def option(default, help, *, unit=None, choices=None, flag=None, aliases=(), pat
         "flag": flag,
         "aliases": tuple(aliases),
         "path": path,
+        "several": several,
     }
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -133,6 +138,10 @@ def add_arguments(parser, cls):
             parser.add_argument(
                 *flags, dest=field.name, type=_comma_list, default=field.default, metavar="A,B", help=_help(field)
             )
+        elif field.metadata["several"]:
+            parser.add_argument(
+                *flags, dest=field.name, type=_several(field), default=field.default, metavar="A[,B]", help=_help(field)
+            )
         else:
             metavar = field.metadata["unit"].upper() if field.metadata["unit"] and kind in (int, float) else None
             parser.add_argument(
@@ -175,11 +184,36 @@ def to_argv(options):
     return argv
 
 
+def _items(field):
+    """The single values a `several` option's choices are made of."""
+    return tuple(dict.fromkeys(item for choice in field.metadata["choices"] for item in _comma_list(choice)))
+
+
+def _several(field):
+    def parse(text):
+        items = _comma_list(text)
+        unknown = [item for item in items if item not in _items(field)]
+        if not items or unknown:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected one or more of {', '.join(_items(field))}, separated by commas"
+            )
+        return ",".join(items)
+
+    return parse
+
+
 def check_choices(options):
     """Refuse a value outside its option's choices, naming the option (for options built in code)."""
     for field in dataclasses.fields(options):
         choices, value = field.metadata.get("choices"), getattr(options, field.name)
-        if choices and value not in choices:
+        if choices and field.metadata.get("several"):
+            unknown = [item for item in _comma_list(value) if item not in _items(field)]
+            if unknown or not _comma_list(value):
+                raise InputError(
+                    f"option {field.name} {value!r}: expected one or more of {', '.join(_items(field))}, "
+                    "separated by commas"
+                )
+        elif choices and value not in choices:
             raise InputError(f"option {field.name} {value!r}: expected one of {', '.join(choices)}")
 
 

@@ -353,8 +353,8 @@ def label_step(
     inputs = {"reference": reference, "gre_magnitude": gre_magnitude, "tissue_mask": tissue_mask}
     inputs.update({f"map_{name}": path for name, path in maps.items()})
     inputs.update({f"mask_{name}": path for name, path in map_masks.items()})
-    inputs.update(atlas_template=atlas.template, atlas_template_fa=atlas.template_fa, atlas_labels=atlas.labels)
-    inputs.update(atlas_table=atlas.table_file, atlas_regions=options.regions_json)
+    inputs.update({f"atlas_{name}": path for name, path in atlas.files().items()})
+    inputs["atlas_regions"] = options.regions_json
     arguments = {"subject": subject, "keep_transforms": bool(keep_transforms)}
     planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [
         f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")

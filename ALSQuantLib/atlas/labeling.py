@@ -12,7 +12,8 @@ from .. import geometry, io, masks, outputs
 from ..errors import InputError
 from ..options import check_choices, option
 from ..progress import report as report_progress
-from .definitions import BUILTIN_ATLASES, load_regions_json
+from .composite import combine_atlases
+from .definitions import ATLAS_COMBINATIONS, BUILTIN_ATLASES, load_regions_json
 from .measure import (
     cortex_core,
     quality_flags,
@@ -39,10 +40,20 @@ ATLAS_SOURCES_HELP = (
 class LabelingOptions:
     """Which atlas, which regions, and how they are measured (`label_subject`)."""
 
-    atlas: str = option("eve", "built-in atlas", choices=tuple(BUILTIN_ATLASES))
-    atlas_dir: str = option(None, "folder holding the atlas files (default: $FSLDIR/data/atlases)", path=True)
+    atlas: str = option(
+        "eve",
+        "built-in atlas, or several separated by commas, each region from the first that defines it (e.g. "
+        "jhu-tracts,harvard-oxford: CST from JHU tractography, M1 from Harvard-Oxford)",
+        choices=tuple(BUILTIN_ATLASES) + ATLAS_COMBINATIONS,
+        several=True,
+    )
+    atlas_dir: str = option(None, "folder holding the atlas files", path=True)
+    fsldir: str = option(None, "FSL installation whose atlases and templates to use (default: $FSLDIR)", path=True)
     atlas_sources: str = option(None, ATLAS_SOURCES_HELP, path=True)
     template: str = option(None, "template image overriding the atlas's", path=True)
+    template_fa: str = option(
+        None, "FA template overriding the atlas's (used with an FA reference: FA registered to FA)", path=True
+    )
     regions_json: str = option(None, "your own region definitions (JSON) instead of the atlas's", path=True)
     reference_contrast: str = option(
         "FA",
@@ -73,14 +84,26 @@ class LabelingOptions:
 
 
 def atlas_for(options):
-    """The atlas that `options` name, resolved to files (`find_atlas`), with ``regions_json``'s regions if given."""
+    """The atlas that `options` name, resolved to files (`find_atlas`), with ``regions_json``'s regions if given;
+    several atlases are combined (`combine_atlases`: each region of ``options.rois`` from the first that defines
+    it)."""
     check_choices(options)
-    atlas = find_atlas(
-        options.atlas, atlas_dir=options.atlas_dir, template=options.template, sources=options.atlas_sources
-    )
-    if options.regions_json:
-        atlas.regions = load_regions_json(options.regions_json, atlas.name)
-    return atlas
+    atlases, names = [], options.atlas.split(",")
+    for name in names:
+        atlas = find_atlas(
+            name.strip(),
+            atlas_dir=options.atlas_dir,
+            template=options.template,
+            template_fa=options.template_fa,
+            fsldir=options.fsldir,
+            sources=options.atlas_sources,
+        )
+        if options.regions_json:  # with several atlases, one the file does not mention keeps its own regions
+            atlas.regions = load_regions_json(options.regions_json, atlas.name, required=len(names) == 1) or (
+                atlas.regions
+            )
+        atlases.append(atlas)
+    return atlases[0] if len(atlases) == 1 else combine_atlases(atlases, options.rois)
 
 
 @dataclass
@@ -277,8 +300,7 @@ def label_subject(
     grids, gre = _check_inputs(reference, reference_affine, atlas, rois, maps, gre_magnitude, tissue_mask)
     gre_affine = grids.get("gre", (None, None))[1]
     grey = _grey_matter(options, atlas, gre, gre_affine, tissue_mask)
-    raw_labels, labels_affine = io.load_image(atlas.labels, ndim=3, what="atlas labels")
-    raw_labels = raw_labels.astype(np.int32)
+    raw_labels, labels_affine = atlas.load_labels()
     labels = split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
     label_images, similarity, kept = _register_and_propagate(
         reference,

@@ -146,26 +146,37 @@ def fetch_atlas(name, sources, cache_dir=None):
     return folder, wanted
 
 
-def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None, cache_dir=None):
+FSL_TEMPLATE = "data/standard/MNI152_T1_1mm_brain.nii.gz"
+FSL_TEMPLATE_FA = "data/standard/FMRIB58_FA_1mm.nii.gz"
+"""FSL's MNI152 T1 brain and its FA template (FMRIB58), to which FSL's atlases are aligned."""
+
+
+def find_atlas(name, *, atlas_dir=None, template=None, template_fa=None, fsldir=None, sources=None, cache_dir=None):
     """Resolve a built-in atlas to files.
 
     Looks in `atlas_dir` (the user's folder holding the files named in the definition, or FSL's XML table), then in
     ``$FSLDIR/data/atlases`` (FSL's layout), then, when `sources` is given (``"official"`` or a sources file),
     downloads the files into the cache (`fetch_atlas`). `template` overrides the template image (e.g. an MNI152 T1
-    for the FSL atlases, which ship without one). An FA template (``template_FA.nii.gz``) beside the labels is used
-    from the user's folders; from the cache only when this call verified it against its sources.
+    for the FSL atlases, which ship without one). The FA template is `template_fa` when given, else
+    ``template_FA.nii.gz`` beside the labels (from the user's folders; from the cache only when this call verified
+    it against its sources), else, for an atlas found in FSL, FSL's ``FMRIB58_FA_1mm``. FSL's files are found in
+    `fsldir` (default ``$FSLDIR``) by FSL's own layout: ``data/atlases/<atlas>``, ``data/atlases/*.xml``,
+    ``data/standard``.
     """
     if name not in BUILTIN_ATLASES:
         raise InputError(f"atlas {name!r}: expected one of {', '.join(BUILTIN_ATLASES)}, or give your own files")
     definition = BUILTIN_ATLASES[name]
-    candidates = []  # (label image, label-table choices, whether an FA template beside them may be used)
+    candidates = []  # (label image, label-table choices, where an FA template may be: None for nowhere)
     if atlas_dir:
         folder = Path(atlas_dir)
-        candidates.append((folder / definition.labels, [folder / t for t in table_names(definition)], True))
+        tables = [folder / t for t in table_names(definition)]
+        candidates.append((folder / definition.labels, tables, folder / "template_FA.nii.gz"))
     fsldir = fsldir or os.environ.get("FSLDIR")
     if fsldir and definition.fsl_paths:
         base = Path(fsldir) / "data" / "atlases"
-        candidates.append((base / definition.fsl_paths[0], [base / definition.fsl_paths[1]], True))
+        candidates.append(
+            (base / definition.fsl_paths[0], [base / definition.fsl_paths[1]], Path(fsldir) / FSL_TEMPLATE_FA)
+        )
 
     def resolved(labels, tables):
         return labels.is_file() and next((t for t in tables if t.is_file()), None)
@@ -173,27 +184,32 @@ def find_atlas(name, *, atlas_dir=None, template=None, fsldir=None, sources=None
     if sources is not None and not any(resolved(*c[:2]) for c in candidates):
         folder, verified = fetch_atlas(name, sources, cache_dir)
         tables = [folder / t for t in table_names(definition)]
-        candidates.append((folder / definition.labels, tables, "template_FA.nii.gz" in verified))
-    for labels, tables, fa_allowed in candidates:
+        fa = folder / "template_FA.nii.gz" if "template_FA.nii.gz" in verified else None
+        candidates.append((folder / definition.labels, tables, fa))
+    for labels, tables, fa in candidates:
         table = resolved(labels, tables)
         if table:
             template_path = Path(template) if template else labels.parent / definition.template
             if not template_path.is_file() and fsldir:
-                template_path = Path(fsldir) / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz"
+                template_path = Path(fsldir) / FSL_TEMPLATE
             if not template_path.is_file():
                 raise InputError(
                     f"atlas {name}: template {template_path} not found; give a template image (--template)"
                 )
-            fa = labels.parent / "template_FA.nii.gz"
+            if template_fa:
+                fa = Path(template_fa)
+                if not fa.is_file():
+                    raise InputError(f"FA template {fa}: file not found")
             return Atlas(
                 name,
                 template_path,
                 labels,
                 read_label_table(table),
                 {r.name: r for r in definition.regions},
-                template_fa=fa if fa_allowed and fa.is_file() else None,
+                template_fa=fa if fa is not None and fa.is_file() else None,
                 midline_x_mm=definition.midline_x_mm,
                 table_file=table,
+                space=definition.space,
             )
     looked = ", ".join(str(c[0].parent) for c in candidates) or "nowhere (no atlas folder given, FSLDIR unset)"
     raise InputError(

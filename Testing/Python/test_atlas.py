@@ -196,6 +196,73 @@ def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
         atlas.find_atlas("aal")
 
 
+def _fsl_layout(shared_data, folder):
+    """An FSL installation's layout (``data/atlases``, ``data/standard``) made of the real files in ../shared, with
+    FSL-style XML tables written from their index files; the MNI FA template stands in for FMRIB58."""
+    atlases, standard = folder / "data" / "atlases", folder / "data" / "standard"
+    for sub in ("JHU", "HarvardOxford"):
+        (atlases / sub).mkdir(parents=True)
+    standard.mkdir(parents=True)
+    files = {
+        "JHU/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz": "jhu-icbm/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz",
+        "HarvardOxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz": (
+            "harvard-oxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz"
+        ),
+    }
+    for target, source in files.items():
+        (atlases / target).symlink_to(shared_data / "atlases" / source)
+    for xml, index in (
+        ("JHU-tracts.xml", "jhu-icbm/JHU-tracts_index.txt"),
+        ("HarvardOxford-Cortical.xml", "harvard-oxford/HarvardOxford-Cortical_index.txt"),
+    ):
+        names = (shared_data / "atlases" / index).read_text().splitlines()
+        labels = "".join(f'<label index="{i}">{n.strip()}</label>' for i, n in enumerate(names) if n.strip())
+        (atlases / xml).write_text(f"<atlas><data>{labels}</data></atlas>")
+    (standard / "MNI152_T1_1mm_brain.nii.gz").symlink_to(
+        shared_data / "templates" / "MNI152NLin6_res-1x1x1_T1w_descr-brain.nii.gz"
+    )
+    (standard / "FMRIB58_FA_1mm.nii.gz").symlink_to(shared_data / "templates" / "MNI_FA_template_1.25mm.nii.gz")
+    return folder
+
+
+def test_jhu_tracts_and_harvard_oxford_combine_from_fsl(shared_data, tmp_path):
+    """``--atlas jhu-tracts,harvard-oxford`` found through FSL's layout: CST from JHU's tracts, M1 from Harvard-Oxford's
+    precentral gyrus split at the midline, on one grid with one template (and FSL's FA template, on another grid)."""
+    fsldir = _fsl_layout(shared_data, tmp_path / "fsl")
+    options = atlas.LabelingOptions(atlas="jhu-tracts,harvard-oxford", fsldir=str(fsldir))
+    combined = atlas.atlas_for(options)
+    assert combined.template == fsldir / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz"
+    assert combined.template_fa == fsldir / "data" / "standard" / "FMRIB58_FA_1mm.nii.gz"
+    assert combined.regions["CST"].labels == {"left": (1,), "right": (2,)}
+    assert combined.regions["M1"].labels == {"left": (3,), "right": (4,)} and combined.regions["M1"].kind == "cortex"
+    labels, affine = combined.load_labels()
+    tracts, tracts_affine = io.load_image(
+        shared_data / "atlases" / "jhu-icbm" / "JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz"
+    )
+    cortex, cortex_affine = io.load_image(
+        shared_data / "atlases" / "harvard-oxford" / "HarvardOxford-cort-maxprob-thr25-1mm.nii.gz"
+    )
+    assert geometry.same_grid(labels.shape, affine, tracts.shape, tracts_affine)
+    assert geometry.same_grid(labels.shape, affine, cortex.shape, cortex_affine)
+    # Each region's voxels are exactly its source atlas's; the precentral gyrus is split at x = 0.
+    assert np.array_equal(labels == 1, tracts == 3) and np.array_equal(labels == 2, tracts == 4)
+    x = geometry.voxel_centers_world(cortex.shape, cortex_affine)[..., 0]
+    cst = np.isin(tracts, (3, 4))  # a voxel both claim stays with the CST, the region asked for first
+    assert np.array_equal(labels == 3, (cortex == 7) & (x < 0) & ~cst)
+    assert np.array_equal(labels == 4, (cortex == 7) & (x > 0) & ~cst)
+    assert combined.table.name(3) == "M1_left"
+    files = combined.files()
+    assert files["jhu-tracts_labels"].name == "JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz"
+    assert files["harvard-oxford_table"].name == "HarvardOxford-Cortical.xml"
+    # A template of another space cannot share the registration.
+    mixed = atlas.LabelingOptions(atlas="eve,harvard-oxford", atlas_dir=str(shared_data / "atlases" / "eve"))
+    with pytest.raises(InputError, match=r"eve \(JHU-MNI-ss \(Eve\)\), harvard-oxford \(MNI152\): in different"):
+        atlas.atlas_for(atlas.LabelingOptions(**{**mixed.__dict__, "fsldir": str(fsldir)}))
+    # A region no atlas defines: the message says which atlas defines what.
+    with pytest.raises(InputError, match=r"region 'X': none of the atlases defines it \(harvard-oxford: M1; jhu"):
+        atlas.atlas_for(atlas.LabelingOptions(atlas="harvard-oxford,jhu-tracts", fsldir=str(fsldir), rois=("X", "M1")))
+
+
 def test_regions_json_round_trip(tmp_path):
     phantom.write_template(
         tmp_path, phantom.PhantomConfig(template_shape=(20, 24, 18), template_voxel_size=(7.0, 7.0, 7.0))
