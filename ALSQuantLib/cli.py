@@ -328,6 +328,14 @@ def _add_run_subject(subparsers):
     p.add_argument("--b0", type=float, help="field strength in tesla (default: from the JSON sidecar)")
     p.add_argument("--subject", default="subject", help="subject identifier for the tables")
     p.add_argument("--group", default="", help="group label for the tables")
+    p.add_argument("--dwi-mask", type=Path, help="brain mask on the DWI's grid (default: from the mean b0)")
+    p.add_argument("--gre-mask", type=Path, help="brain mask on the GRE's grid (default: from the magnitude)")
+    p.add_argument(
+        "--tissue-mask",
+        type=Path,
+        help="grey-matter mask on the DWI's or the GRE's grid for the cortex regions (default: segmented from the "
+        "GRE magnitude)",
+    )
     _add_pipeline_options(p)
     p.set_defaults(run=_run_run_subject)
 
@@ -348,6 +356,9 @@ def _run_run_subject(args):
         bvec,
         tuple(args.te) if args.te else None,
         args.b0,
+        args.dwi_mask,
+        args.gre_mask,
+        args.tissue_mask,
     )
     logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
     result = pipeline.run_subject(
@@ -370,6 +381,10 @@ def _add_run_cohort(subparsers):
     p.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:port) to run the subjects on")
     p.add_argument("--subjects", nargs="+", help="only these participants")
     _add_pipeline_options(p)
+    p.epilog = (
+        "Masks named as BIDS derivatives beside a subject's images are used: dwi/<sub>*_desc-brain_mask.nii.gz, "
+        "anat/<sub>*_desc-brain_mask.nii.gz (GRE), anat/<sub>*_label-GM_mask.nii.gz."
+    )
     p.set_defaults(run=_run_run_cohort)
 
 

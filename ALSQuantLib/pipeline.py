@@ -53,7 +53,11 @@ class SubjectOptions:
 
 @dataclass(frozen=True)
 class SubjectInputs:
-    """One subject's files. GRE magnitude and phase: one file per echo, in echo order (or one 4D file each)."""
+    """One subject's files. GRE magnitude and phase: one file per echo, in echo order (or one 4D file each).
+
+    Optional masks replace the automatic ones: ``dwi_mask`` (brain, DWI grid) for DKI, ``gre_mask`` (brain, GRE grid)
+    for QSM, ``tissue_mask`` (grey matter, either grid) for the cortex regions.
+    """
 
     subject: str
     dwi: Path
@@ -63,9 +67,13 @@ class SubjectInputs:
     bvec: Path = None
     echo_times: tuple = None
     field_strength: float = None
+    dwi_mask: Path = None
+    gre_mask: Path = None
+    tissue_mask: Path = None
 
     def files(self):
         named = {"dwi": self.dwi, "bval": self.bval, "bvec": self.bvec}
+        named.update(dwi_mask=self.dwi_mask, gre_mask=self.gre_mask, tissue_mask=self.tissue_mask)
         named.update({f"gre_magnitude_{i + 1}": p for i, p in enumerate(self.gre_magnitude)})
         named.update({f"gre_phase_{i + 1}": p for i, p in enumerate(self.gre_phase)})
         return {k: Path(v) for k, v in named.items() if v is not None}
@@ -85,7 +93,9 @@ def find_subject(dataset, subject):
     """A subject's DWI (with FSL bval/bvec) and GRE magnitude/phase in a BIDS-like dataset.
 
     ``<subject>/dwi/<subject>*_dwi.nii.gz`` (or ``.nrrd``/``.nhdr``), and ``<subject>/anat/*_part-mag_*`` and
-    ``*_part-phase_*`` NIfTI files (several echoes sorted by their ``echo-N`` entity).
+    ``*_part-phase_*`` NIfTI files (several echoes sorted by their ``echo-N`` entity). Masks named as BIDS
+    derivatives are used when present: ``dwi/<subject>*_desc-brain_mask.nii*`` (DKI),
+    ``anat/<subject>*_desc-brain_mask.nii*`` (QSM) and ``anat/<subject>*_label-GM_mask.nii*`` (cortex regions).
     """
     folder = Path(dataset) / subject
     if not folder.is_dir():
@@ -106,7 +116,23 @@ def find_subject(dataset, subject):
             raise InputError(f"subject {subject} GRE: no {anat}/{subject}*_part-{part}_*.nii.gz")
         return tuple(found)
 
-    return SubjectInputs(subject, dwi, echoes("mag"), echoes("phase"), bval, bvec)
+    def optional(sub, pattern, what):
+        found = sorted((folder / sub).glob(pattern)) if (folder / sub).is_dir() else []
+        if len(found) > 1:
+            raise InputError(f"subject {subject} {what}: several files {folder / sub / pattern}; expected one")
+        return found[0] if found else None
+
+    return SubjectInputs(
+        subject,
+        dwi,
+        echoes("mag"),
+        echoes("phase"),
+        bval,
+        bvec,
+        dwi_mask=optional("dwi", f"{subject}*_desc-brain_mask.nii*", "DWI brain mask"),
+        gre_mask=optional("anat", f"{subject}*_desc-brain_mask.nii*", "GRE brain mask"),
+        tissue_mask=optional("anat", f"{subject}*_label-GM_mask.nii*", "grey-matter mask"),
+    )
 
 
 def _echo_number(path):
@@ -166,6 +192,19 @@ def check_subject(inputs, options):
                 f"GRE image {path}: not on the grid of {inputs.gre_magnitude[0]} "
                 f"({geometry.grid_difference(*grid, *first)})"
             )
+    dwi_grid = io.image_grid(inputs.dwi, "DWI")
+    grids = {"DWI": dwi_grid, "GRE": first}
+    for what, path, allowed in (
+        ("DWI brain mask", inputs.dwi_mask, ("DWI",)),
+        ("GRE brain mask", inputs.gre_mask, ("GRE",)),
+        ("grey-matter mask", inputs.tissue_mask, ("DWI", "GRE")),
+    ):
+        if path is None:
+            continue
+        grid = io.image_grid(path, what)
+        if not any(geometry.same_grid(*grid, *grids[name]) for name in allowed):
+            differences = "; ".join(f"against the {n}: {geometry.grid_difference(*grid, *grids[n])}" for n in allowed)
+            raise InputError(f"{what} {path}: not on the {' or the '.join(allowed)} grid ({differences})")
     atlas = atlas_for(options.labeling)
     for roi in options.labeling.rois:
         atlas.region(roi)
@@ -204,7 +243,13 @@ def run_subject(inputs, out_dir, options=None, *, group=""):
 
 def _run_stages(inputs, out_dir, options, group):
     dki_result = workflows.dki_step(
-        inputs.dwi, out_dir / "dki", options.dki, bval=inputs.bval, bvec=inputs.bvec, maps=DKI_MAPS
+        inputs.dwi,
+        out_dir / "dki",
+        options.dki,
+        bval=inputs.bval,
+        bvec=inputs.bvec,
+        mask=inputs.dwi_mask,
+        maps=DKI_MAPS,
     )
     qsm_result = workflows.qsm_step(
         list(inputs.gre_magnitude),
@@ -213,6 +258,7 @@ def _run_stages(inputs, out_dir, options, group):
         options.qsm,
         echo_times=inputs.echo_times,
         field_strength=inputs.field_strength,
+        mask=inputs.gre_mask,
     )
     dki_dir, qsm_dir = out_dir / "dki", out_dir / "qsm"
     maps = {name: dki_dir / f"{name}.nii.gz" for name in DKI_MAPS if (dki_dir / f"{name}.nii.gz").exists()}
@@ -225,6 +271,7 @@ def _run_stages(inputs, out_dir, options, group):
         maps=maps,
         map_masks=masks,
         gre_magnitude=inputs.gre_magnitude[0],
+        tissue_mask=inputs.tissue_mask,
         subject=inputs.subject,
     )
     rows = io.read_table(out_dir / "label" / "roi_stats.csv")

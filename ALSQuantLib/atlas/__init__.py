@@ -24,7 +24,7 @@ from .definitions import (
     label_json_regions,
     load_regions_json,
 )
-from .labeling import ATLAS_SOURCES_HELP, Labeling, LabelingOptions, atlas_for, label_subject
+from .labeling import ATLAS_SOURCES_HELP, Labeling, LabelingOptions, atlas_for, automatic_atlas, label_subject
 from .measure import (
     cortex_core,
     quality_flags,
@@ -51,6 +51,7 @@ __all__ = [
     "Region",
     "Registration",
     "atlas_for",
+    "automatic_atlas",
     "cortex_core",
     "default_cache_dir",
     "fetch",

@@ -2,6 +2,7 @@
 propagate the labels, restrict cortex regions, measure, and judge the registration."""
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +37,32 @@ ATLAS_SOURCES_HELP = (
 )
 
 
+AUTO = "auto"
+FSL_ATLASES = "jhu-tracts,harvard-oxford"
+"""What ``auto`` chooses when FSL's files are found: the CST's whole course from JHU's tractography atlas, M1 from
+Harvard-Oxford's precentral gyrus."""
+
+
+def automatic_atlas(fsldir=None):
+    """`FSL_ATLASES` when an FSL installation (`fsldir`, else ``$FSLDIR``) holds their label images, else ``eve``."""
+    fsldir = fsldir or os.environ.get("FSLDIR")
+    if fsldir:
+        paths = [Path(fsldir) / "data" / "atlases" / BUILTIN_ATLASES[n].fsl_paths[0] for n in FSL_ATLASES.split(",")]
+        if all(p.is_file() for p in paths):
+            return FSL_ATLASES
+    return "eve"
+
+
 @dataclass(frozen=True)
 class LabelingOptions:
     """Which atlas, which regions, and how they are measured (`label_subject`)."""
 
     atlas: str = option(
-        "eve",
+        AUTO,
         "built-in atlas, or several separated by commas, each region from the first that defines it (e.g. "
-        "jhu-tracts,harvard-oxford: CST from JHU tractography, M1 from Harvard-Oxford)",
-        choices=tuple(BUILTIN_ATLASES) + ATLAS_COMBINATIONS,
+        "jhu-tracts,harvard-oxford: CST from JHU tractography, M1 from Harvard-Oxford); auto: "
+        f"{FSL_ATLASES} when FSL's files are found (--fsldir or $FSLDIR), else eve",
+        choices=(AUTO, *BUILTIN_ATLASES, *ATLAS_COMBINATIONS),
         several=True,
     )
     atlas_dir: str = option(None, "folder holding the atlas files", path=True)
@@ -88,7 +106,10 @@ def atlas_for(options):
     several atlases are combined (`combine_atlases`: each region of ``options.rois`` from the first that defines
     it)."""
     check_choices(options)
-    atlases, names = [], options.atlas.split(",")
+    chosen = automatic_atlas(options.fsldir) if options.atlas == AUTO else options.atlas
+    if options.atlas == AUTO:
+        log.info("atlas auto: %s", chosen)
+    atlases, names = [], chosen.split(",")
     for name in names:
         atlas = find_atlas(
             name.strip(),

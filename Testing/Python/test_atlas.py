@@ -229,8 +229,11 @@ def test_jhu_tracts_and_harvard_oxford_combine_from_fsl(shared_data, tmp_path):
     """``--atlas jhu-tracts,harvard-oxford`` found through FSL's layout: CST from JHU's tracts, M1 from Harvard-Oxford's
     precentral gyrus split at the midline, on one grid with one template (and FSL's FA template, on another grid)."""
     fsldir = _fsl_layout(shared_data, tmp_path / "fsl")
-    options = atlas.LabelingOptions(atlas="jhu-tracts,harvard-oxford", fsldir=str(fsldir))
-    combined = atlas.atlas_for(options)
+    # The default, "auto", chooses this combination when FSL's files are found, else Eve.
+    assert atlas.LabelingOptions().atlas == "auto"
+    assert atlas.automatic_atlas(fsldir) == "jhu-tracts,harvard-oxford" and atlas.automatic_atlas(tmp_path) == "eve"
+    combined = atlas.atlas_for(atlas.LabelingOptions(fsldir=str(fsldir)))
+    assert combined.name == "jhu-tracts,harvard-oxford"
     assert combined.template == fsldir / "data" / "standard" / "MNI152_T1_1mm_brain.nii.gz"
     assert combined.template_fa == fsldir / "data" / "standard" / "FMRIB58_FA_1mm.nii.gz"
     assert combined.regions["CST"].labels == {"left": (1,), "right": (2,)}

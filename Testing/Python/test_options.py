@@ -59,7 +59,7 @@ def test_run_subject_and_run_cohort_reach_every_option_of_every_step():
 
 def test_choices_come_from_the_library_and_are_checked_in_code():
     combinations = ("jhu-tracts,harvard-oxford", "jhu-icbm-labels,harvard-oxford")
-    assert dataclasses.fields(LabelingOptions)[0].metadata["choices"] == tuple(BUILTIN_ATLASES) + combinations
+    assert dataclasses.fields(LabelingOptions)[0].metadata["choices"] == ("auto", *BUILTIN_ATLASES, *combinations)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["dki", "x.nii.gz", "--out", "o", "--fit-method", "NLLS"])
     # Several atlases: any comma list of known atlases, in the order given.
@@ -68,7 +68,7 @@ def test_choices_come_from_the_library_and_are_checked_in_code():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["label", "--reference", "f", "--out", "o", "--atlas", "jhu-tracts,nope"])
     options.check_choices(LabelingOptions(atlas="jhu-tracts,harvard-oxford"))
-    with pytest.raises(InputError, match="option atlas 'jhu-tracts,nope': expected one or more of eve"):
+    with pytest.raises(InputError, match="option atlas 'jhu-tracts,nope': expected one or more of auto, eve"):
         options.check_choices(LabelingOptions(atlas="jhu-tracts,nope"))
     with pytest.raises(InputError, match="option inversion 'tikhonov': expected one of tkd, cg, tv"):
         options.check_choices(QSMOptions(inversion="tikhonov"))
@@ -77,7 +77,7 @@ def test_choices_come_from_the_library_and_are_checked_in_code():
 def test_parameter_fields_are_camel_case_with_the_declared_defaults():
     fields = options.parameter_fields(LabelingOptions)
     assert fields["cortexMarginMm"].default == 3.0 and fields["cortexMarginMm"].option == "cortex_margin_mm"
-    assert fields["rois"].default == "CST,M1" and fields["atlas"].choices[: len(BUILTIN_ATLASES)] == tuple(
+    assert fields["rois"].default == "CST,M1" and fields["atlas"].choices[1 : len(BUILTIN_ATLASES) + 1] == tuple(
         BUILTIN_ATLASES
     )
     assert options.from_parameters(LabelingOptions, {n: f.default for n, f in fields.items()}) == LabelingOptions()

@@ -1,6 +1,7 @@
 """ALSQuantLib.pipeline and the run-subject / run-cohort commands, on simulated subjects with known truth."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,3 +219,41 @@ def test_run_subject_refuses_inputs_inside_its_output_folders(cohort, tmp_path):
     moved = pipeline.SubjectInputs("sub-01", inputs.dwi, inputs.gre_magnitude, (inside,), inputs.bval, inputs.bvec)
     with pytest.raises(pipeline.InputError, match="output folder"):
         pipeline.run_subject(moved, tmp_path / "out", _options(folder))
+
+
+def test_masks_reach_run_subject_and_are_found_by_their_bids_names(cohort, tmp_path, capsys):
+    """The brain and grey-matter masks given to run-subject are the ones the steps use (their records hash them);
+    run-cohort finds them by their BIDS-derivative names; one on the wrong grid is refused before any stage."""
+    folder, _ = cohort
+    truth = folder / phantom.TRUTH_DIR / "sub-02"
+    dwi_labels, dwi_affine = io.load_image(truth / "sub-02_space-dwi_label.nii.gz")
+    gre_labels, gre_affine = io.load_image(truth / "sub-02_space-gre_label.nii.gz")
+    masks = {
+        "dwi": (tmp_path / "dwi_mask.nii.gz", dwi_labels > 0, dwi_affine),
+        "gre": (tmp_path / "gre_mask.nii.gz", gre_labels > 0, gre_affine),
+        "tissue": (tmp_path / "gm_mask.nii.gz", np.isin(gre_labels, (phantom.GM, *phantom.REGIONS["M1"])), gre_affine),
+    }
+    for path, data, affine in masks.values():
+        io.save_image(path, data, affine, dtype=np.uint8)
+    inputs = pipeline.find_subject(folder, "sub-02")
+    args = ["run-subject", "--dwi", str(inputs.dwi), "--gre-magnitude", *map(str, inputs.gre_magnitude)]
+    args += ["--gre-phase", *map(str, inputs.gre_phase), "--atlas", "phantom"]
+    args += ["--atlas-dir", str(folder / phantom.TRUTH_DIR / "template"), "--out", str(tmp_path / "out")]
+    wrong = args + ["--dwi-mask", str(masks["gre"][0])]
+    assert cli.main(wrong) == 2
+    assert "DWI brain mask" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    given = ["--dwi-mask", str(masks["dwi"][0]), "--gre-mask", str(masks["gre"][0])]
+    assert cli.main(args + given + ["--tissue-mask", str(masks["tissue"][0])]) == 0
+    records = {s: io.read_json(tmp_path / "out" / s / "provenance.json")["inputs"] for s in ("dki", "qsm", "label")}
+    assert records["dki"]["mask"]["sha256"] == provenance.file_sha256(masks["dwi"][0])
+    assert records["qsm"]["mask"]["sha256"] == provenance.file_sha256(masks["gre"][0])
+    assert records["label"]["tissue_mask"]["sha256"] == provenance.file_sha256(masks["tissue"][0])
+    np.testing.assert_array_equal(io.load_image(tmp_path / "out" / "dki" / "mask.nii.gz")[0] > 0, masks["dwi"][1])
+
+    named = tmp_path / "ds"
+    shutil.copytree(folder / "sub-02", named / "sub-02")
+    shutil.copyfile(masks["dwi"][0], named / "sub-02" / "dwi" / "sub-02_desc-brain_mask.nii.gz")
+    shutil.copyfile(masks["tissue"][0], named / "sub-02" / "anat" / "sub-02_label-GM_mask.nii.gz")
+    found = pipeline.find_subject(named, "sub-02")
+    assert found.dwi_mask.name == "sub-02_desc-brain_mask.nii.gz" and found.gre_mask is None
+    assert found.tissue_mask.name == "sub-02_label-GM_mask.nii.gz"
