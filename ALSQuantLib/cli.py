@@ -39,6 +39,15 @@ def _add_simulate(subparsers):
         default="small",
         help="small grids for tests (default) or the study's (DWI 256x256x28, GRE 512x512x50)",
     )
+    p.add_argument(
+        "--anatomy",
+        choices=("phantom", "mni152"),
+        default="phantom",
+        help="template anatomy: the analytic phantom (default) or real anatomy (MNI152 tissue from nilearn, CST and M1 "
+        "from JHU tracts and Harvard-Oxford: needs --fsldir or --atlas-dir)",
+    )
+    p.add_argument("--fsldir", type=Path, help="FSL installation holding the JHU and Harvard-Oxford atlases")
+    p.add_argument("--atlas-dir", type=Path, help="folder holding the JHU tracts and Harvard-Oxford files")
     p.set_defaults(run=_run_simulate)
 
 
@@ -55,12 +64,21 @@ def _phantom_config(args):
 def _run_simulate(args):
     from . import phantom
 
+    config, anatomy = _phantom_config(args), phantom.AnalyticAnatomy
+    if args.anatomy == "mni152":
+        from . import anatomy as real
+
+        anatomy = real.real_anatomy(
+            str(args.fsldir) if args.fsldir else None, str(args.atlas_dir) if args.atlas_dir else None
+        )
+        config = real.anatomy_config(config)
     rows = phantom.simulate_cohort(
         args.out,
         args.subjects,
         seed=args.seed,
         als_fraction=args.als_fraction,
-        config=_phantom_config(args),
+        config=config,
+        anatomy=anatomy,
         progress=_print_progress,
     )
     n_als = sum(row["group"] == "ALS" for row in rows)

@@ -294,6 +294,25 @@ def same_grid(shape_a, affine_a, shape_b, affine_b):
     return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=GRID_TOLERANCE_MM)
 
 
+def resample_labels(labels, affine, shape, target_affine):
+    """A label image on another grid: nearest neighbour through physical space (0 outside the source).
+
+    >>> labels = np.arange(8).reshape(2, 2, 2)
+    >>> shifted = np.eye(4); shifted[0, 3] = 1.0
+    >>> resample_labels(labels, np.eye(4), (2, 2, 2), shifted)[:, 0, 0].tolist()
+    [4, 0]
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    if labels.shape == tuple(shape) and np.allclose(affine, target_affine, atol=GRID_TOLERANCE_MM):
+        return labels.astype(np.int32)
+    voxel_to_voxel = np.linalg.solve(np.asarray(affine, float), np.asarray(target_affine, float))
+    return ndimage.affine_transform(
+        labels.astype(np.int32), voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3], output_shape=tuple(shape), order=0
+    )
+
+
 def grid_difference(shape_a, affine_a, shape_b, affine_b):
     """How the first grid differs from the second, in words, for messages.
 

@@ -506,10 +506,18 @@ class SimulatedSubject:
     truth_gre: dict = field(default_factory=dict)
 
 
-def render_anatomy(shape, affine, deformation):
+class AnalyticAnatomy:
+    """The phantom's own template anatomy (`template_anatomy`, `air_cavities`); `ALSQuantLib.anatomy.RealAnatomy`
+    has the same interface."""
+
+    template_anatomy = staticmethod(template_anatomy)
+    air_cavities = staticmethod(air_cavities)
+
+
+def render_anatomy(shape, affine, deformation, anatomy=AnalyticAnatomy):
     """Labels and world fibre directions of a subject on a grid."""
     points = geometry.voxel_centers_world(shape, affine).reshape(-1, 3)
-    labels, fibre_template = template_anatomy(deformation.to_template(points))
+    labels, fibre_template = anatomy.template_anatomy(deformation.to_template(points))
     fibre = deformation.direction_to_world(fibre_template)
     return labels.reshape(shape), fibre.reshape(tuple(shape) + (3,))
 
@@ -580,7 +588,7 @@ def gre_affine(config):
     )
 
 
-def simulate_subject(group, seed, config=None):
+def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
     """Simulate one subject of `group` (``"ALS"`` or ``"control"``) from `seed`.
 
     Parameters
@@ -588,6 +596,8 @@ def simulate_subject(group, seed, config=None):
     group : str
     seed : int or numpy.random.SeedSequence
     config : PhantomConfig, optional
+    anatomy : AnalyticAnatomy or anatomy.RealAnatomy
+        The template anatomy the subject is made from (default: the analytic phantom's).
 
     Returns
     -------
@@ -605,13 +615,13 @@ def simulate_subject(group, seed, config=None):
     deformation = Deformation.random(rng, rms_mm=config.deformation_mm)
 
     affine_dwi = dwi_affine(config)
-    labels_dwi, fibre_dwi = render_anatomy(config.dwi_shape, affine_dwi, deformation)
+    labels_dwi, fibre_dwi = render_anatomy(config.dwi_shape, affine_dwi, deformation, anatomy)
     dwi, truth_dwi = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng)
 
     affine_gre = gre_affine(config)
-    labels_gre, _ = render_anatomy(config.gre_shape, affine_gre, deformation)
+    labels_gre, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)
     points = deformation.to_template(geometry.voxel_centers_world(config.gre_shape, affine_gre).reshape(-1, 3))
-    air = air_cavities(points).reshape(config.gre_shape)
+    air = anatomy.air_cavities(points).reshape(config.gre_shape)
     gre, truth_gre = simulate_gre(labels_gre, air, affine_gre, values, config, rng)
     return SimulatedSubject(group, values, dwi, gre, truth_dwi, truth_gre)
 
@@ -717,7 +727,9 @@ def write_template(out_dir, config):
     return folder
 
 
-def simulate_cohort(out_dir, n_subjects=10, *, seed=0, als_fraction=0.5, config=None, progress=None):
+def simulate_cohort(
+    out_dir, n_subjects=10, *, seed=0, als_fraction=0.5, config=None, anatomy=AnalyticAnatomy, progress=None
+):
     """Simulate a cohort and write it as a BIDS-like dataset.
 
     Parameters
@@ -730,6 +742,9 @@ def simulate_cohort(out_dir, n_subjects=10, *, seed=0, als_fraction=0.5, config=
     als_fraction : float
         Fraction of subjects in the ALS group.
     config : PhantomConfig, optional
+    anatomy : AnalyticAnatomy or anatomy.RealAnatomy
+        The template anatomy (default: the analytic phantom's, whose atlas is written to
+        ``derivatives/phantom-truth/template``; a real anatomy is labelled with real atlases, so none is written).
     progress : callable(fraction, message), optional
 
     Returns
@@ -764,17 +779,19 @@ def simulate_cohort(out_dir, n_subjects=10, *, seed=0, als_fraction=0.5, config=
                 "n_subjects": n_subjects,
                 "als_fraction": als_fraction,
                 **asdict(config),
+                "anatomy": getattr(anatomy, "description", "analytic phantom"),
             },
         },
     )
-    write_template(out_dir, config)
+    if anatomy is AnalyticAnatomy:
+        write_template(out_dir, config)
     rows = []
     width = max(2, len(str(n_subjects)))
     for index, (group, subject_seed) in enumerate(zip(groups, subject_seeds)):
         subject_id = f"sub-{index + 1:0{width}d}"
         if progress:
             progress(index / n_subjects, f"simulating {subject_id} ({group})")
-        subject = simulate_subject(group, subject_seed, config)
+        subject = simulate_subject(group, subject_seed, config, anatomy)
         write_subject(out_dir, subject_id, subject, config)
         rows.append({"participant_id": subject_id, "group": group, **subject.values})
     io.write_table(

@@ -4,24 +4,14 @@ the CST from JHU's tractography atlas, M1 from Harvard-Oxford's precentral gyrus
 import logging
 
 import numpy as np
-from scipy import ndimage
 
+from .. import geometry
 from ..errors import InputError
 from .definitions import Atlas, Region
 from .measure import region_masks
 from .tables import LabelTable
 
 log = logging.getLogger(__name__)
-
-
-def _on_grid(labels, affine, shape, target_affine):
-    """A label image resampled (nearest neighbour, through physical space) onto another grid."""
-    if labels.shape == tuple(shape) and np.allclose(affine, target_affine, atol=1e-3):
-        return labels
-    voxel_to_voxel = np.linalg.solve(affine, target_affine)  # target voxel → source voxel
-    return ndimage.affine_transform(
-        labels, voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3], output_shape=tuple(shape), order=0, cval=0
-    ).astype(np.int32)
 
 
 def combine_atlases(atlases, rois):
@@ -56,7 +46,7 @@ def combine_atlases(atlases, rois):
         values = {}
         for (_, side), mask in masks.items():
             value = 2 * k - 1 if side in ("left", "both") else 2 * k
-            here = _on_grid(mask.astype(np.int32), affine, combined.shape, base_affine) > 0
+            here = geometry.resample_labels(mask, affine, combined.shape, base_affine) > 0
             taken = here & (combined > 0)
             if taken.any():
                 log.info("%s %s: %d voxels already belong to an earlier region, kept there", roi, side, taken.sum())

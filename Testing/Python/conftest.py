@@ -53,3 +53,32 @@ def child_processes(pid):
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def fsl_layout(shared_data, folder):
+    """An FSL installation's layout (``data/atlases``, ``data/standard``) made of the real files in ../shared, with
+    FSL-style XML tables written from their index files; the MNI FA template stands in for FMRIB58."""
+    atlases, standard = folder / "data" / "atlases", folder / "data" / "standard"
+    for sub in ("JHU", "HarvardOxford"):
+        (atlases / sub).mkdir(parents=True)
+    standard.mkdir(parents=True)
+    files = {
+        "JHU/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz": "jhu-icbm/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz",
+        "HarvardOxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz": (
+            "harvard-oxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz"
+        ),
+    }
+    for target, source in files.items():
+        (atlases / target).symlink_to(shared_data / "atlases" / source)
+    for xml, index in (
+        ("JHU-tracts.xml", "jhu-icbm/JHU-tracts_index.txt"),
+        ("HarvardOxford-Cortical.xml", "harvard-oxford/HarvardOxford-Cortical_index.txt"),
+    ):
+        names = (shared_data / "atlases" / index).read_text().splitlines()
+        labels = "".join(f'<label index="{i}">{n.strip()}</label>' for i, n in enumerate(names) if n.strip())
+        (atlases / xml).write_text(f"<atlas><data>{labels}</data></atlas>")
+    (standard / "MNI152_T1_1mm_brain.nii.gz").symlink_to(
+        shared_data / "templates" / "MNI152NLin6_res-1x1x1_T1w_descr-brain.nii.gz"
+    )
+    (standard / "FMRIB58_FA_1mm.nii.gz").symlink_to(shared_data / "templates" / "MNI_FA_template_1.25mm.nii.gz")
+    return folder

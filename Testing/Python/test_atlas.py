@@ -9,6 +9,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+from conftest import fsl_layout
 
 from ALSQuantLib import atlas, cli, dki, geometry, io, masks, metrics, phantom
 from ALSQuantLib.errors import InputError
@@ -166,7 +167,7 @@ def test_atlases_without_an_official_address_say_so(tmp_path, capsys, monkeypatc
     assert "atlas eve: no official download address is built in" in capsys.readouterr().err
 
 
-def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
+def test_find_atlas_in_user_folder_andfsl_layout(shared_data, tmp_path):
     eve = atlas.find_atlas("eve", atlas_dir=shared_data / "atlases" / "eve")
     assert eve.region("CST").labels == {"left": (29,), "right": (117,)}
     fsldir = tmp_path / "fsl"
@@ -196,39 +197,10 @@ def test_find_atlas_in_user_folder_and_fsl_layout(shared_data, tmp_path):
         atlas.find_atlas("aal")
 
 
-def _fsl_layout(shared_data, folder):
-    """An FSL installation's layout (``data/atlases``, ``data/standard``) made of the real files in ../shared, with
-    FSL-style XML tables written from their index files; the MNI FA template stands in for FMRIB58."""
-    atlases, standard = folder / "data" / "atlases", folder / "data" / "standard"
-    for sub in ("JHU", "HarvardOxford"):
-        (atlases / sub).mkdir(parents=True)
-    standard.mkdir(parents=True)
-    files = {
-        "JHU/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz": "jhu-icbm/JHU-ICBM-tracts-maxprob-thr25-1mm.nii.gz",
-        "HarvardOxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz": (
-            "harvard-oxford/HarvardOxford-cort-maxprob-thr25-1mm.nii.gz"
-        ),
-    }
-    for target, source in files.items():
-        (atlases / target).symlink_to(shared_data / "atlases" / source)
-    for xml, index in (
-        ("JHU-tracts.xml", "jhu-icbm/JHU-tracts_index.txt"),
-        ("HarvardOxford-Cortical.xml", "harvard-oxford/HarvardOxford-Cortical_index.txt"),
-    ):
-        names = (shared_data / "atlases" / index).read_text().splitlines()
-        labels = "".join(f'<label index="{i}">{n.strip()}</label>' for i, n in enumerate(names) if n.strip())
-        (atlases / xml).write_text(f"<atlas><data>{labels}</data></atlas>")
-    (standard / "MNI152_T1_1mm_brain.nii.gz").symlink_to(
-        shared_data / "templates" / "MNI152NLin6_res-1x1x1_T1w_descr-brain.nii.gz"
-    )
-    (standard / "FMRIB58_FA_1mm.nii.gz").symlink_to(shared_data / "templates" / "MNI_FA_template_1.25mm.nii.gz")
-    return folder
-
-
 def test_jhu_tracts_and_harvard_oxford_combine_from_fsl(shared_data, tmp_path):
     """``--atlas jhu-tracts,harvard-oxford`` found through FSL's layout: CST from JHU's tracts, M1 from Harvard-Oxford's
     precentral gyrus split at the midline, on one grid with one template (and FSL's FA template, on another grid)."""
-    fsldir = _fsl_layout(shared_data, tmp_path / "fsl")
+    fsldir = fsl_layout(shared_data, tmp_path / "fsl")
     # The default, "auto", chooses this combination when FSL's files are found, else Eve.
     assert atlas.LabelingOptions().atlas == "auto"
     assert atlas.automatic_atlas(fsldir) == "jhu-tracts,harvard-oxford" and atlas.automatic_atlas(tmp_path) == "eve"

@@ -122,10 +122,11 @@ LAYERS = (
     {"workflows", "report"},
     {"pipeline"},
     {"phantom"},
+    {"anatomy"},
     {"demo"},
     {"cli"},
 )
-SIMULATION_USERS = {"demo", "cli"}
+SIMULATION_USERS = {"anatomy", "demo", "cli"}
 
 
 def _library_imports():

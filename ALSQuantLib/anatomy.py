@@ -1,0 +1,166 @@
+"""Simulated subjects made from real anatomy, for accuracy figures the analytic phantom cannot give.
+
+The template anatomy comes from real images instead of ellipsoids:
+
+* tissue from the MNI152 2009a symmetric template and its grey- and white-matter probability maps, which nilearn
+  ships inside its wheel (no download; ``pip install "alsquant[anatomy]"``);
+* the CST from JHU's tractography atlas (its whole course), M1 from Harvard-Oxford's precentral gyrus in grey
+  matter, both from the user's FSL installation or atlas folder (`ALSQuantLib.atlas.find_atlas`);
+* fibre directions along the CST from the tract's own local orientation (the principal axis of its voxels within
+  a few millimetres), left-right elsewhere as in the phantom.
+
+It gives labels in the phantom's codes (`ALSQuantLib.phantom`), so the phantom's pose and warp, its DKI and GRE
+signal models and its truth files apply unchanged (`phantom.simulate_subject(..., anatomy=RealAnatomy(...))`).
+What stays simplified: the air cavities are the phantom's (a frontal sinus and ear canals placed in MNI-like
+coordinates), no skull or scalp signal, tissue values per class as in the phantom. The MNI 2009a anatomy and the
+FSL atlases' MNI152 (NLin6) space differ slightly; the truth is the labels as placed here, whatever the atlas
+registration later finds.
+"""
+
+import functools
+from importlib import resources
+
+import numpy as np
+from scipy import ndimage
+
+from . import geometry, io, phantom
+from .atlas import find_atlas
+from .errors import InputError
+
+_NILEARN_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
+_TRACT_SIGMA_MM = 4.0
+
+
+def _nilearn_image(name):
+    try:
+        folder = resources.files("nilearn.datasets") / "data"
+    except ModuleNotFoundError:
+        raise InputError(
+            'real anatomy needs nilearn\'s MNI152 template: pip install "alsquant[anatomy]" (or nilearn)'
+        ) from None
+    return io.load_image(folder / _NILEARN_FILES[name], ndim=3, what=f"nilearn MNI152 {name}")
+
+
+def tract_directions(mask, voxel_size, sigma_mm=_TRACT_SIGMA_MM):
+    """Unit direction of a tube-like mask at each of its voxels: the principal axis of the mask's voxels around it
+    (local second moments under a Gaussian of `sigma_mm`), in voxel axes scaled to mm.
+
+    >>> tube = np.zeros((9, 9, 30), bool); tube[3:6, 3:6, :] = True
+    >>> np.round(np.abs(tract_directions(tube, (1, 1, 1))[4, 4, 15]), 3).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    mask = np.asarray(mask, bool)
+    directions = np.zeros(mask.shape + (3,))
+    if not mask.any():
+        return directions
+    sigma = sigma_mm / np.asarray(voxel_size, float)
+    margin = np.ceil(4 * sigma).astype(int)  # the tract's bounding box and the filters' reach: the rest is zero
+    found = np.argwhere(mask)
+    box = tuple(
+        slice(max(lo - m, 0), min(hi + m + 1, n))
+        for lo, hi, m, n in zip(found.min(0), found.max(0), margin, mask.shape)
+    )
+    directions[box] = _directions_in(mask[box], voxel_size, sigma)
+    return directions
+
+
+def _directions_in(mask, voxel_size, sigma):
+    coords = np.indices(mask.shape).astype(np.float64) * np.asarray(voxel_size, float)[:, None, None, None]
+    weight = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
+    safe = np.where(weight > 1e-6, weight, 1.0)
+    means = [ndimage.gaussian_filter(mask * c, sigma) / safe for c in coords]
+    moments = np.empty(mask.shape + (3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            second = ndimage.gaussian_filter(mask * coords[i] * coords[j], sigma) / safe
+            moments[..., i, j] = moments[..., j, i] = second - means[i] * means[j]
+    directions = np.zeros(mask.shape + (3,))
+    _, vectors = np.linalg.eigh(moments[mask])
+    directions[mask] = vectors[:, :, -1]
+    return directions
+
+
+class RealAnatomy:
+    """The phantom's template anatomy (`phantom.template_anatomy`'s interface) from real images.
+
+    Parameters
+    ----------
+    fsldir, atlas_dir : path, optional
+        Where JHU's tractography atlas and Harvard-Oxford's cortical atlas are (an FSL installation, or a folder with
+        their files), as for `ALSQuantLib.atlas.find_atlas`.
+
+    Template coordinates are MNI's, shifted so that the brain's centre is at the origin (where the phantom's
+    subject grids are centred).
+    """
+
+    def __init__(self, *, fsldir=None, atlas_dir=None):
+        t1, affine = _nilearn_image("t1")
+        gm, wm = _nilearn_image("gm")[0] / 255.0, _nilearn_image("wm")[0] / 255.0
+        brain = ndimage.binary_fill_holes(t1 > 0)
+        labels = np.zeros(t1.shape, np.uint8)
+        labels[brain] = phantom.CSF
+        labels[brain & (gm >= 0.5) & (gm >= wm)] = phantom.GM
+        labels[brain & (wm > 0.5) & (wm > gm)] = phantom.WM
+        world = geometry.voxel_centers_world(t1.shape, affine)
+        found = {}
+        for name in ("jhu-tracts", "harvard-oxford"):
+            atlas = find_atlas(name, fsldir=fsldir, atlas_dir=atlas_dir)
+            data, atlas_affine = atlas.load_labels()
+            found[name] = geometry.resample_labels(data, atlas_affine, t1.shape, affine), atlas
+        tracts, tract_atlas = found["jhu-tracts"]
+        fibre = np.zeros(t1.shape + (3,))
+        fibre[..., 0] = 1.0
+        for code, side in ((phantom.CST_LEFT, "left"), (phantom.CST_RIGHT, "right")):
+            cst = np.isin(tracts, tract_atlas.region("CST").labels[side]) & (labels != phantom.CSF) & brain
+            labels[cst] = code
+            directions = tract_directions(cst, geometry.voxel_sizes(affine))
+            fibre[cst] = directions[cst] @ geometry.direction_cosines(affine).T
+        cortex, cortex_atlas = found["harvard-oxford"]
+        precentral = np.isin(cortex, cortex_atlas.region("M1").labels["both"]) & (labels == phantom.GM)
+        labels[precentral & (world[..., 0] < 0)] = phantom.M1_LEFT
+        labels[precentral & (world[..., 0] > 0)] = phantom.M1_RIGHT
+        self.labels, self.fibre, self.affine = labels, fibre, affine
+        self.description = (
+            f"MNI152 2009a (nilearn) tissue, CST from {tract_atlas.labels}, M1 from {cortex_atlas.labels}"
+        )
+        centre = world[brain].mean(axis=0)
+        self.centre_mm = centre
+        self._to_voxel = np.linalg.inv(affine)
+
+    def _voxels(self, points):
+        mni = np.asarray(points, float).reshape(-1, 3) + self.centre_mm
+        ijk = np.rint(mni @ self._to_voxel[:3, :3].T + self._to_voxel[:3, 3]).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < np.array(self.labels.shape)), axis=1)
+        return np.clip(ijk, 0, np.array(self.labels.shape) - 1), inside
+
+    def template_anatomy(self, points):
+        """Labels (phantom codes) and unit fibre directions at template points (mm, brain centre at 0)."""
+        ijk, inside = self._voxels(points)
+        labels = np.where(inside, self.labels[tuple(ijk.T)], phantom.BACKGROUND).astype(np.uint8)
+        fibre = self.fibre[tuple(ijk.T)]
+        return labels, fibre
+
+    def air_cavities(self, points):
+        """Air at template points: the phantom's sinus and ear canals, in MNI coordinates."""
+        return phantom.air_cavities(np.asarray(points, float).reshape(-1, 3) + self.centre_mm)
+
+
+def anatomy_config(base=None):
+    """`phantom.PhantomConfig` with fields of view that hold a real brain (the phantom's small grids are 126 mm
+    high; a brain is about 150 mm): DWI 72×84×72 at 2.5 mm, GRE 88×104×88 at 2 mm, unless `base` sets the study's."""
+    base = base or phantom.PhantomConfig()
+    if base.dwi_shape != phantom.PhantomConfig().dwi_shape:
+        return base
+    return phantom.with_overrides(
+        base,
+        dwi_shape=(72, 84, 72),
+        dwi_voxel_size=(2.5, 2.5, 2.5),
+        gre_shape=(88, 104, 88),
+        gre_voxel_size=(2.0, 2.0, 2.0),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def real_anatomy(fsldir=None, atlas_dir=None):
+    """`RealAnatomy`, built once per atlas location in a process."""
+    return RealAnatomy(fsldir=fsldir, atlas_dir=atlas_dir)
