@@ -88,12 +88,15 @@ class RealAnatomy:
     fsldir, atlas_dir : path, optional
         Where JHU's tractography atlas and Harvard-Oxford's cortical atlas are (an FSL installation, or a folder with
         their files), as for `ALSQuantLib.atlas.find_atlas`.
+    fa_template : path, optional
+        A real FA map in MNI space: white-matter FA then follows it voxel by voxel instead of one value per class.
+        Registering such subjects to the same FA template is circular (optimistic); use a different one there.
 
     Template coordinates are MNI's, shifted so that the brain's centre is at the origin (where the phantom's
     subject grids are centred).
     """
 
-    def __init__(self, *, fsldir=None, atlas_dir=None):
+    def __init__(self, *, fsldir=None, atlas_dir=None, fa_template=None):
         t1, affine = _nilearn_image("t1")
         gm, wm = _nilearn_image("gm")[0] / 255.0, _nilearn_image("wm")[0] / 255.0
         brain = ndimage.binary_fill_holes(t1 > 0)
@@ -126,6 +129,14 @@ class RealAnatomy:
         centre = world[brain].mean(axis=0)
         self.centre_mm = centre
         self._to_voxel = np.linalg.inv(affine)
+        self.fa = None
+        if fa_template is not None:
+            data, fa_affine = io.load_image(fa_template, ndim=3, what="FA template")
+            voxel_to_voxel = np.linalg.solve(fa_affine, affine)
+            self.fa = ndimage.affine_transform(
+                data, voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3], output_shape=t1.shape, order=1
+            )
+            self.description += f", white-matter FA from {fa_template}"
 
     def _voxels(self, points):
         mni = np.asarray(points, float).reshape(-1, 3) + self.centre_mm
@@ -139,6 +150,13 @@ class RealAnatomy:
         labels = np.where(inside, self.labels[tuple(ijk.T)], phantom.BACKGROUND).astype(np.uint8)
         fibre = self.fibre[tuple(ijk.T)]
         return labels, fibre
+
+    def fa_at(self, points):
+        """FA at template points from the FA template (None without one)."""
+        if self.fa is None:
+            return None
+        ijk, inside = self._voxels(points)
+        return np.where(inside, self.fa[tuple(ijk.T)], 0.0)
 
     def air_cavities(self, points):
         """Air at template points: the phantom's sinus and ear canals, in MNI coordinates."""
@@ -161,6 +179,6 @@ def anatomy_config(base=None):
 
 
 @functools.lru_cache(maxsize=2)
-def real_anatomy(fsldir=None, atlas_dir=None):
-    """`RealAnatomy`, built once per atlas location in a process."""
-    return RealAnatomy(fsldir=fsldir, atlas_dir=atlas_dir)
+def real_anatomy(fsldir=None, atlas_dir=None, fa_template=None):
+    """`RealAnatomy`, built once per atlas location (and FA template) in a process."""
+    return RealAnatomy(fsldir=fsldir, atlas_dir=atlas_dir, fa_template=fa_template)

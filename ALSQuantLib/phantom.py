@@ -513,6 +513,11 @@ class AnalyticAnatomy:
     template_anatomy = staticmethod(template_anatomy)
     air_cavities = staticmethod(air_cavities)
 
+    @staticmethod
+    def fa_at(points):
+        """No voxel-wise FA: white matter takes its class's."""
+        return None
+
 
 def render_anatomy(shape, affine, deformation, anatomy=AnalyticAnatomy):
     """Labels and world fibre directions of a subject on a grid."""
@@ -522,9 +527,13 @@ def render_anatomy(shape, affine, deformation, anatomy=AnalyticAnatomy):
     return labels.reshape(shape), fibre.reshape(tuple(shape) + (3,))
 
 
-def simulate_dwi(labels, fibre, affine, values, config, rng):
-    """DWI (`io.DWI`) and its truth maps for a rendered subject."""
+def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
+    """DWI (`io.DWI`) and its truth maps for a rendered subject; `fa`, when given, replaces the per-class FA in white
+    matter and the CST voxel by voxel (a real anatomy's FA)."""
     maps = tissue_maps(labels, values)
+    if fa is not None:
+        white = np.isin(labels, (WM, CST_LEFT, CST_RIGHT))
+        maps["fa"] = np.where(white, np.clip(fa, 0.05, 0.95), maps["fa"])
     bvals, bvecs = acquisition_scheme(config.bvalues, config.n_directions, config.n_b0)
     brain = labels > 0
     scale = 1000.0 / _TISSUE[WM][3]
@@ -616,7 +625,10 @@ def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
 
     affine_dwi = dwi_affine(config)
     labels_dwi, fibre_dwi = render_anatomy(config.dwi_shape, affine_dwi, deformation, anatomy)
-    dwi, truth_dwi = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng)
+    template_points = deformation.to_template(geometry.voxel_centers_world(config.dwi_shape, affine_dwi).reshape(-1, 3))
+    fa = anatomy.fa_at(template_points)
+    fa = None if fa is None else fa.reshape(config.dwi_shape)
+    dwi, truth_dwi = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng, fa)
 
     affine_gre = gre_affine(config)
     labels_gre, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)

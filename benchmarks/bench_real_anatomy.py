@@ -35,6 +35,11 @@ def main():
     parser.add_argument("--fsldir", type=Path)
     parser.add_argument("--subjects", type=int, default=10)
     parser.add_argument("--study", action="store_true", help="the study's grids (DWI 256x256x28, GRE 512x512x50)")
+    parser.add_argument(
+        "--fa-template",
+        type=Path,
+        help="white-matter FA of the subjects from this MNI FA map (circular if it is also the registration target)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="alsquant-real-") as tmp:
         tmp = Path(tmp)
@@ -44,7 +49,7 @@ def main():
             from conftest import SHARED_DATA, fsl_layout
 
             fsldir = fsl_layout(SHARED_DATA, tmp / "fsl")
-        real = anatomy.real_anatomy(str(fsldir))
+        real = anatomy.real_anatomy(str(fsldir), None, str(args.fa_template) if args.fa_template else None)
         config = anatomy.anatomy_config(phantom.PhantomConfig.study() if args.study else None)
         options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)))
         rows = []

@@ -58,3 +58,21 @@ def test_simulate_with_real_anatomy_writes_a_dataset_without_the_phantom_atlas(f
     brain = truth > 0
     edges = np.concatenate([brain[[0, -1]].ravel(), brain[:, [0, -1]].ravel(), brain[:, :, [0, -1]].ravel()])
     assert not edges.any()  # the whole brain lies inside the field of view
+
+
+def test_white_matter_fa_can_follow_a_real_fa_map(fsldir):
+    from conftest import SHARED_DATA
+
+    from ALSQuantLib import anatomy
+
+    real = anatomy.RealAnatomy(fsldir=fsldir, fa_template=SHARED_DATA / "templates" / "MNI_FA_template_1.25mm.nii.gz")
+    config = anatomy.anatomy_config()
+    with_map = phantom.simulate_subject("control", 7, config, anatomy=real)
+    per_class = phantom.simulate_subject("control", 7, config, anatomy=anatomy.real_anatomy(str(fsldir)))
+    white = with_map.truth_dwi["label"] == phantom.WM
+    assert np.array_equal(white, per_class.truth_dwi["label"] == phantom.WM)  # the same anatomy and pose
+    assert np.ptp(per_class.truth_dwi["fa"][white]) == 0  # one value per class
+    fa = with_map.truth_dwi["fa"][white]
+    assert fa.std() > 0.08 and 0.2 < np.median(fa) < 0.6  # a real map's spread; 0.28 where P(WM) > 0.5 here
+    cst = np.isin(with_map.truth_dwi["label"], (phantom.CST_LEFT, phantom.CST_RIGHT))
+    assert np.median(with_map.truth_dwi["fa"][cst]) > np.median(fa)  # the CST is among the most anisotropic tracts
