@@ -109,7 +109,7 @@ class RealAnatomy:
         for name in ("jhu-tracts", "harvard-oxford"):
             atlas = find_atlas(name, fsldir=fsldir, atlas_dir=atlas_dir)
             data, atlas_affine = atlas.load_labels()
-            found[name] = geometry.resample_labels(data, atlas_affine, t1.shape, affine), atlas
+            found[name] = geometry.resample(data, atlas_affine, t1.shape, affine, order=0), atlas
         tracts, tract_atlas = found["jhu-tracts"]
         fibre = np.zeros(t1.shape + (3,))
         fibre[..., 0] = 1.0
@@ -132,10 +132,7 @@ class RealAnatomy:
         self.fa = None
         if fa_template is not None:
             data, fa_affine = io.load_image(fa_template, ndim=3, what="FA template")
-            voxel_to_voxel = np.linalg.solve(fa_affine, affine)
-            self.fa = ndimage.affine_transform(
-                data, voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3], output_shape=t1.shape, order=1
-            )
+            self.fa = geometry.resample(data, fa_affine, t1.shape, affine, order=1)
             self.description += f", white-matter FA from {fa_template}"
 
     def _voxels(self, points):

@@ -18,6 +18,11 @@ def _print_progress(fraction, message):
     print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
 
 
+def _print_warnings(step):
+    for warning in step.record["results"].get("warnings", []):
+        print(f"warning: {warning}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # simulate
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,8 +149,7 @@ def _run_dki(args):
         progress=_print_progress,
     )
     results = step.record["results"]
-    for warning in results.get("warnings", []):
-        print(f"warning: {warning}")
+    _print_warnings(step)
     if results["not_available"]:
         print(f"not available from a DTI-only fit, not written: {', '.join(results['not_available'])}")
     print(
@@ -180,8 +184,7 @@ def _run_qsm(args):
         mask=args.mask,
         progress=_print_progress,
     )
-    for warning in step.record["results"].get("warnings", []):
-        print(f"warning: {warning}")
+    _print_warnings(step)
     print(
         f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; "
         f"{step.record['results']['phase_scaling']}"

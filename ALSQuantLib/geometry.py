@@ -294,22 +294,23 @@ def same_grid(shape_a, affine_a, shape_b, affine_b):
     return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=GRID_TOLERANCE_MM)
 
 
-def resample_labels(labels, affine, shape, target_affine):
-    """A label image on another grid: nearest neighbour through physical space (0 outside the source).
+def resample(image, affine, shape, target_affine, *, order):
+    """An image on another grid through physical space (0 outside the source): ``order`` 0 (nearest neighbour,
+    for labels: int32 out) or 1 (linear).
 
     >>> labels = np.arange(8).reshape(2, 2, 2)
     >>> shifted = np.eye(4); shifted[0, 3] = 1.0
-    >>> resample_labels(labels, np.eye(4), (2, 2, 2), shifted)[:, 0, 0].tolist()
+    >>> resample(labels, np.eye(4), (2, 2, 2), shifted, order=0)[:, 0, 0].tolist()
     [4, 0]
     """
     from scipy import ndimage
 
-    labels = np.asarray(labels)
-    if labels.shape == tuple(shape) and np.allclose(affine, target_affine, atol=GRID_TOLERANCE_MM):
-        return labels.astype(np.int32)
+    image = np.asarray(image).astype(np.int32 if order == 0 else np.float32)
+    if image.shape == tuple(shape) and np.allclose(affine, target_affine, atol=GRID_TOLERANCE_MM):
+        return image
     voxel_to_voxel = np.linalg.solve(np.asarray(affine, float), np.asarray(target_affine, float))
     return ndimage.affine_transform(
-        labels.astype(np.int32), voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3], output_shape=tuple(shape), order=0
+        image, voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3], output_shape=tuple(shape), order=order
     )
 
 
@@ -335,6 +336,26 @@ def grid_difference(shape_a, affine_a, shape_b, affine_b):
     if not np.allclose(shift, 0.0, atol=GRID_TOLERANCE_MM):
         parts.append(f"origin shifted by {_mm(shift)} mm")
     return "; ".join(parts)
+
+
+def require_grid(what, grid, grids):
+    """Refuse an image whose grid ``(shape, affine)`` is none of `grids` (name → (shape, affine)), saying what
+    differs from each; `what` names the image ("mask F").
+
+    >>> require_grid("mask m.nii", ((2, 2, 2), np.eye(4)), {"DWI": ((3, 2, 2), np.eye(4))})
+    Traceback (most recent call last):
+    ...
+    ALSQuantLib.errors.InputError: mask m.nii: not on the DWI's grid (shape (2, 2, 2) against (3, 2, 2))
+    """
+    if any(same_grid(*grid, *other) for other in grids.values()):
+        return
+    if len(grids) == 1:
+        ((name, other),) = grids.items()
+        raise InputError(f"{what}: not on the {name}'s grid ({grid_difference(*grid, *other)})")
+    names = list(grids)
+    differences = "; ".join(f"against the {n}'s: {grid_difference(*grid, *grids[n])}" for n in names)
+    alternatives = " nor ".join(f"the {n}'s" for n in names)
+    raise InputError(f"{what}: on neither {alternatives} grid ({differences})")
 
 
 def _mm(values):

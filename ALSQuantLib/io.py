@@ -176,9 +176,7 @@ def image_grid(path, what="image"):
 def load_mask(path, shape, affine, *, matching="image"):
     """Read a mask (non-zero = inside) and check it lies on the grid of `shape` and `affine`."""
     data, mask_affine = load_image(path, ndim=3, what="mask")
-    if not geometry.same_grid(data.shape, mask_affine, shape, affine):
-        difference = geometry.grid_difference(data.shape, mask_affine, shape, affine)
-        raise InputError(f"mask {path}: not on the {matching}'s grid ({difference})")
+    geometry.require_grid(f"mask {path}", (data.shape, mask_affine), {matching: (shape, affine)})
     inside = data > 0
     if not inside.any():
         raise InputError(f"mask {path}: it is empty (no non-zero voxel); expected a brain mask")
@@ -521,12 +519,11 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
         pha, pha_affine = load_image(pha_path, ndim=(3, 4), what="GRE phase")
         if mag.shape != pha.shape:
             raise InputError(f"GRE magnitude {mag_path} {mag.shape} and phase {pha_path} {pha.shape} differ in shape")
-        if not geometry.same_grid(mag.shape, mag_affine, pha.shape, pha_affine):
-            difference = geometry.grid_difference(pha.shape, pha_affine, mag.shape, mag_affine)
-            raise InputError(f"GRE phase {pha_path}: not on the grid of magnitude {mag_path} ({difference})")
-        if affine is not None and not geometry.same_grid(mags[0].shape, affine, mag.shape, mag_affine):
-            difference = geometry.grid_difference(mag.shape, mag_affine, mags[0].shape, affine)
-            raise InputError(f"GRE echo {mag_path}: not on the first echo's grid ({difference})")
+        geometry.require_grid(f"GRE phase {pha_path}", (pha.shape, pha_affine), {"magnitude": (mag.shape, mag_affine)})
+        if affine is not None:
+            geometry.require_grid(
+                f"GRE echo {mag_path}", (mag.shape, mag_affine), {"first echo": (mags[0].shape, affine)}
+            )
         affine = mag_affine
         mags.append(_as_echoes(mag, str(mag_path)))
         phases.append(_as_echoes(pha, str(pha_path)))

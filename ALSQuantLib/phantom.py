@@ -520,11 +520,12 @@ class AnalyticAnatomy:
 
 
 def render_anatomy(shape, affine, deformation, anatomy=AnalyticAnatomy):
-    """Labels and world fibre directions of a subject on a grid."""
-    points = geometry.voxel_centers_world(shape, affine).reshape(-1, 3)
-    labels, fibre_template = anatomy.template_anatomy(deformation.to_template(points))
+    """Labels, world fibre directions and voxel-wise FA (None for a per-class anatomy) of a subject on a grid."""
+    points = deformation.to_template(geometry.voxel_centers_world(shape, affine).reshape(-1, 3))
+    labels, fibre_template = anatomy.template_anatomy(points)
     fibre = deformation.direction_to_world(fibre_template)
-    return labels.reshape(shape), fibre.reshape(tuple(shape) + (3,))
+    fa = anatomy.fa_at(points)
+    return labels.reshape(shape), fibre.reshape(tuple(shape) + (3,)), None if fa is None else fa.reshape(shape)
 
 
 def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
@@ -624,14 +625,11 @@ def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
     deformation = Deformation.random(rng, rms_mm=config.deformation_mm)
 
     affine_dwi = dwi_affine(config)
-    labels_dwi, fibre_dwi = render_anatomy(config.dwi_shape, affine_dwi, deformation, anatomy)
-    template_points = deformation.to_template(geometry.voxel_centers_world(config.dwi_shape, affine_dwi).reshape(-1, 3))
-    fa = anatomy.fa_at(template_points)
-    fa = None if fa is None else fa.reshape(config.dwi_shape)
+    labels_dwi, fibre_dwi, fa = render_anatomy(config.dwi_shape, affine_dwi, deformation, anatomy)
     dwi, truth_dwi = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng, fa)
 
     affine_gre = gre_affine(config)
-    labels_gre, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)
+    labels_gre, _, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)
     points = deformation.to_template(geometry.voxel_centers_world(config.gre_shape, affine_gre).reshape(-1, 3))
     air = anatomy.air_cavities(points).reshape(config.gre_shape)
     gre, truth_gre = simulate_gre(labels_gre, air, affine_gre, values, config, rng)

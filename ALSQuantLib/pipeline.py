@@ -167,8 +167,9 @@ def check_subject(inputs, options):
     for name, path in files.items():
         if not path.is_file():
             raise InputError(f"subject {inputs.subject}: input {name} {path}: file not found")
+    dwi_grid = io.image_grid(inputs.dwi, "DWI")
     if not inputs.dwi.name.endswith(io.NRRD_SUFFIXES):
-        shape, affine = io.image_grid(inputs.dwi, "DWI")
+        shape, affine = dwi_grid
         if len(shape) != 4:
             raise InputError(f"DWI {inputs.dwi}: expected a 4D image (volumes along the 4th axis), got shape {shape}")
         stem = io.strip_image_suffix(inputs.dwi)
@@ -184,27 +185,17 @@ def check_subject(inputs, options):
             f"subject {inputs.subject} GRE: {len(inputs.gre_magnitude)} magnitude files but "
             f"{len(inputs.gre_phase)} phase files"
         )
-    first = io.image_grid(inputs.gre_magnitude[0], "GRE magnitude")
+    first = {"first GRE magnitude": io.image_grid(inputs.gre_magnitude[0], "GRE magnitude")}
     for path in (*inputs.gre_magnitude, *inputs.gre_phase):
-        grid = io.image_grid(path, "GRE image")
-        if not geometry.same_grid(*grid, *first):
-            raise InputError(
-                f"GRE image {path}: not on the grid of {inputs.gre_magnitude[0]} "
-                f"({geometry.grid_difference(*grid, *first)})"
-            )
-    dwi_grid = io.image_grid(inputs.dwi, "DWI")
-    grids = {"DWI": dwi_grid, "GRE": first}
+        geometry.require_grid(f"GRE image {path}", io.image_grid(path, "GRE image"), first)
+    grids = {"DWI": dwi_grid, "GRE": first["first GRE magnitude"]}
     for what, path, allowed in (
         ("DWI brain mask", inputs.dwi_mask, ("DWI",)),
         ("GRE brain mask", inputs.gre_mask, ("GRE",)),
         ("grey-matter mask", inputs.tissue_mask, ("DWI", "GRE")),
     ):
-        if path is None:
-            continue
-        grid = io.image_grid(path, what)
-        if not any(geometry.same_grid(*grid, *grids[name]) for name in allowed):
-            differences = "; ".join(f"against the {n}: {geometry.grid_difference(*grid, *grids[n])}" for n in allowed)
-            raise InputError(f"{what} {path}: not on the {' or the '.join(allowed)} grid ({differences})")
+        if path is not None:
+            geometry.require_grid(f"{what} {path}", io.image_grid(path, what), {n: grids[n] for n in allowed})
     atlas = atlas_for(options.labeling)
     for roi in options.labeling.rois:
         atlas.region(roi)

@@ -273,18 +273,13 @@ def _check_grids(reference, gre_magnitude, maps, map_masks, tissue_mask):
     for what, path in checked.items():
         grid = io.image_grid(path, what)
         if not any(geometry.same_grid(*grid, *other) for other in grids.values()):
-            differences = "; against the ".join(
-                f"{n}'s: {geometry.grid_difference(*grid, *g)}" for n, g in grids.items()
+            differences = "; ".join(
+                f"against the {n}'s: {geometry.grid_difference(*grid, *g)}" for n, g in grids.items()
             )
-            raise InputError(
-                f"{what} {path}: on neither the reference's nor the GRE's grid (against the {differences})"
-            )
+            raise InputError(f"{what} {path}: on neither the reference's nor the GRE's grid ({differences})")
     for name, path in map_masks.items():
-        grid, map_grid = io.image_grid(path, f"mask of map {name}"), io.image_grid(maps[name], f"map {name}")
-        if not geometry.same_grid(*grid, *map_grid):
-            raise InputError(
-                f"mask of map {name} {path}: not on the map's grid ({geometry.grid_difference(*grid, *map_grid)})"
-            )
+        map_grid = io.image_grid(maps[name], f"map {name}")
+        geometry.require_grid(f"mask of map {name} {path}", io.image_grid(path, "mask"), {"map": map_grid})
 
 
 def label_step(

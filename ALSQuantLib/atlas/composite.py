@@ -46,7 +46,7 @@ def combine_atlases(atlases, rois):
         values = {}
         for (_, side), mask in masks.items():
             value = 2 * k - 1 if side in ("left", "both") else 2 * k
-            here = geometry.resample_labels(mask, affine, combined.shape, base_affine) > 0
+            here = geometry.resample(mask, affine, combined.shape, base_affine, order=0) > 0
             taken = here & (combined > 0)
             if taken.any():
                 log.info("%s %s: %d voxels already belong to an earlier region, kept there", roi, side, taken.sum())

@@ -32,7 +32,7 @@ def test_real_anatomy_places_the_cst_and_m1_where_the_atlases_do(real, fsldir):
     labels = real.labels
     tracts = atlas.find_atlas("jhu-tracts", fsldir=fsldir)
     jhu, jhu_affine = tracts.load_labels()
-    on_grid = geometry.resample_labels(jhu, jhu_affine, labels.shape, real.affine)
+    on_grid = geometry.resample(jhu, jhu_affine, labels.shape, real.affine, order=0)
     for code, value in ((phantom.CST_LEFT, 3), (phantom.CST_RIGHT, 4)):
         cst = labels == code
         # Every CST voxel is JHU's CST; JHU's CST in brain tissue (not CSF) is all CST.
