@@ -53,6 +53,11 @@ def _add_simulate(subparsers):
     )
     p.add_argument("--fsldir", type=Path, help="FSL installation holding the JHU and Harvard-Oxford atlases")
     p.add_argument("--atlas-dir", type=Path, help="folder holding the JHU tracts and Harvard-Oxford files")
+    p.add_argument(
+        "--dwi-slab",
+        action="store_true",
+        help="the study's partial DWI coverage: 28 axial slices of 3 mm, centred 10 mm above the template origin",
+    )
     p.set_defaults(run=_run_simulate)
 
 
@@ -77,6 +82,8 @@ def _run_simulate(args):
             str(args.fsldir) if args.fsldir else None, str(args.atlas_dir) if args.atlas_dir else None
         )
         config = real.anatomy_config(config)
+    if args.dwi_slab:
+        config = phantom.with_dwi_slab(config)
     rows = phantom.simulate_cohort(
         args.out,
         args.subjects,

@@ -314,6 +314,24 @@ def resample(image, affine, shape, target_affine, *, order):
     )
 
 
+def coarsened(image, affine, voxel_mm):
+    """`image` resampled linearly to isotropic `voxel_mm` voxels over the same field of view, with its affine; as
+    it is if no voxel is smaller than that.
+
+    >>> image, affine = coarsened(np.ones((10, 10, 10)), np.eye(4), 2.0)
+    >>> image.shape, float(affine[0, 0]), float(affine[0, 3])
+    ((5, 5, 5), 2.0, 0.5)
+    """
+    factor = voxel_mm / voxel_sizes(affine)
+    if np.all(factor <= 1):
+        return np.asarray(image, np.float32), np.asarray(affine, float)
+    coarse = np.array(affine, float)
+    coarse[:3, :3] = affine[:3, :3] * factor
+    coarse[:3, 3] = affine[:3, :3] @ ((factor - 1) / 2) + affine[:3, 3]
+    shape = tuple(int(n) for n in np.ceil(np.array(np.shape(image)) / factor))
+    return resample(image, affine, shape, coarse, order=1), coarse
+
+
 def grid_difference(shape_a, affine_a, shape_b, affine_b):
     """How the first grid differs from the second, in words, for messages.
 

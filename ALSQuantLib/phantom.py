@@ -106,7 +106,7 @@ class PhantomConfig:
     ----------
     dwi_shape, dwi_voxel_size : DWI grid (voxels, mm)
     gre_shape, gre_voxel_size : GRE grid
-    gre_center : RAS centre of the GRE field of view, mm
+    dwi_center, gre_center : RAS centre of the DWI's and the GRE's field of view, mm
     template_shape, template_voxel_size : template (atlas) grid
     bvalues : non-zero shells, s/mm²
     n_directions : directions per shell
@@ -121,6 +121,7 @@ class PhantomConfig:
 
     dwi_shape: tuple = (48, 58, 42)
     dwi_voxel_size: tuple = (3.0, 3.0, 3.0)
+    dwi_center: tuple = (0.0, 0.0, 0.0)
     gre_shape: tuple = (72, 88, 64)
     gre_voxel_size: tuple = (2.0, 2.0, 2.0)
     gre_center: tuple = (0.0, 0.0, 0.0)
@@ -529,12 +530,12 @@ def render_anatomy(shape, affine, deformation, anatomy=AnalyticAnatomy):
 
 
 def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
-    """DWI (`io.DWI`) and its truth maps for a rendered subject; `fa`, when given, replaces the per-class FA in white
-    matter and the CST voxel by voxel (a real anatomy's FA)."""
+    """DWI (`io.DWI`) and its truth maps for a rendered subject; `fa`, when given, replaces the per-class FA voxel by
+    voxel in the tissue (white and grey matter, the CST and M1; not CSF or veins): a real anatomy's FA."""
     maps = tissue_maps(labels, values)
     if fa is not None:
-        white = np.isin(labels, (WM, CST_LEFT, CST_RIGHT))
-        maps["fa"] = np.where(white, np.clip(fa, 0.05, 0.95), maps["fa"])
+        tissue = ~np.isin(labels, (BACKGROUND, CSF, VEIN))
+        maps["fa"] = np.where(tissue, np.clip(fa, 0.05, 0.95), maps["fa"])
     bvals, bvecs = acquisition_scheme(config.bvalues, config.n_directions, config.n_b0)
     brain = labels > 0
     scale = 1000.0 / _TISSUE[WM][3]
@@ -587,7 +588,7 @@ def simulate_gre(labels, air, affine, values, config, rng):
 
 
 def dwi_affine(config):
-    return geometry.voxel_grid_affine(config.dwi_shape, config.dwi_voxel_size)
+    return geometry.voxel_grid_affine(config.dwi_shape, config.dwi_voxel_size, center=config.dwi_center)
 
 
 def gre_affine(config):
@@ -811,6 +812,21 @@ def simulate_cohort(
     if progress:
         progress(1.0, f"wrote {n_subjects} subjects to {out_dir}")
     return rows
+
+
+DWI_SLAB = {"slices": 28, "thickness_mm": 3.0, "center_z_mm": 10.0}
+"""The study's partial DWI coverage: 28 axial slices of 3 mm (84 mm), here centred 10 mm above the template's
+origin (the anterior commissure in MNI space): from the pons to the lower motor cortex."""
+
+
+def with_dwi_slab(config, slab=DWI_SLAB):
+    """`config` with the DWI cut to a slab (`DWI_SLAB`); the in-plane grid stays."""
+    return replace(
+        config,
+        dwi_shape=(*config.dwi_shape[:2], slab["slices"]),
+        dwi_voxel_size=(*config.dwi_voxel_size[:2], slab["thickness_mm"]),
+        dwi_center=(config.dwi_center[0], config.dwi_center[1], slab["center_z_mm"]),
+    )
 
 
 def with_overrides(config, **overrides):

@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg backend) and a self-contained HTML report of an ROC analysis."""
+"""Figures (matplotlib, Agg backend): the labels over a subject's images, and a self-contained HTML report of an ROC
+analysis."""
 
 import base64
 import html
@@ -27,6 +28,52 @@ def _save(fig, stem):
             fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
         paths.append(path)
     return paths[0]
+
+
+def labels_figure(path, panels, title=""):
+    """Labels over their images, three planes through the labels' centre: one row per ``(name, image, labels,
+    affine)`` in `panels` (image and labels on one grid), labels coloured by value over the image in grey, shown in
+    RAS (the subject's right on the right); a PNG written atomically. For checking a labelling by eye."""
+    import nibabel as nib
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 3, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    for row, (name, image, labels, affine) in zip(axes, panels):
+        orientation = nib.orientations.io_orientation(affine)  # voxel axis j → RAS axis orientation[j, 0]
+        image, labels = (nib.orientations.apply_orientation(np.asarray(a), orientation) for a in (image, labels))
+        sizes = np.empty(3)
+        sizes[orientation[:, 0].astype(int)] = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        found = np.argwhere(labels > 0)
+        centre = found.mean(axis=0).astype(int) if len(found) else np.array(image.shape) // 2
+        finite = image[np.isfinite(image)]
+        top = np.percentile(finite, 99.5) if finite.size else 1.0
+        colours = np.where(labels > 0, (labels - 1) % 20 + 1, 0).astype(float)
+        for ax, axis, plane in zip(row, (2, 1, 0), ("axial", "coronal", "sagittal")):
+            across, up = (a for a in range(3) if a != axis)
+            extent = (0, image.shape[across] * sizes[across], 0, image.shape[up] * sizes[up])
+            ax.imshow(
+                np.take(image, centre[axis], axis).T, cmap="gray", origin="lower", vmin=0, vmax=top, extent=extent
+            )
+            overlay = np.ma.masked_equal(np.take(colours, centre[axis], axis).T, 0)
+            ax.imshow(
+                overlay,
+                cmap="tab20",
+                vmin=1,
+                vmax=20,
+                origin="lower",
+                alpha=0.55,
+                extent=extent,
+                interpolation="nearest",
+            )
+            ax.set_title(f"{name}, {plane}", fontsize=9)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with outputs.atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return Path(path)
 
 
 def roc_figure(rocs, stem, title="ROC curves"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atlas as atlas_lib
-from . import dki, geometry, io, outputs, provenance, qsm
+from . import dki, geometry, io, outputs, provenance, qsm, report
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 RECORD = "provenance.json"
 QSM_OUTPUTS = ("susceptibility", "local_field", "mask")
 LABEL_OUTPUTS = ("labels.ctbl", "roi_stats.csv", "quality.json")
+LABEL_PICTURE = "labels.png"
 
 
 @dataclass
@@ -235,9 +236,10 @@ def qsm_step(
 # ----------------------------------------------------------------------------------------------------------------
 # Labelling
 # ----------------------------------------------------------------------------------------------------------------
-def write_labeling(out_dir, labeling):
-    """Write ``labels_<space>.nii.gz``, ``grey_matter_<space>.nii.gz`` (if any), ``labels.ctbl``, ``roi_stats.csv``
-    and ``quality.json``; return the paths."""
+def write_labeling(out_dir, labeling, images=None):
+    """Write ``labels_<space>.nii.gz``, ``grey_matter_<space>.nii.gz`` (if any), ``labels.ctbl``, ``roi_stats.csv``,
+    ``quality.json`` and, given `images` (space → (image, affine): the reference, the GRE magnitude), ``labels.png``
+    (the labels over them, three planes, `report.labels_figure`); return the paths."""
     out_dir = Path(out_dir)
     written = []
     for space, (label_image, affine) in labeling.label_images.items():
@@ -254,11 +256,23 @@ def write_labeling(out_dir, labeling):
         {
             "template_correlation": labeling.similarity,
             "volume_ratio": {f"{r}_{s}": v for (r, s), v in labeling.ratios.items()},
+            "in_view": {f"{r}_{s}": v for (r, s), v in labeling.in_view.items()},
+            "contrast_fingerprint": labeling.contrast,
             "flags": labeling.flags,
             "passed": labeling.passed,
         },
     )
-    return written + [table, rows, quality]
+    written += [table, rows, quality]
+    images = images or {}
+    panels = [
+        (space, images[space][0], label_image, affine)
+        for space, (label_image, affine) in labeling.label_images.items()
+        if space in images
+    ]
+    if panels:
+        verdict = "QC passed" if labeling.passed else f"QC flagged: {'; '.join(labeling.flags)}"
+        written.append(report.labels_figure(out_dir / LABEL_PICTURE, panels, title=verdict))
+    return written
 
 
 def _check_grids(reference, gre_magnitude, maps, map_masks, tissue_mask):
@@ -330,12 +344,16 @@ def label_step(
         for name, path in maps.items():
             data, affine = io.load_image(path, ndim=3, what=f"map {name}", allow_nonfinite=True)
             loaded[name] = (np.where(valid[name], data, np.nan) if name in valid else data, affine)
+        images = {"reference": io.load_image(reference, ndim=3, what="reference")}
+        if gre_magnitude:
+            data, affine = io.load_image(gre_magnitude, ndim=(3, 4), what="GRE magnitude")
+            images["gre"] = (data[..., 0] if data.ndim == 4 else data, affine)
         labeling = atlas_lib.label_subject(
-            *io.load_image(reference, ndim=3, what="reference"),
+            *images["reference"],
             atlas,
             options,
             maps=loaded,
-            gre_magnitude=io.load_image(gre_magnitude, ndim=(3, 4), what="GRE magnitude") if gre_magnitude else None,
+            gre_magnitude=images.get("gre"),
             tissue_mask=io.load_image(tissue_mask, ndim=3, what="tissue mask") if tissue_mask else None,
             subject=subject,
             keep_transforms=folder / "transforms" if keep_transforms else None,
@@ -343,7 +361,7 @@ def label_step(
             progress=progress,
         )
         results = {"flags": labeling.flags, "passed": labeling.passed, "template_correlation": labeling.similarity}
-        return write_labeling(folder, labeling) + labeling.transforms, results
+        return write_labeling(folder, labeling, images) + labeling.transforms, results
 
     inputs = {"reference": reference, "gre_magnitude": gre_magnitude, "tissue_mask": tissue_mask}
     inputs.update({f"map_{name}": path for name, path in maps.items()})
@@ -354,5 +372,5 @@ def label_step(
     planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [
         f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")
     ]
-    planned += [*LABEL_OUTPUTS, RECORD]
+    planned += [*LABEL_OUTPUTS, LABEL_PICTURE, RECORD]
     return run_step("label", out_dir, options, inputs, compute, arguments=arguments, planned=planned)

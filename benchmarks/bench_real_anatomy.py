@@ -5,21 +5,26 @@ warp, simulated DWI and GRE; then `pipeline.run_subject` with the default atlas 
 Harvard-Oxford from the FSL installation, FA registered to FSL's FA template). Printed per subject and as median
 [min-max]: CST Dice on the DWI grid and M1 Dice on the GRE grid (against the true labels), the true MK map through
 the CST labels and the true χ map through the M1 labels against the same maps through the true labels (%), the
-quality flags, and the labelling time. Nothing is asserted.
+quality figures (`quality.json`) and flags, and the labelling time. With ``--wrong-template`` each subject is
+labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside.
+Nothing is asserted.
 
-Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study]``; without ``--fsldir`` an FSL
-layout is made from ``../shared/data`` (its MNI FA template standing in for FMRIB58).
+Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study] [--wrong-template]
+[--white-matter-fa atlas|class|FILE] [--dwi-slab]``; without ``--fsldir`` an FSL layout is made from
+``../shared/data`` (its MNI FA template standing in for FMRIB58).
 """
 
 import argparse
+import dataclasses
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ALSQuantLib import anatomy, io, metrics, phantom, pipeline
-from ALSQuantLib.atlas import LabelingOptions
+from ALSQuantLib import anatomy, geometry, io, metrics, phantom, pipeline
+from ALSQuantLib.atlas import LabelingOptions, cortex_core, find_atlas
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -30,15 +35,59 @@ def _through(truth_map, labels, values, true_labels, true_values):
     return 100 * (np.mean(truth_map[measured]) / np.mean(truth_map[true]) - 1)
 
 
+def _measured_m1(out, labels_gre, margin_mm):
+    """The M1 voxels the pipeline measures on the GRE grid: each side's core in grey matter (`cortex_core`)."""
+    grey, affine = io.load_image(out / "label" / "grey_matter_gre.nii.gz")
+    voxel_size = geometry.voxel_sizes(affine)
+    cores = [cortex_core(labels_gre == side, grey > 0, voxel_size, margin_mm) for side in (3, 4)]
+    return np.where(cores[0], 3, np.where(cores[1], 4, 0))
+
+
+def _figures(out, subject, margin_mm):
+    """Accuracy and quality figures of one labelled subject."""
+    labels = io.load_image(out / "label" / "labels_reference.nii.gz")[0]
+    labels_gre = io.load_image(out / "label" / "labels_gre.nii.gz")[0]
+    measured_m1 = _measured_m1(out, labels_gre, margin_mm)
+    true_dwi, true_gre = subject.truth_dwi["label"], subject.truth_gre["label"]
+    quality = io.read_json(out / "label" / "quality.json")
+    record = io.read_json(out / "label" / "provenance.json")
+    row = {
+        "cst_dice": metrics.dice(np.isin(labels, (1, 2)), np.isin(true_dwi, (4, 5))),
+        "m1_dice_gre": metrics.dice(np.isin(labels_gre, (3, 4)), np.isin(true_gre, (6, 7))),
+        "mk_through_cst_%": _through(subject.truth_dwi["mk"], labels, (1, 2), true_dwi, (4, 5)),
+        "chi_through_m1_%": _through(subject.truth_gre["chi"], labels_gre, (3, 4), true_gre, (6, 7)),
+        "chi_through_m1_measured_%": _through(subject.truth_gre["chi"], measured_m1, (3, 4), true_gre, (6, 7)),
+        "template_corr": quality["template_correlation"],
+        "cst_volume_min": min(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
+        "cst_volume_max": max(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
+        "labelling_s": record["results"]["seconds"],
+        "flags": len(quality["flags"]),
+    }
+    contrast = quality["contrast_fingerprint"]
+    if contrast:
+        row["contrast_difference"] = abs(contrast["reference"] - contrast["template"])
+    return row, quality["flags"]
+
+
+def _summary(title, rows):
+    print(title)
+    for key in rows[0]:
+        values = np.array([r.get(key, np.nan) for r in rows], float)
+        print(f"  {key:24s} median {np.nanmedian(values):.3g} [{np.nanmin(values):.3g} to {np.nanmax(values):.3g}]")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsldir", type=Path)
     parser.add_argument("--subjects", type=int, default=10)
     parser.add_argument("--study", action="store_true", help="the study's grids (DWI 256x256x28, GRE 512x512x50)")
+    parser.add_argument("--wrong-template", action="store_true", help="also label with FA registered to the T1w")
+    parser.add_argument("--dwi-slab", action="store_true", help="the study's partial DWI coverage (phantom.DWI_SLAB)")
     parser.add_argument(
-        "--fa-template",
-        type=Path,
-        help="white-matter FA of the subjects from this MNI FA map (circular if it is also the registration target)",
+        "--white-matter-fa",
+        default=anatomy.ATLAS_FA,
+        help="the subjects' tissue FA: 'atlas' (the atlas's FA template, which the labelling also registers to: "
+        "optimistic), 'class' (one value per tissue class: pessimistic) or an MNI FA map",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="alsquant-real-") as tmp:
@@ -49,36 +98,36 @@ def main():
             from conftest import SHARED_DATA, fsl_layout
 
             fsldir = fsl_layout(SHARED_DATA, tmp / "fsl")
-        real = anatomy.real_anatomy(str(fsldir), None, str(args.fa_template) if args.fa_template else None)
+        fa = None if args.white_matter_fa == "class" else args.white_matter_fa
+        real = anatomy.real_anatomy(str(fsldir), None, fa)
         config = anatomy.anatomy_config(phantom.PhantomConfig.study() if args.study else None)
+        config = phantom.with_dwi_slab(config) if args.dwi_slab else config
         options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)))
-        rows = []
+        t1 = str(find_atlas("jhu-tracts", fsldir=str(fsldir)).template)
+        margin = options.labeling.cortex_margin_mm
+        wrong = dataclasses.replace(options, labeling=dataclasses.replace(options.labeling, template_fa=t1))
+        rows, bad_rows = [], []
         for k in range(args.subjects):
             group = "ALS" if k % 2 else "control"
             subject = phantom.simulate_subject(group, 100 + k, config, anatomy=real)
             name = f"sub-{k + 1:02d}"
             phantom.write_subject(tmp / "ds", name, subject, config)
-            out = tmp / "out" / name
-            pipeline.run_subject(pipeline.find_subject(tmp / "ds", name), out, options)
-            labels = io.load_image(out / "label" / "labels_reference.nii.gz")[0]
-            labels_gre = io.load_image(out / "label" / "labels_gre.nii.gz")[0]
-            true_dwi, true_gre = subject.truth_dwi["label"], subject.truth_gre["label"]
-            quality = io.read_json(out / "label" / "quality.json")
-            record = io.read_json(out / "label" / "provenance.json")
-            row = {
-                "cst_dice": metrics.dice(np.isin(labels, (1, 2)), np.isin(true_dwi, (4, 5))),
-                "m1_dice_gre": metrics.dice(np.isin(labels_gre, (3, 4)), np.isin(true_gre, (6, 7))),
-                "mk_through_cst_%": _through(subject.truth_dwi["mk"], labels, (1, 2), true_dwi, (4, 5)),
-                "chi_through_m1_%": _through(subject.truth_gre["chi"], labels_gre, (3, 4), true_gre, (6, 7)),
-                "labelling_s": record["results"]["seconds"],
-                "flags": len(quality["flags"]),
-            }
+            inputs = pipeline.find_subject(tmp / "ds", name)
+            pipeline.run_subject(inputs, tmp / "out" / name, options)
+            row, flags = _figures(tmp / "out" / name, subject, margin)
             rows.append(row)
-            print(name, ", ".join(f"{k} {v:.3g}" for k, v in row.items()), quality["flags"], flush=True)
-        print(f"{len(rows)} real-anatomy subjects ({'study' if args.study else 'reduced'} grids):")
-        for key in rows[0]:
-            values = np.array([r[key] for r in rows])
-            print(f"  {key:18s} median {np.median(values):.3g} [{values.min():.3g} to {values.max():.3g}]")
+            print(name, ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
+            if args.wrong_template:
+                # the finished DKI and QSM stages are reused: only the labelling runs again
+                shutil.copytree(tmp / "out" / name, tmp / "wrong" / name)
+                pipeline.run_subject(inputs, tmp / "wrong" / name, wrong)
+                row, flags = _figures(tmp / "wrong" / name, subject, margin)
+                bad_rows.append(row)
+                print(f"{name} FA->T1w", ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
+        grids = ("study" if args.study else "reduced") + (", DWI slab" if args.dwi_slab else "")
+        _summary(f"{len(rows)} real-anatomy subjects ({grids} grids, tissue FA {args.white_matter_fa}):", rows)
+        if bad_rows:
+            _summary("the same, FA registered to the T1w template (should all be flagged):", bad_rows)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from .definitions import (
 )
 from .labeling import ATLAS_SOURCES_HELP, Labeling, LabelingOptions, atlas_for, automatic_atlas, label_subject
 from .measure import (
+    MIN_IN_VIEW,
+    QUALITY_LIMITS,
+    contrast_fingerprint,
     cortex_core,
     quality_flags,
     region_masks,
@@ -34,7 +37,15 @@ from .measure import (
     split_labels_by_hemisphere,
     volume_ratios,
 )
-from .registration import Registration, from_ants, propagate_labels, register, to_ants
+from .registration import (
+    Registration,
+    from_ants,
+    propagate_labels,
+    register,
+    template_points_to_subject,
+    to_ants,
+    warp_to_subject,
+)
 from .sources import OFFICIAL, default_cache_dir, fetch, fetch_atlas, find_atlas, official_sources, table_names
 from .tables import LabelTable, read_color_table, read_fsl_xml, read_index_table, read_label_table
 
@@ -52,6 +63,7 @@ __all__ = [
     "Registration",
     "atlas_for",
     "automatic_atlas",
+    "contrast_fingerprint",
     "cortex_core",
     "default_cache_dir",
     "fetch",
@@ -64,6 +76,10 @@ __all__ = [
     "official_sources",
     "propagate_labels",
     "quality_flags",
+    "MIN_IN_VIEW",
+    "QUALITY_LIMITS",
+    "template_points_to_subject",
+    "warp_to_subject",
     "read_color_table",
     "read_fsl_xml",
     "read_index_table",

@@ -54,7 +54,9 @@ class Registration:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def register(subject, subject_affine, template, template_affine, *, transform="SyNRA", random_seed=0, workdir=None):
+def register(
+    subject, subject_affine, template, template_affine, *, transform="SyNRA", random_seed=0, workdir=None, **settings
+):
     """Register the subject image to the template (rigid → affine → SyN by default) with antspyx.
 
     Parameters
@@ -85,7 +87,7 @@ def register(subject, subject_affine, template, template_affine, *, transform="S
     antspyx.config._random_seed = int(random_seed) + 1
     try:
         result = antspyx.registration(
-            fixed=fixed, moving=moving, type_of_transform=transform, outprefix=str(workdir / "reg_")
+            fixed=fixed, moving=moving, type_of_transform=transform, outprefix=str(workdir / "reg_"), **settings
         )
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -101,15 +103,16 @@ def _inverse_chain(registration):
     return list(registration.inverse), [not str(t).endswith(".nii.gz") for t in registration.inverse]
 
 
-def propagate_labels(labels, template_affine, subject_shape, subject_affine, registration, *, link=None):
-    """Atlas labels in the subject's space through the inverse transform (generic-label interpolation).
+def warp_to_subject(image, template_affine, subject_shape, subject_affine, registration, *, link=None, labels=False):
+    """An image in template space brought onto the subject's grid through the inverse transform (linear
+    interpolation; generic-label interpolation with `labels`).
 
     Parameters
     ----------
     registration : Registration
         Subject reference → template.
     link : Registration, optional
-        Another image of the same subject (e.g. GRE magnitude) → the reference, rigid: the labels then land on that
+        Another image of the same subject (e.g. GRE magnitude) → the reference, rigid: the image then lands on that
         image's grid (`subject_shape`, `subject_affine`), one atlas registration serving both.
     """
     transforms, invert = _inverse_chain(registration)
@@ -119,9 +122,34 @@ def propagate_labels(labels, template_affine, subject_shape, subject_affine, reg
         transforms, invert = transforms + link_transforms, invert + link_invert
     moved = load_ants().apply_transforms(
         fixed=to_ants(np.zeros(subject_shape, np.float32), subject_affine),
-        moving=to_ants(labels.astype(np.float32), template_affine),
+        moving=to_ants(image, template_affine),
         transformlist=transforms,
         whichtoinvert=invert,
-        interpolator="genericLabel",
+        interpolator="genericLabel" if labels else "linear",
     )
-    return np.rint(moved.numpy()).astype(np.int32)
+    return moved.numpy()
+
+
+def template_points_to_subject(points, registration):
+    """Points in template space (RAS mm, shape (n, 3)) carried into the subject's reference space. ANTs maps points
+    the opposite way to images: the forward transforms, which bring the subject's image onto the template, carry
+    template points onto the subject."""
+    import pandas as pd  # antspyx's own dependency, for its point sets
+
+    lps = np.asarray(points, float) * [-1.0, -1.0, 1.0]  # ITK's physical space is LPS
+    moved = load_ants().apply_transforms_to_points(
+        3,
+        pd.DataFrame(lps, columns=["x", "y", "z"]),
+        list(registration.forward),
+        whichtoinvert=[False] * len(registration.forward),
+    )
+    return moved[["x", "y", "z"]].to_numpy() * [-1.0, -1.0, 1.0]
+
+
+def propagate_labels(labels, template_affine, subject_shape, subject_affine, registration, *, link=None):
+    """Atlas labels in the subject's space through the inverse transform (`warp_to_subject`, generic-label
+    interpolation)."""
+    moved = warp_to_subject(
+        labels, template_affine, subject_shape, subject_affine, registration, link=link, labels=True
+    )
+    return np.rint(moved).astype(np.int32)

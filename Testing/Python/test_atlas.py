@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 from conftest import fsl_layout
+from scipy import ndimage
 
 from ALSQuantLib import atlas, cli, dki, geometry, io, masks, metrics, phantom
 from ALSQuantLib.errors import InputError
@@ -312,6 +313,24 @@ def test_cortex_core_keeps_what_lies_beyond_the_margin_from_other_grey_matter(vo
     assert np.array_equal(atlas.cortex_core(region, grey, (1, 1, 1), 0.0), region & grey)
 
 
+def test_the_cropped_distance_transforms_equal_the_plain_ones():
+    """`cortex_core` and `masks.brain_mask` compute distances only near the region (`masks.distance_near`): the
+    result must equal the plain transform over the whole image, here on random tissue with anisotropic voxels."""
+    rng = np.random.default_rng(0)
+    voxel = (0.5, 0.5, 2.0)
+    grey = ndimage.gaussian_filter(rng.normal(size=(120, 100, 30)), 2) > 0
+    region = np.zeros_like(grey)
+    region[40:70, 30:60, 10:18] = True
+    plain = region & grey & (ndimage.distance_transform_edt(~(grey & ~region), sampling=voxel) > 3.0)
+    core = atlas.cortex_core(region, grey, voxel, 3.0)
+    assert core.sum() > 100 and np.array_equal(core, plain)
+    blob = np.zeros((120, 100, 30))
+    blob[30:90, 20:80, 5:25] = 1.0 + rng.normal(0, 0.05, (60, 60, 20))
+    eroded = masks.brain_mask(blob, voxel, erosion_mm=2.0)
+    whole = masks.brain_mask(blob, voxel, erosion_mm=0.0)
+    assert eroded.sum() > 1000 and np.array_equal(eroded, ndimage.distance_transform_edt(whole, sampling=voxel) > 2)
+
+
 @pytest.fixture(scope="module")
 def registered_subject():
     subject = phantom.simulate_subject("ALS", 7, CONFIG)
@@ -348,6 +367,31 @@ def test_propagated_labels_match_the_phantom_truth(registered_subject, capsys):
     # label alone measured 0.80-0.94 here, 0.80-0.90 on the GRE grid across subjects 7-12.
     m1 = [d for (r, _, s), d in scores.items() if r == "M1"]
     assert min(m1) >= 0.75
+
+
+def test_template_points_land_in_the_propagated_labels_and_count_what_is_in_view(registered_subject):
+    """Template points carried to the subject (the forward transforms) land where the inverse image warp puts the
+    labels, so `label_subject` can tell which part of a template region a subject's field of view holds: a DWI
+    slab holding only the lower half of the brain must not read as a shrunken M1."""
+    from ALSQuantLib.atlas.labeling import _in_view
+
+    subject, fit, template, registration, labels_dwi, labels_gre = registered_subject
+    affine, shape = subject.dwi.affine, subject.dwi.data.shape[:3]
+    for value in phantom.REGIONS["CST"]:
+        world = geometry.voxel_centers_world(template["label"].shape, template["affine"])[template["label"] == value]
+        moved = atlas.template_points_to_subject(world, registration)
+        ijk = np.rint((moved - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).astype(int)
+        assert np.mean(labels_dwi[tuple(ijk.T)] == value) > 0.8
+    template_masks = {(r, v): template["label"] == v for r, values in phantom.REGIONS.items() for v in values}
+    whole = _in_view(template_masks, template["affine"], shape, affine, registration)
+    assert min(whole.values()) > 0.99
+    lower = (shape[0], shape[1], shape[2] // 2)  # the same grid's lower half: a slab
+    slab = _in_view(template_masks, template["affine"], lower, affine, registration)
+    print(f"in view of the lower half: {slab}")
+    assert all(0.1 < slab[("CST", v)] < 0.9 for v in phantom.REGIONS["CST"])
+    assert all(slab[("M1", v)] < atlas.MIN_IN_VIEW for v in phantom.REGIONS["M1"])
+    ratios = atlas.volume_ratios(template_masks, template["affine"], template_masks, template["affine"], slab)
+    assert not any(region == "M1" for region, _ in ratios)  # mostly outside the slab: no ratio
 
 
 def test_grey_matter_restricts_the_propagated_m1_to_the_cortex(registered_subject, capsys):
@@ -431,6 +475,35 @@ def test_quality_flags_catch_a_failed_registration(registered_subject):
     assert "volume is 0.00 x" in atlas.quality_flags(registration.similarity, shrunk)[0]
 
 
+def test_the_contrast_fingerprint_tells_real_fa_from_real_t1w(shared_data):
+    """Real FA (a real DWI's fit, the MNI FA template) against real T1w templates (Eve, MNI152 NLin6): the flag for
+    FA registered to a T1w template, which no other check caught."""
+    dwi_dir = shared_data / "dwi" / "mdt_b1k_b2k"
+    dwi = io.read_dwi(
+        dwi_dir / "b1k_b2k_example_slices_24_38.nii.gz", dwi_dir / "b1k_b2k.bval", dwi_dir / "b1k_b2k.bvec"
+    )
+    brain = io.load_image(dwi_dir / "b1k_b2k_example_slices_24_38_mask.nii.gz")[0] > 0
+    fit, _, _ = dki.reconstruct(dwi, mask=brain)
+    real_fa = atlas.contrast_fingerprint(fit.fa)
+    fa_template = atlas.contrast_fingerprint(
+        io.load_image(shared_data / "templates" / "MNI_FA_template_1.25mm.nii.gz")[0]
+    )
+    t1w = [
+        atlas.contrast_fingerprint(io.load_image(path)[0])
+        for path in (
+            shared_data / "atlases" / "eve" / "JHU_MNI_SS_T1_Brain.nii.gz",
+            shared_data / "templates" / "MNI152NLin6_res-1x1x1_T1w_descr-brain.nii.gz",
+        )
+    ]
+    print(f"fingerprints: real FA {real_fa:.3f}, FA template {fa_template:.3f}, T1w templates {t1w}")
+    limit = atlas.QUALITY_LIMITS["max_contrast_difference"]
+    assert abs(real_fa - fa_template) < limit / 2
+    assert min(t1w) - max(real_fa, fa_template) > limit
+    assert atlas.quality_flags(0.95, {}, {"reference": real_fa, "template": fa_template}) == []
+    (flag,) = atlas.quality_flags(0.95, {}, {"reference": real_fa, "template": t1w[1]})
+    assert "registered across contrasts" in flag
+
+
 def test_label_command_on_a_phantom_subject(tmp_path):
     cohort = tmp_path / "cohort"
     phantom.simulate_cohort(cohort, 1, seed=3)
@@ -462,9 +535,19 @@ def test_label_command_on_a_phantom_subject(tmp_path):
     truth = io.read_json(cohort / phantom.TRUTH_DIR / "sub-01" / "sub-01_truth.json")
     cst_mk = [float(r["mean"]) for r in rows if r["region"] == "CST" and r["map"] == "mk"]
     assert np.mean(cst_mk) == pytest.approx(truth["cst_mk"], rel=0.03)
-    assert io.read_json(out / "quality.json")["passed"]
+    quality = io.read_json(out / "quality.json")
+    assert quality["passed"]
+    # FA registered to the FA template: the same contrast (the phantom's FA reads brighter than a brain's)
+    contrast = quality["contrast_fingerprint"]
+    assert abs(contrast["reference"] - contrast["template"]) < atlas.QUALITY_LIMITS["max_contrast_difference"]
     for name in ("labels_reference.nii.gz", "labels_gre.nii.gz", "labels.ctbl", "provenance.json"):
         assert (out / name).is_file()
+    # the picture to check it by eye: labels over the FA and the GRE magnitude, three planes each
+    with open(out / "labels.png", "rb") as picture:
+        header = picture.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert width > 600 and height > 400
     # by default M1 on the GRE grid lies in the grey matter segmented from the magnitude, which is written beside it
     m1_gre = np.isin(io.load_image(out / "labels_gre.nii.gz")[0], phantom.REGIONS["M1"])
     assert m1_gre.sum() > 100 and not (m1_gre & ~(io.load_image(out / "grey_matter_gre.nii.gz")[0] > 0)).any()

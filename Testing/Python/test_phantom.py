@@ -146,6 +146,21 @@ def test_oblique_gre_uses_b0_in_voxel_axes():
     np.testing.assert_allclose(subject.truth_gre["local_field"], expected, atol=1e-6)
 
 
+def test_the_dwi_slab_is_the_studys_partial_coverage(tmp_path):
+    """`--dwi-slab`: 28 axial slices of 3 mm centred 10 mm above the origin; the truth follows the same grid, so the
+    CST is cut (part of it in the slab) and the in-plane grid is unchanged."""
+    out = tmp_path / "slab"
+    assert cli.main(["simulate", "--subjects", "1", "--out", str(out), "--dwi-slab"]) == 0
+    dwi = io.read_dwi(out / "sub-01" / "dwi" / "sub-01_dwi.nii.gz")
+    assert dwi.data.shape[:3] == (*phantom.PhantomConfig().dwi_shape[:2], 28)
+    np.testing.assert_allclose(geometry.voxel_sizes(dwi.affine), (3.0, 3.0, 3.0))
+    centre = dwi.affine @ [*(np.array(dwi.data.shape[:3]) - 1) / 2, 1]
+    np.testing.assert_allclose(centre[:3], (0.0, 0.0, 10.0), atol=1e-3)
+    label, affine = io.load_image(out / phantom.TRUTH_DIR / "sub-01" / "sub-01_space-dwi_label.nii.gz")
+    assert label.shape == dwi.data.shape[:3] and np.array_equal(affine, dwi.affine)
+    assert np.isin(label, phantom.REGIONS["CST"]).sum() > 50
+
+
 def test_simulate_command_writes_a_bids_like_cohort(tmp_path):
     out = tmp_path / "cohort"
     code = cli.main(["simulate", "--subjects", "3", "--out", str(out), "--seed", "9", "--als-fraction", "0.67"])
