@@ -137,8 +137,8 @@ def contrast_fingerprint(image):
     templates and FA maps 0.24-0.31 (the MNI FA template, subjects from real anatomy, real DWI), T1w templates
     0.51-0.77 (Eve, MNI152 NLin6, MNI152 2009a); our phantom's FA 0.69-0.75, as its white matter is one value.
 
-    >>> round(contrast_fingerprint(np.array([0.0, 0.2, 0.2, 0.3, 0.9])), 2)
-    0.25
+    >>> round(contrast_fingerprint(np.array([0.0, 0.2, 0.2, 0.3, 0.9])), 2)  # 0.25 / 0.882
+    0.28
     """
     values = np.asarray(image, dtype=float)
     values = values[np.isfinite(values) & (values != 0)]
