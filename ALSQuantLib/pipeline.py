@@ -431,7 +431,7 @@ def _run_in_processes(jobs, workers, collect):
                 process, subject = busy.pop(connection)
                 try:
                     message = connection.recv()
-                except EOFError:  # the process died on this subject
+                except (EOFError, ConnectionError):  # the process died on this subject (a reset pipe, too)
                     connection.close()
                     process.join()
                     collect(subject, None, f"worker process died (exit code {process.exitcode})")
