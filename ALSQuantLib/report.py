@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, outputs, stats
+from . import geometry, io, outputs, stats
 
 
 def _pyplot():
@@ -42,7 +42,7 @@ def labels_figure(path, panels, title=""):
         orientation = nib.orientations.io_orientation(affine)  # voxel axis j → RAS axis orientation[j, 0]
         image, labels = (nib.orientations.apply_orientation(np.asarray(a), orientation) for a in (image, labels))
         sizes = np.empty(3)
-        sizes[orientation[:, 0].astype(int)] = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        sizes[orientation[:, 0].astype(int)] = geometry.voxel_sizes(affine)
         found = np.argwhere(labels > 0)
         centre = found.mean(axis=0).astype(int) if len(found) else np.array(image.shape) // 2
         finite = image[np.isfinite(image)]
