@@ -56,7 +56,7 @@ def _add_simulate(subparsers):
     p.add_argument(
         "--dwi-slab",
         action="store_true",
-        help="the study's partial DWI coverage: 28 axial slices of 3 mm, centred 10 mm above the template origin",
+        help="the study's partial DWI coverage: 28 axial slices of 3 mm, centred 10 mm above the brain's centre",
     )
     p.set_defaults(run=_run_simulate)
 

@@ -816,7 +816,7 @@ def simulate_cohort(
 
 DWI_SLAB = {"slices": 28, "thickness_mm": 3.0, "center_z_mm": 10.0}
 """The study's partial DWI coverage: 28 axial slices of 3 mm (84 mm), here centred 10 mm above the template's
-origin (the anterior commissure in MNI space): from the pons to the lower motor cortex."""
+origin (the brain's centre; with real anatomy MNI z = -22 to +62 mm: from the midbrain into the motor cortex)."""
 
 
 def with_dwi_slab(config, slab=DWI_SLAB):
