@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from nibabel.affines import apply_affine
 
 from .. import geometry, io, masks, outputs
 from ..errors import InputError
@@ -217,8 +216,9 @@ def _in_view(template_masks, labels_affine, shape, affine, registration, step=2)
     points = np.concatenate(voxels) if voxels else np.zeros((0, 3))
     if not len(points):
         return {}
-    moved = template_points_to_subject(apply_affine(labels_affine, points), registration)
-    ijk = apply_affine(np.linalg.inv(affine), moved)
+    world = points @ labels_affine[:3, :3].T + labels_affine[:3, 3]
+    moved = template_points_to_subject(world, registration)
+    ijk = (moved - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
     inside = np.all((ijk > -0.5) & (ijk < np.array(shape) - 0.5), axis=1)
     bounds = np.cumsum([0] + [len(v) for v in voxels])
     return {key: float(inside[a:b].mean()) if b > a else 0.0 for key, a, b in zip(keys, bounds[:-1], bounds[1:])}
