@@ -15,9 +15,11 @@ The atlases live in FSL's MNI152 (NLin6) space and the tissue in MNI152 2009a: t
 the atlases' labels (and FA) are carried onto the 2009a anatomy by a T1-to-T1 registration of the two templates
 (`_from_atlas_space`); the anatomy, its true labels and its FA then agree, as a real brain's do.
 
-What stays simplified: the air cavities are the phantom's (a frontal sinus and ear canals placed in MNI-like
-coordinates), no skull or scalp signal, tissue values per class as in the phantom (white-matter FA from a real FA
-map by default).
+Outside the brain, a head (`RealAnatomy.outside_brain`): the skull, the scalp and the air around them, as shells
+at fixed distances from the brain (`HEAD_LAYERS_MM`), soft tissue instead of air below the skull base, and the
+phantom's air cavities (a frontal sinus and ear canals placed in MNI-like coordinates). What stays simplified: the
+head's shape follows the brain's, tissue values per class as in the phantom (white-matter FA from a real FA map by
+default).
 """
 
 import atexit
@@ -90,6 +92,11 @@ ATLAS_FA = "atlas"
 """`RealAnatomy`'s default white-matter FA: the atlas's FA template (FSL's FMRIB58), when it has one."""
 
 _REGISTRATION_MM = 2.0
+
+HEAD_LAYERS_MM = {"bone": (1.0, 7.0), "scalp": (7.0, 12.0)}
+"""The skull and the scalp as distances from the brain's surface (mm); air beyond, soft tissue (the neck, the face)
+instead of air below `SKULL_BASE_MNI_Z`."""
+SKULL_BASE_MNI_Z = -40.0
 
 
 @functools.lru_cache(maxsize=2)
@@ -175,6 +182,7 @@ class RealAnatomy:
         self.description += f", white-matter FA from {fa_template}" if self.fa is not None else ", FA per class"
         self.centre_mm = world[brain].mean(axis=0)
         self._to_voxel = np.linalg.inv(affine)
+        self.head = _head(brain, affine, world[..., 2])
 
     def _voxels(self, points):
         mni = np.asarray(points, float).reshape(-1, 3) + self.centre_mm
@@ -196,9 +204,25 @@ class RealAnatomy:
         ijk, inside = self._voxels(points)
         return np.where(inside, self.fa[tuple(ijk.T)], 0.0)
 
-    def air_cavities(self, points):
-        """Air at template points: the phantom's sinus and ear canals, in MNI coordinates."""
-        return phantom.air_cavities(np.asarray(points, float).reshape(-1, 3) + self.centre_mm)
+    def outside_brain(self, points):
+        """What lies outside the brain at template points (`phantom.AIR`, `phantom.BONE`, ...): the head around the
+        brain (`_head`) and the phantom's sinus and ear canals, in MNI coordinates."""
+        mni = np.asarray(points, float).reshape(-1, 3) + self.centre_mm
+        ijk, inside = self._voxels(points)
+        beyond = np.where(mni[:, 2] < SKULL_BASE_MNI_Z, phantom.SCALP, phantom.AIR)
+        head = np.where(inside, self.head[tuple(ijk.T)], beyond)
+        return np.where(phantom.air_cavities(mni), phantom.AIR, head).astype(np.uint8)
+
+
+def _head(brain, affine, z_mni):
+    """Codes of what lies outside `brain` on its grid (`HEAD_LAYERS_MM`, `SKULL_BASE_MNI_Z`), `z_mni` each voxel's
+    MNI z; `phantom.NO_HEAD` inside the brain and in the first millimetre around it."""
+    distance = ndimage.distance_transform_edt(~brain, sampling=geometry.voxel_sizes(affine))
+    head = np.where(z_mni < SKULL_BASE_MNI_Z, phantom.SCALP, phantom.AIR).astype(np.uint8)
+    for name, code in (("scalp", phantom.SCALP), ("bone", phantom.BONE)):
+        head[distance <= HEAD_LAYERS_MM[name][1]] = code
+    head[distance <= HEAD_LAYERS_MM["bone"][0]] = phantom.NO_HEAD
+    return head
 
 
 def anatomy_config(base=None):

@@ -39,6 +39,13 @@ def _add_simulate(subparsers):
     )
     p.add_argument("--gre-tilt", type=float, default=None, help="GRE slice obliquity in degrees (default 0)")
     p.add_argument(
+        "--gre-bias",
+        type=float,
+        default=None,
+        help="receive-coil intensity profile over the GRE magnitude (default 0: none; 0.6: the head's edge about 1.8x "
+        "as bright as its centre)",
+    )
+    p.add_argument(
         "--resolution",
         choices=("small", "study"),
         default="small",
@@ -67,7 +74,12 @@ def _phantom_config(args):
     base = phantom.PhantomConfig.study() if args.resolution == "study" else phantom.PhantomConfig()
     echo_times = tuple(args.echo_times) if args.echo_times else None
     return phantom.with_overrides(
-        base, snr_dwi=args.snr, snr_gre=args.gre_snr, echo_times=echo_times, gre_tilt_deg=args.gre_tilt
+        base,
+        snr_dwi=args.snr,
+        snr_gre=args.gre_snr,
+        echo_times=echo_times,
+        gre_tilt_deg=args.gre_tilt,
+        gre_receive_bias=args.gre_bias,
     )
 
 

@@ -8,7 +8,7 @@ The anatomy is defined analytically in template millimetres (RAS), so it can be 
   capsule to the motor cortex, with the fibre direction along the curve;
 * left and right primary motor cortex (M1): the precentral part of the cortical ribbon;
 * a vein (superior sagittal sinus, strongly paramagnetic) and, outside the brain, air cavities that make a
-  background field.
+  background field (no skull, no scalp, no air around the head: `ALSQuantLib.anatomy` has them).
 
 Each subject is the template under a random affine pose and a smooth random displacement (so that atlas
 registration has real work to do). Ground-truth MK, FA, MD and susceptibility come from tissue values, with the
@@ -75,6 +75,17 @@ _PROPERTIES = ("mk", "fa", "md", "s0", "chi", "m0", "r2star", "t1w")
 AIR_SUSCEPTIBILITY_PPM = 9.4
 """Air relative to tissue (water −9.05 ppm, air +0.36 ppm)."""
 
+NO_HEAD, AIR, BONE, SCALP = range(4)
+"""What lies outside the brain (`AnalyticAnatomy.outside_brain`): nothing that matters (no signal, the tissue's
+susceptibility), air, the skull, the scalp."""
+
+#                 χ (ppm, relative to tissue)  M0(GRE)  R2* (1/s)
+_HEAD = {
+    AIR: (AIR_SUSCEPTIBILITY_PPM, 0.0, 0.0),
+    BONE: (-2.0, 0.0, 0.0),  # cortical bone, about -2 ppm (Buch et al. 2015); no signal at TE 15 ms
+    SCALP: (0.0, 0.9, 30.0),  # skin, fat and muscle, taken as water; bright in a GRE magnitude
+}
+
 GROUPS = ("control", "ALS")
 
 # (mean, SD, low, high) of the subject-level value, truncated to [low, high]: the study's ranges, with ALS lower
@@ -117,6 +128,8 @@ class PhantomConfig:
     field_strength : tesla
     gre_tilt_deg : obliquity of the GRE slices (rotation about the i axis), degrees; B0 stays along scanner z
     deformation_mm : RMS of the smooth random displacement
+    gre_receive_bias : strength of a smooth receive-coil intensity profile over the GRE magnitude (`receive_profile`;
+        0: none, 0.6: the head's edge about 1.8× as bright as its centre, as with a multi-channel head coil)
     """
 
     dwi_shape: tuple = (48, 58, 42)
@@ -136,6 +149,7 @@ class PhantomConfig:
     field_strength: float = 3.0
     gre_tilt_deg: float = 0.0
     deformation_mm: float = 2.5
+    gre_receive_bias: float = 0.0
 
     @classmethod
     def study(cls, **overrides):
@@ -160,6 +174,8 @@ class PhantomConfig:
                 raise InputError(
                     f"phantom {name}: expected a positive signal-to-noise ratio, got {getattr(self, name)}"
                 )
+        if not 0 <= self.gre_receive_bias <= 2:
+            raise InputError(f"phantom gre_receive_bias: expected 0 to 2, got {self.gre_receive_bias}")
         if self.n_directions < 6 or self.n_b0 < 1:
             raise InputError("phantom: need at least 6 directions per shell and one b = 0 volume")
 
@@ -291,6 +307,12 @@ def air_cavities(points):
     sinus = _inside_ellipsoid(points, (0, 70, -45), (16, 10, 10))
     ears = _inside_ellipsoid(points, (-72, -10, -40), (8, 8, 8)) | _inside_ellipsoid(points, (72, -10, -40), (8, 8, 8))
     return sinus | ears
+
+
+def outside_brain(points):
+    """What lies outside the brain at template points (`NO_HEAD`, `AIR`, ...): the phantom has its air cavities and
+    nothing else (no skull, no scalp, no air around the head)."""
+    return np.where(air_cavities(points), AIR, NO_HEAD).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,11 +530,11 @@ class SimulatedSubject:
 
 
 class AnalyticAnatomy:
-    """The phantom's own template anatomy (`template_anatomy`, `air_cavities`); `ALSQuantLib.anatomy.RealAnatomy`
+    """The phantom's own template anatomy (`template_anatomy`, `outside_brain`); `ALSQuantLib.anatomy.RealAnatomy`
     has the same interface."""
 
     template_anatomy = staticmethod(template_anatomy)
-    air_cavities = staticmethod(air_cavities)
+    outside_brain = staticmethod(outside_brain)
 
     @staticmethod
     def fa_at(points):
@@ -548,23 +570,45 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
     return io.DWI(noisy, affine, bvals, bvecs, source="phantom"), truth
 
 
-def simulate_gre(labels, air, affine, values, config, rng):
-    """GRE (`io.GRE`) and its truth maps for a rendered subject; phase in radians, wrapped to [−π, π)."""
+def receive_profile(world, strength):
+    """A multi-channel head coil's receive sensitivity at RAS points `world` (mm, ..., 3): brighter towards the
+    head's edge than at its centre, and towards the back, ``exp(strength · (q − 0.5 − 0.5 y / 100))`` with ``q`` the
+    squared distance from the centre in units of a head-sized ellipsoid (80 × 100 × 80 mm). 1 everywhere for
+    strength 0.
+
+    >>> np.round(receive_profile(np.array([[0.0, 0.0, 0.0], [80.0, 0.0, 0.0]]), 0.6), 3)
+    array([0.741, 1.35 ])
+    """
+    x, y, z = np.moveaxis(np.asarray(world, float), -1, 0)
+    q = (x / 80.0) ** 2 + (y / 100.0) ** 2 + (z / 80.0) ** 2
+    return np.exp(strength * (q - 0.5 - 0.5 * y / 100.0))
+
+
+def simulate_gre(labels, head, affine, values, config, rng):
+    """GRE (`io.GRE`) and its truth maps for a rendered subject, `head` what lies outside its brain (`outside_brain`:
+    air and bone make the background field, the scalp gives signal); phase in radians, wrapped to [−π, π)."""
     maps = tissue_maps(labels, values)
     voxel_size = geometry.voxel_sizes(affine)
     b0 = geometry.b0_direction_voxel(affine)
     chi = maps["chi"].astype(np.float32)
     brain = labels > 0
+    head = np.where(brain, NO_HEAD, head)
     local_field = dipole.forward_field(np.where(brain, chi, 0.0), voxel_size, b0)
-    outside_field = dipole.forward_field(np.where(air, AIR_SUSCEPTIBILITY_PPM, 0.0), voxel_size, b0)
+    head_chi, head_m0, head_r2star = (
+        np.select([head == code for code in _HEAD], [_HEAD[code][k] for code in _HEAD], 0.0) for k in range(3)
+    )
+    outside_field = dipole.forward_field(head_chi, voxel_size, b0)
     world = geometry.voxel_centers_world(labels.shape, affine)
     shim = 0.02 * world[..., 0] / 50.0 + 0.03 * world[..., 2] / 50.0  # imperfect linear shim, ppm (harmonic)
     total_field = local_field + outside_field + shim
     receiver_offset = 0.4 + 0.004 * world[..., 1]  # radians, the same at every echo
     sigma = _TISSUE[WM][5] * np.exp(-config.echo_times[0] * _TISSUE[WM][6]) / config.snr_gre
+    coil = receive_profile(world, config.gre_receive_bias) if config.gre_receive_bias else 1.0
     magnitudes, phases = [], []
     for te in config.echo_times:
-        amplitude = np.where(brain, maps["m0"] * np.exp(-te * maps["r2star"]), 0.0)
+        amplitude = coil * np.where(
+            brain, maps["m0"] * np.exp(-te * maps["r2star"]), head_m0 * np.exp(-te * head_r2star)
+        )
         phase = dipole.field_ppm_to_phase(total_field, te, config.field_strength) + receiver_offset
         complex_signal = amplitude * np.exp(1j * phase)
         complex_signal += rng.normal(0.0, sigma, labels.shape) + 1j * rng.normal(0.0, sigma, labels.shape)
@@ -632,8 +676,8 @@ def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
     affine_gre = gre_affine(config)
     labels_gre, _, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)
     points = deformation.to_template(geometry.voxel_centers_world(config.gre_shape, affine_gre).reshape(-1, 3))
-    air = anatomy.air_cavities(points).reshape(config.gre_shape)
-    gre, truth_gre = simulate_gre(labels_gre, air, affine_gre, values, config, rng)
+    head = anatomy.outside_brain(points).reshape(config.gre_shape)
+    gre, truth_gre = simulate_gre(labels_gre, head, affine_gre, values, config, rng)
     return SimulatedSubject(group, values, dwi, gre, truth_dwi, truth_gre)
 
 
