@@ -6,12 +6,13 @@ Harvard-Oxford from the FSL installation, FA registered to FSL's FA template). P
 [min-max]: CST Dice on the DWI grid and M1 Dice on the GRE grid (against the true labels), the true MK map through
 the CST labels and the true χ map through the M1 labels against the same maps through the true labels (%), the
 quality figures (`quality.json`) and flags, and the labelling time. With ``--wrong-template`` each subject is
-labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside.
-Nothing is asserted.
+labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside;
+each ``--variant NAME:FIELD=VALUE,...`` labels it again with those `LabelingOptions` fields changed (e.g.
+``--variant link2mm:link_mm=2`` or ``--variant noN4:bias_correction=false``). Nothing is asserted.
 
 Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study] [--wrong-template]
-[--white-matter-fa atlas|class|FILE] [--dwi-slab]``; without ``--fsldir`` an FSL layout is made from
-``../shared/data`` (its MNI FA template standing in for FMRIB58).
+[--variant ...] [--white-matter-fa atlas|class|FILE] [--dwi-slab] [--gre-bias 0.6]``; without ``--fsldir`` an FSL
+layout is made from ``../shared/data`` (its MNI FA template standing in for FMRIB58).
 """
 
 import argparse
@@ -76,13 +77,28 @@ def _summary(title, rows):
         print(f"  {key:24s} median {np.nanmedian(values):.3g} [{np.nanmin(values):.3g} to {np.nanmax(values):.3g}]")
 
 
+def _variant(text, labeling):
+    """``NAME:FIELD=VALUE,...`` → (NAME, `labeling` with those fields changed, each value of its field's type)."""
+    name, _, changes = text.partition(":")
+    values = {}
+    for change in changes.split(","):
+        key, _, value = change.partition("=")
+        default = getattr(labeling, key)
+        values[key] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
+    return name, dataclasses.replace(labeling, **values)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsldir", type=Path)
     parser.add_argument("--subjects", type=int, default=10)
     parser.add_argument("--study", action="store_true", help="the study's grids (DWI 256x256x28, GRE 512x512x50)")
-    parser.add_argument("--wrong-template", action="store_true", help="also label with FA registered to the T1w")
+    parser.add_argument(
+        "--wrong-template", action="store_true", help="also label with FA registered to the T1w (QC must flag it)"
+    )
+    parser.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,... of LabelingOptions")
     parser.add_argument("--dwi-slab", action="store_true", help="the study's partial DWI coverage (phantom.DWI_SLAB)")
+    parser.add_argument("--gre-bias", type=float, default=0.0, help="receive-coil profile (phantom.receive_profile)")
     parser.add_argument(
         "--white-matter-fa",
         default=anatomy.ATLAS_FA,
@@ -102,11 +118,14 @@ def main():
         real = anatomy.real_anatomy(str(fsldir), None, fa)
         config = anatomy.anatomy_config(phantom.PhantomConfig.study() if args.study else None)
         config = phantom.with_dwi_slab(config) if args.dwi_slab else config
+        config = dataclasses.replace(config, gre_receive_bias=args.gre_bias)
         options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)))
         t1 = str(find_atlas("jhu-tracts", fsldir=str(fsldir)).template)
         margin = options.labeling.cortex_margin_mm
-        wrong = dataclasses.replace(options, labeling=dataclasses.replace(options.labeling, template_fa=t1))
-        rows, bad_rows = [], []
+        variants = [_variant(text, options.labeling) for text in args.variant]
+        if args.wrong_template:
+            variants.insert(0, ("FA->T1w", dataclasses.replace(options.labeling, template_fa=t1)))
+        rows, variant_rows = [], {name: [] for name, _ in variants}
         for k in range(args.subjects):
             group = "ALS" if k % 2 else "control"
             subject = phantom.simulate_subject(group, 100 + k, config, anatomy=real)
@@ -117,17 +136,20 @@ def main():
             row, flags = _figures(tmp / "out" / name, subject, margin)
             rows.append(row)
             print(name, ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
-            if args.wrong_template:
+            for variant, labeling in variants:
                 # the finished DKI and QSM stages are reused: only the labelling runs again
-                shutil.copytree(tmp / "out" / name, tmp / "wrong" / name)
-                pipeline.run_subject(inputs, tmp / "wrong" / name, wrong)
-                row, flags = _figures(tmp / "wrong" / name, subject, margin)
-                bad_rows.append(row)
-                print(f"{name} FA->T1w", ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
+                out = tmp / variant / name
+                shutil.copytree(tmp / "out" / name, out)
+                pipeline.run_subject(inputs, out, dataclasses.replace(options, labeling=labeling))
+                row, flags = _figures(out, subject, margin)
+                variant_rows[variant].append(row)
+                print(f"{name} {variant}", ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
         grids = ("study" if args.study else "reduced") + (", DWI slab" if args.dwi_slab else "")
-        _summary(f"{len(rows)} real-anatomy subjects ({grids} grids, tissue FA {args.white_matter_fa}):", rows)
-        if bad_rows:
-            _summary("the same, FA registered to the T1w template (should all be flagged):", bad_rows)
+        bias = f", GRE receive bias {args.gre_bias}" if args.gre_bias else ""
+        _summary(f"{len(rows)} real-anatomy subjects ({grids} grids{bias}, tissue FA {args.white_matter_fa}):", rows)
+        for variant, labeling in variants:
+            changed = {k: v for k, v in dataclasses.asdict(labeling).items() if v != getattr(options.labeling, k)}
+            _summary(f"the same, {variant} {changed}:", variant_rows[variant])
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ class AtlasLabeling(ScriptedLoadableModule):
 @parameterNodeWrapper
 @withOptions(LabelingOptions)
 class AtlasLabelingParameterNode:
-    """The panel's volumes; the labelling's options (atlas, atlasDir, atlasSources, template, regionsJson,
-    referenceContrast, rois, erosionVoxels, faThreshold, cortexSegmentation, cortexMarginMm, seed) come from
-    LabelingOptions."""
+    """The panel's volumes; the labelling's options come from LabelingOptions, one parameter per field (camelCase:
+    atlas, registrationMm, biasCorrection, ...)."""
 
     referenceVolume: vtkMRMLScalarVolumeNode
     greMagnitudeVolume: vtkMRMLScalarVolumeNode

@@ -299,6 +299,30 @@ def test_grey_matter_mask_is_the_middle_class_whatever_the_contrast(order):
         masks.grey_matter_mask(np.ones(tissue.shape), mask)
 
 
+def test_bias_correction_removes_a_head_coils_profile_before_the_grey_matter_is_segmented():
+    """A head coil's receive profile over the phantom's GRE (`phantom.receive_profile`, strength 0.6: the head's edge
+    1.8x as bright as its centre); the truth is the same subject without it (same noise). Measured: the profile varies
+    the magnitude by 15-16 % (coefficient of variation in the brain), N4 leaves 1.7-1.8 %; the grey matter segmented
+    from the raw magnitude has Dice 0.51-0.65, from the corrected one 1.0, as without the profile."""
+    from ALSQuantLib.atlas.registration import bias_corrected
+
+    biased = phantom.simulate_subject("control", 3, phantom.PhantomConfig(gre_receive_bias=0.6))
+    clean = phantom.simulate_subject("control", 3, phantom.PhantomConfig())
+    raw, truth_image, affine = biased.gre.magnitude[..., 0], clean.gre.magnitude[..., 0], clean.gre.affine
+    brain = masks.brain_mask(raw, geometry.voxel_sizes(affine))
+    corrected = bias_corrected(raw, affine, brain)
+
+    def variation(image):
+        ratio = (image / truth_image)[brain]
+        return ratio.std() / ratio.mean()
+
+    assert variation(raw) > 0.12
+    assert variation(corrected) < 0.03
+    truth = np.isin(clean.truth_gre["label"], (phantom.GM, *phantom.REGIONS["M1"])) & brain
+    assert metrics.dice(masks.grey_matter_mask(raw, brain), truth) < 0.8
+    assert metrics.dice(masks.grey_matter_mask(corrected, brain), truth) > 0.98
+
+
 @pytest.mark.parametrize("voxel_mm, kept", [(1.0, range(13, 27)), (2.0, range(11, 29))])
 def test_cortex_core_keeps_what_lies_beyond_the_margin_from_other_grey_matter(voxel_mm, kept):
     """A ribbon of grey matter one voxel thick along x (0-39), the region x = 10-29: with a 3 mm margin the core
