@@ -7,8 +7,8 @@ Harvard-Oxford from the FSL installation, FA registered to FSL's FA template). P
 the CST labels and the true χ map through the M1 labels against the same maps through the true labels (%), the
 quality figures (`quality.json`) and flags, and the labelling time. With ``--wrong-template`` each subject is
 labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside;
-each ``--variant NAME:FIELD=VALUE,...`` labels it again with those `LabelingOptions` fields changed (e.g.
-``--variant link2mm:link_mm=2`` or ``--variant noN4:bias_correction=false``). Nothing is asserted.
+each ``--variant "NAME:FLAGS"`` labels it again with those labelling flags added (e.g.
+``--variant "linkfull:--link-mm 0"`` or ``--variant noN4:--no-bias-correction``). Nothing is asserted.
 
 Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study] [--wrong-template]
 [--variant ...] [--white-matter-fa atlas|class|FILE] [--dwi-slab] [--gre-bias 0.6]``; without ``--fsldir`` an FSL
@@ -26,6 +26,7 @@ import numpy as np
 
 from ALSQuantLib import anatomy, geometry, io, metrics, phantom, pipeline
 from ALSQuantLib.atlas import LabelingOptions, cortex_core, find_atlas
+from ALSQuantLib.options import add_arguments, from_arguments, to_argv
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -78,14 +79,11 @@ def _summary(title, rows):
 
 
 def _variant(text, labeling):
-    """``NAME:FIELD=VALUE,...`` → (NAME, `labeling` with those fields changed, each value of its field's type)."""
-    name, _, changes = text.partition(":")
-    values = {}
-    for change in changes.split(","):
-        key, _, value = change.partition("=")
-        default = getattr(labeling, key)
-        values[key] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
-    return name, dataclasses.replace(labeling, **values)
+    """``NAME:FLAGS`` → (NAME, `labeling` changed by those command-line flags, read as `alsquant label` reads them)."""
+    name, _, flags = text.partition(":")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, LabelingOptions)
+    return name, from_arguments(LabelingOptions, parser.parse_args(to_argv(labeling) + flags.split()))
 
 
 def main():
@@ -96,7 +94,7 @@ def main():
     parser.add_argument(
         "--wrong-template", action="store_true", help="also label with FA registered to the T1w (QC must flag it)"
     )
-    parser.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,... of LabelingOptions")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:FLAGS, labelling flags added")
     parser.add_argument("--dwi-slab", action="store_true", help="the study's partial DWI coverage (phantom.DWI_SLAB)")
     parser.add_argument("--gre-bias", type=float, default=0.0, help="receive-coil profile (phantom.receive_profile)")
     parser.add_argument(
