@@ -179,9 +179,13 @@ def _run_dki(args):
 
 
 def _add_qsm(subparsers):
-    p = subparsers.add_parser("qsm", help="reconstruct susceptibility (ppm) from GRE magnitude and phase")
-    p.add_argument("--magnitude", type=Path, nargs="+", required=True, help="magnitude: one 4D file or one per echo")
-    p.add_argument("--phase", type=Path, nargs="+", required=True, help="phase: one 4D file or one per echo")
+    p = subparsers.add_parser(
+        "qsm", help="reconstruct susceptibility (ppm) from GRE magnitude and phase, or real and imaginary parts"
+    )
+    p.add_argument("--magnitude", type=Path, nargs="+", help="magnitude: one 4D file or one per echo")
+    p.add_argument("--phase", type=Path, nargs="+", help="phase: one 4D file or one per echo")
+    p.add_argument("--real", type=Path, nargs="+", help="real part, instead of magnitude and phase: as they are")
+    p.add_argument("--imaginary", type=Path, nargs="+", help="imaginary part, with --real")
     p.add_argument("--te", type=float, nargs="+", help="echo times in seconds (default: EchoTime from the sidecars)")
     p.add_argument("--b0", type=float, help="field strength in tesla (default: MagneticFieldStrength from the sidecar)")
     p.add_argument("--mask", type=Path, help="brain mask (default: from the magnitude, eroded)")
@@ -198,15 +202,18 @@ def _run_qsm(args):
         args.phase,
         args.out,
         options.from_arguments(QSMOptions, args),
+        real=args.real,
+        imaginary=args.imaginary,
         echo_times=args.te,
         field_strength=args.b0,
         mask=args.mask,
         progress=_print_progress,
     )
     _print_warnings(step)
+    results = step.record["results"]
     print(
-        f"wrote susceptibility (ppm), local field (ppm) and mask to {args.out}; "
-        f"{step.record['results']['phase_scaling']}"
+        f"wrote susceptibility (ppm, relative to {results['reference']}), local field (ppm) and mask to {args.out}; "
+        f"phase: {results['phase_scaling']}, sign {results['phase_sign']}, chopping {results['chopping']}"
     )
     return 0
 
@@ -362,8 +369,10 @@ def _add_run_subject(subparsers):
     p.add_argument("--dwi", type=Path, required=True, help="DWI as NIfTI (with FSL bval/bvec beside it) or NRRD")
     p.add_argument("--bval", type=Path)
     p.add_argument("--bvec", type=Path)
-    p.add_argument("--gre-magnitude", type=Path, nargs="+", required=True, help="one 4D file or one per echo")
-    p.add_argument("--gre-phase", type=Path, nargs="+", required=True, help="one 4D file or one per echo")
+    p.add_argument("--gre-magnitude", type=Path, nargs="+", default=(), help="one 4D file or one per echo")
+    p.add_argument("--gre-phase", type=Path, nargs="+", default=(), help="one 4D file or one per echo")
+    p.add_argument("--gre-real", type=Path, nargs="+", default=(), help="instead of magnitude and phase: real part")
+    p.add_argument("--gre-imaginary", type=Path, nargs="+", default=(), help="imaginary part, with --gre-real")
     p.add_argument("--te", type=float, nargs="+", help="echo times in seconds (default: from the JSON sidecars)")
     p.add_argument("--b0", type=float, help="field strength in tesla (default: from the JSON sidecar)")
     p.add_argument("--subject", default="subject", help="subject identifier for the tables")
@@ -399,6 +408,8 @@ def _run_run_subject(args):
         args.dwi_mask,
         args.gre_mask,
         args.tissue_mask,
+        tuple(args.gre_real),
+        tuple(args.gre_imaginary),
     )
     logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
     result = pipeline.run_subject(

@@ -27,6 +27,9 @@ def _summary(rows, key, scale=1.0):
     return lines
 
 
+REFERENCE_TEXT = {"whole-brain": "the brain mean", "csf": "CSF", "none": "nothing: an arbitrary offset"}
+
+
 def score_labels(cohort_dir, pipeline_dir, subject):
     """Dice of the propagated CST (DWI space) and M1 (GRE space) against the subject's true labels."""
     scores = {}
@@ -39,6 +42,17 @@ def score_labels(cohort_dir, pipeline_dir, subject):
         values = phantom.REGIONS[region]
         scores[key] = metrics.dice(np.isin(measured.astype(int), values), np.isin(truth.astype(int), values))
     return scores
+
+
+def true_m1_chi(cohort_dir, pipeline_dir, subject, m1_chi, reference):
+    """The subject's true M1 χ (the simulator's, relative to CSF) relative to what the measurement is relative to
+    (`QSMOptions.reference`): for ``whole-brain``, minus the true χ's mean over the QSM's brain mask; CSF and
+    ``none`` (whose offset is arbitrary) keep the simulator's zero."""
+    if reference != "whole-brain":
+        return m1_chi
+    chi, _ = io.load_image(cohort_dir / phantom.TRUTH_DIR / subject / f"{subject}_space-gre_chi.nii.gz")
+    mask, _ = io.load_image(pipeline_dir / "subjects" / subject / "qsm" / "mask.nii.gz")
+    return m1_chi - float(chi[mask > 0].mean())
 
 
 def _simulated_already(cohort_dir, n_subjects, seed, als_fraction):
@@ -84,6 +98,9 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
                 **row,
                 **score_labels(cohort_dir, pipeline_dir, subject),
                 **{f"true_{k}": float(true[k]) for k in ("cst_mk", "cst_md", "cst_fa", "m1_chi")},
+                "true_m1_chi_referenced": true_m1_chi(
+                    cohort_dir, pipeline_dir, subject, float(true["m1_chi"]), options.qsm.reference
+                ),
             }
         )
     io.write_table(out_dir / "markers.csv", measured)
@@ -99,7 +116,8 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         if key not in ("participant_id", "group")
     }
     mk_error = column["cst_mk"] - column["true_cst_mk"]
-    ms_slope, _ = np.polyfit(column["true_m1_chi"], column["m1_ms"], 1)
+    true_ms = column["true_m1_chi_referenced"]
+    ms_slope, _ = np.polyfit(true_ms, column["m1_ms"], 1)
     lines = [
         f"Simulated cohort: {cohort_dir} ({n_als} ALS, {n_controls} control; seed {seed})",
         "",
@@ -119,11 +137,13 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         *_summary(measured, "cst_md", 1e3),
         "  CST fractional anisotropy",
         *_summary(measured, "cst_fa"),
-        "  M1 magnetic susceptibility (ppm, relative to the brain mean)",
+        f"  M1 magnetic susceptibility (ppm, relative to {REFERENCE_TEXT[options.qsm.reference]})",
         *_summary(measured, "m1_ms"),
+        "  true M1 susceptibility referenced the same way",
+        *_summary(measured, "true_m1_chi_referenced"),
         f"  CST MK measured - true: mean {mk_error.mean():+.3f}, SD {mk_error.std():.3f}",
-        f"  M1 MS against the truth: correlation "
-        f"{np.corrcoef(column['true_m1_chi'], column['m1_ms'])[0, 1]:.2f}, "
+        f"  M1 MS against the truth referenced the same way: correlation "
+        f"{np.corrcoef(true_ms, column['m1_ms'])[0, 1]:.2f}, "
         f"slope {ms_slope:.2f} (the thin cortex at the brain's edge is underestimated; the ranking of subjects "
         f"is largely kept)",
         f"  Dice of the propagated labels against the truth: CST median {np.median(column['cst_dice']):.2f} "

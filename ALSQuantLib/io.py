@@ -418,6 +418,11 @@ class GRE:
     echo_times : ndarray, shape (echoes,), seconds
     field_strength : float, tesla
     source : str
+    metadata : dict
+        The first phase file's BIDS sidecar.
+    phase_units : str or None
+        The phase's units when known (``"radians"`` from real and imaginary parts, `from_complex`); None: as
+        stored, read by `ALSQuantLib.qsm.scale_phase`.
     """
 
     magnitude: np.ndarray
@@ -427,6 +432,29 @@ class GRE:
     field_strength: float
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    phase_units: str = None
+
+    @classmethod
+    def from_complex(cls, real, imaginary, affine, echo_times, field_strength, source="", metadata=None):
+        """A GRE from real and imaginary parts (as GE and Philips export them): magnitude |z|, phase arg z in
+        radians."""
+        name = source or "GRE"
+        real, imaginary = _as_echoes(real, f"{name} real part"), _as_echoes(imaginary, f"{name} imaginary part")
+        if real.shape != imaginary.shape:
+            raise InputError(f"{name}: real part {real.shape} and imaginary part {imaginary.shape} differ in shape")
+        real, imaginary = real.astype(np.float32), imaginary.astype(np.float32)
+        if not np.any(real) and not np.any(imaginary):
+            raise InputError(f"{name}: the real and imaginary parts are all zero")
+        return cls(
+            np.hypot(real, imaginary),
+            np.arctan2(imaginary, real),
+            affine,
+            echo_times,
+            field_strength,
+            source=source,
+            metadata=metadata or {},
+            phase_units="radians",
+        )
 
     def __post_init__(self):
         name = self.source or "GRE"
@@ -492,16 +520,33 @@ def read_sidecar(image_path):
     return read_json(path) if path.is_file() else {}
 
 
-def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
-    """Read GRE magnitude and phase.
+def gre_parts(magnitude=None, phase=None, real=None, imaginary=None):
+    """The GRE's files as {part: [paths]}: magnitude and phase, or real and imaginary; refused otherwise."""
+    given = {"magnitude": magnitude, "phase": phase, "real": real, "imaginary": imaginary}
+    parts = {
+        name: [Path(p) for p in (value if isinstance(value, (list, tuple)) else [value])]
+        for name, value in given.items()
+        if value is not None and len(value if isinstance(value, (list, tuple)) else [value])
+    }
+    if set(parts) not in ({"magnitude", "phase"}, {"real", "imaginary"}):
+        raise InputError(
+            f"GRE: give magnitude and phase, or real and imaginary parts (got {', '.join(parts) or 'none'})"
+        )
+    return parts
+
+
+def read_gre(magnitude=None, phase=None, *, real=None, imaginary=None, echo_times=None, field_strength=None):
+    """Read a GRE from magnitude and phase files, or from real and imaginary parts.
 
     Parameters
     ----------
     magnitude, phase : path or list of paths
         One 3D/4D file each (echoes along the 4th axis), or one file per echo in echo order.
+    real, imaginary : path or list of paths
+        Instead of magnitude and phase (BIDS ``part-real``/``part-imag``), laid out the same way.
     echo_times : sequence of float, optional
-        Seconds. Default: ``EchoTime`` from each phase (or magnitude) file's BIDS sidecar; a 4D file's sidecar may
-        hold a list.
+        Seconds. Default: ``EchoTime`` from each phase (or magnitude, or part's) file's BIDS sidecar; a 4D file's
+        sidecar may hold a list.
     field_strength : float, optional
         Tesla. Default: ``MagneticFieldStrength`` from the sidecar.
 
@@ -509,33 +554,37 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
     -------
     GRE
     """
-    mag_paths = [Path(p) for p in (magnitude if isinstance(magnitude, (list, tuple)) else [magnitude])]
-    pha_paths = [Path(p) for p in (phase if isinstance(phase, (list, tuple)) else [phase])]
-    if len(mag_paths) != len(pha_paths):
-        raise InputError(f"GRE: {len(mag_paths)} magnitude files but {len(pha_paths)} phase files")
-    mags, phases, affine, sidecars = [], [], None, []
-    for mag_path, pha_path in zip(mag_paths, pha_paths):
-        mag, mag_affine = load_image(mag_path, ndim=(3, 4), what="GRE magnitude")
-        pha, pha_affine = load_image(pha_path, ndim=(3, 4), what="GRE phase")
-        if mag.shape != pha.shape:
-            raise InputError(f"GRE magnitude {mag_path} {mag.shape} and phase {pha_path} {pha.shape} differ in shape")
-        geometry.require_grid(f"GRE phase {pha_path}", (pha.shape, pha_affine), {"magnitude": (mag.shape, mag_affine)})
+    parts = gre_parts(magnitude, phase, real, imaginary)
+    polar = "phase" in parts
+    names = ("magnitude", "phase") if polar else ("real part", "imaginary part")
+    first_paths, second_paths = parts.values()
+    if len(first_paths) != len(second_paths):
+        raise InputError(f"GRE: {len(first_paths)} {names[0]} files but {len(second_paths)} {names[1]} files")
+    firsts, seconds, affine, sidecars = [], [], None, []
+    for first_path, second_path in zip(first_paths, second_paths):
+        first, first_affine = load_image(first_path, ndim=(3, 4), what=f"GRE {names[0]}")
+        second, second_affine = load_image(second_path, ndim=(3, 4), what=f"GRE {names[1]}")
+        if first.shape != second.shape:
+            raise InputError(
+                f"GRE {names[0]} {first_path} {first.shape} and {names[1]} {second_path} {second.shape} differ in shape"
+            )
+        geometry.require_grid(
+            f"GRE {names[1]} {second_path}", (second.shape, second_affine), {names[0]: (first.shape, first_affine)}
+        )
         if affine is not None:
             geometry.require_grid(
-                f"GRE echo {mag_path}", (mag.shape, mag_affine), {"first echo": (mags[0].shape, affine)}
+                f"GRE echo {first_path}", (first.shape, first_affine), {"first echo": (firsts[0].shape, affine)}
             )
-        affine = mag_affine
-        mags.append(_as_echoes(mag, str(mag_path)))
-        phases.append(_as_echoes(pha, str(pha_path)))
-        sidecars.append(read_sidecar(pha_path) or read_sidecar(mag_path))
-    magnitude_data = np.concatenate(mags, axis=3)
-    phase_data = np.concatenate(phases, axis=3)
+        affine = first_affine
+        firsts.append(_as_echoes(first, str(first_path)))
+        seconds.append(_as_echoes(second, str(second_path)))
+        sidecars.append(read_sidecar(second_path) or read_sidecar(first_path))
     if echo_times is None:
         echo_times = []
-        for sidecar, pha_path in zip(sidecars, pha_paths):
+        for sidecar, path in zip(sidecars, second_paths):
             if "EchoTime" not in sidecar:
                 raise InputError(
-                    f"GRE phase {pha_path}: no echo time given and no EchoTime in {sidecar_path(pha_path)}; "
+                    f"GRE {names[1]} {path}: no echo time given and no EchoTime in {sidecar_path(path)}; "
                     "give the echo times in seconds (--te)"
                 )
             echo_times.extend(np.atleast_1d(sidecar["EchoTime"]).tolist())
@@ -543,16 +592,17 @@ def read_gre(magnitude, phase, *, echo_times=None, field_strength=None):
         field_strength = next((s["MagneticFieldStrength"] for s in sidecars if "MagneticFieldStrength" in s), None)
         if field_strength is None:
             raise InputError(
-                f"GRE phase {pha_paths[0]}: no field strength given and no MagneticFieldStrength in its sidecar; "
-                "give the field strength in tesla (--b0)"
+                f"GRE {names[1]} {second_paths[0]}: no field strength given and no MagneticFieldStrength in its "
+                "sidecar; give the field strength in tesla (--b0)"
             )
-    return GRE(
-        magnitude_data,
-        phase_data,
+    make = GRE if polar else GRE.from_complex
+    return make(
+        np.concatenate(firsts, axis=3),
+        np.concatenate(seconds, axis=3),
         affine,
         echo_times,
         field_strength,
-        source=str(pha_paths[0]),
+        source=str(second_paths[0]),
         metadata=sidecars[0],
     )
 

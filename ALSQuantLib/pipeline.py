@@ -53,7 +53,8 @@ class SubjectOptions:
 
 @dataclass(frozen=True)
 class SubjectInputs:
-    """One subject's files. GRE magnitude and phase: one file per echo, in echo order (or one 4D file each).
+    """One subject's files. GRE magnitude and phase, or (when those are empty) its real and imaginary parts: one file
+    per echo, in echo order (or one 4D file each).
 
     Optional masks replace the automatic ones: ``dwi_mask`` (brain, DWI grid) for DKI, ``gre_mask`` (brain, GRE grid)
     for QSM, ``tissue_mask`` (grey matter, either grid) for the cortex regions.
@@ -70,12 +71,25 @@ class SubjectInputs:
     dwi_mask: Path = None
     gre_mask: Path = None
     tissue_mask: Path = None
+    gre_real: tuple = ()
+    gre_imaginary: tuple = ()
+
+    def gre_parts(self):
+        """The GRE's files, checked (`io.gre_parts`): {"magnitude", "phase"} or {"real", "imaginary"} → paths."""
+        parts = io.gre_parts(self.gre_magnitude, self.gre_phase, self.gre_real, self.gre_imaginary)
+        first, second = parts.values()
+        if len(first) != len(second):
+            names = list(parts)
+            raise InputError(
+                f"subject {self.subject} GRE: {len(first)} {names[0]} files but {len(second)} {names[1]} files"
+            )
+        return parts
 
     def files(self):
         named = {"dwi": self.dwi, "bval": self.bval, "bvec": self.bvec}
         named.update(dwi_mask=self.dwi_mask, gre_mask=self.gre_mask, tissue_mask=self.tissue_mask)
-        named.update({f"gre_magnitude_{i + 1}": p for i, p in enumerate(self.gre_magnitude)})
-        named.update({f"gre_phase_{i + 1}": p for i, p in enumerate(self.gre_phase)})
+        for part, paths in self.gre_parts().items():
+            named.update({f"gre_{part}_{i + 1}": p for i, p in enumerate(paths)})
         return {k: Path(v) for k, v in named.items() if v is not None}
 
 
@@ -93,7 +107,8 @@ def find_subject(dataset, subject):
     """A subject's DWI (with FSL bval/bvec) and GRE magnitude/phase in a BIDS-like dataset.
 
     ``<subject>/dwi/<subject>*_dwi.nii.gz`` (or ``.nrrd``/``.nhdr``), and ``<subject>/anat/*_part-mag_*`` and
-    ``*_part-phase_*`` NIfTI files (several echoes sorted by their ``echo-N`` entity). Masks named as BIDS
+    ``*_part-phase_*`` NIfTI files, or (without a phase) ``*_part-real_*`` and ``*_part-imag_*`` (several echoes
+    sorted by their ``echo-N`` entity). Masks named as BIDS
     derivatives are used when present: ``dwi/<subject>*_desc-brain_mask.nii*`` (DKI),
     ``anat/<subject>*_desc-brain_mask.nii*`` (QSM) and ``anat/<subject>*_label-GM_mask.nii*`` (cortex regions).
     """
@@ -111,10 +126,14 @@ def find_subject(dataset, subject):
     anat = folder / "anat"
 
     def echoes(part):
-        found = sorted(anat.glob(f"{subject}*_part-{part}_*.nii*"), key=_echo_number) if anat.is_dir() else []
-        if not found:
-            raise InputError(f"subject {subject} GRE: no {anat}/{subject}*_part-{part}_*.nii.gz")
-        return tuple(found)
+        return tuple(sorted(anat.glob(f"{subject}*_part-{part}_*.nii*"), key=_echo_number)) if anat.is_dir() else ()
+
+    polar = echoes("phase")
+    if not polar and not echoes("real"):
+        raise InputError(
+            f"subject {subject} GRE: no {anat}/{subject}*_part-phase_*.nii.gz (with part-mag), nor part-real and "
+            "part-imag files"
+        )
 
     def optional(sub, pattern, what):
         found = sorted((folder / sub).glob(pattern)) if (folder / sub).is_dir() else []
@@ -125,13 +144,15 @@ def find_subject(dataset, subject):
     return SubjectInputs(
         subject,
         dwi,
-        echoes("mag"),
-        echoes("phase"),
+        echoes("mag") if polar else (),
+        polar,
         bval,
         bvec,
         dwi_mask=optional("dwi", f"{subject}*_desc-brain_mask.nii*", "DWI brain mask"),
         gre_mask=optional("anat", f"{subject}*_desc-brain_mask.nii*", "GRE brain mask"),
         tissue_mask=optional("anat", f"{subject}*_label-GM_mask.nii*", "grey-matter mask"),
+        gre_real=() if polar else echoes("real"),
+        gre_imaginary=() if polar else echoes("imag"),
     )
 
 
@@ -180,15 +201,11 @@ def check_subject(inputs, options):
                 f"DWI {inputs.dwi} has {shape[3]} volumes but {bval} lists {bvals.size} b-values; "
                 "expected one per volume"
             )
-    if len(inputs.gre_magnitude) != len(inputs.gre_phase):
-        raise InputError(
-            f"subject {inputs.subject} GRE: {len(inputs.gre_magnitude)} magnitude files but "
-            f"{len(inputs.gre_phase)} phase files"
-        )
-    first = {"first GRE magnitude": io.image_grid(inputs.gre_magnitude[0], "GRE magnitude")}
-    for path in (*inputs.gre_magnitude, *inputs.gre_phase):
+    gre_files = [path for paths in inputs.gre_parts().values() for path in paths]
+    first = {"first GRE image": io.image_grid(gre_files[0], "GRE image")}
+    for path in gre_files:
         geometry.require_grid(f"GRE image {path}", io.image_grid(path, "GRE image"), first)
-    grids = {"DWI": dwi_grid, "GRE": first["first GRE magnitude"]}
+    grids = {"DWI": dwi_grid, "GRE": first["first GRE image"]}
     for what, path, allowed in (
         ("DWI brain mask", inputs.dwi_mask, ("DWI",)),
         ("GRE brain mask", inputs.gre_mask, ("GRE",)),
@@ -243,10 +260,12 @@ def _run_stages(inputs, out_dir, options, group):
         maps=DKI_MAPS,
     )
     qsm_result = workflows.qsm_step(
-        list(inputs.gre_magnitude),
-        list(inputs.gre_phase),
+        inputs.gre_magnitude,
+        inputs.gre_phase,
         out_dir / "qsm",
         options.qsm,
+        real=inputs.gre_real,
+        imaginary=inputs.gre_imaginary,
         echo_times=inputs.echo_times,
         field_strength=inputs.field_strength,
         mask=inputs.gre_mask,
@@ -261,7 +280,7 @@ def _run_stages(inputs, out_dir, options, group):
         options.labeling,
         maps=maps,
         map_masks=masks,
-        gre_magnitude=inputs.gre_magnitude[0],
+        gre_magnitude=inputs.gre_magnitude[0] if inputs.gre_magnitude else qsm_dir / "magnitude.nii.gz",
         tissue_mask=inputs.tissue_mask,
         subject=inputs.subject,
     )

@@ -2,12 +2,12 @@
 
 Each step is a function usable alone; `reconstruct_qsm` chains them::
 
-    phase (any scaling) ──scale_phase──► radians
+    phase (any scaling) ──scale_phase, sign, chopped_axes / unchopped──► radians
         ──combine_echoes (multi-echo: offset removal + weighted fit; single echo: unwrap / TE)──► field, ppm
         ──brain_mask (magnitude, eroded)──► mask
         ──background_field_removal (V-SHARP or PDF)──► local field, ppm
         ──dipole_inversion (TKD, CG or TV-ADMM)──► χ, ppm
-        ──reference (whole-brain mean or a region)──► χ, ppm
+        ──reference (whole-brain mean, CSF by its R2* (csf_region), none, or a region given)──► χ, ppm
 
 Conventions: phase φ = 2π γ̄ B0 TE δB with γ̄ = 42.58 MHz/T (`ALSQuantLib.dipole`); the field is in ppm of B0;
 TE in seconds; B0 direction in the frame of the image axes (`ALSQuantLib.geometry.b0_direction_voxel`), so oblique
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
+from scipy import ndimage
 
 from . import dipole, geometry, io, masks
 from .errors import InputError
@@ -55,34 +56,142 @@ INVERSION_METHODS = ("tkd", "cg", "tv")
 # ----------------------------------------------------------------------------------------------------------------
 # Phase scaling
 # ----------------------------------------------------------------------------------------------------------------
-def scale_phase(phase):
+PHASE_UNITS = ("auto", "radians", "degrees", "milliradians", "int12")
+
+# How each unit stores one turn (2π), from its lowest value: signed (from −half a turn) or unsigned (from 0).
+_UNITS = (
+    ("radians", 2 * np.pi, False),
+    ("degrees", 360.0, False),
+    ("milliradians", 2000 * np.pi, False),
+    ("int12", 4096.0, True),  # 0…4095, as stored in DICOM
+    ("int12", 8192.0, True),  # −4096…4095, Siemens through dcm2niix
+)
+
+
+def _turn(units, low):
+    """One turn of the phase in `units` (int12: by its signedness)."""
+    if units == "int12":
+        return 8192.0 if low < 0 else 4096.0
+    return next(turn for name, turn, _ in _UNITS if name == units)
+
+
+def _units_from_range(low, high, integers):
+    """The units a stored phase range points to, and whether the reading is sure. A wrapped phase image (with its
+    noisy background) spans nearly a full turn, within ±half a turn or 0 to a turn of its unit: a unit fits when
+    the range lies there (1 % slack) and spans more than a quarter turn; it is sure when the range spans 90 % of a
+    turn. The first sure unit wins, else the first that fits."""
+    fitting = []
+    for units, turn, integer_only in _UNITS:
+        signed = low >= -turn / 2 * 1.01 and high <= turn / 2 * 1.01
+        unsigned = low >= -0.01 * turn and high <= turn * 1.01
+        if (signed or unsigned) and high - low > turn / 4 and (integers or not integer_only):
+            if units == "int12" and (turn == 8192.0) != (low < 0):
+                continue
+            fitting.append((units, high - low >= 0.9 * turn))
+    sure = [units for units, certain in fitting if certain]
+    if sure:
+        return sure[0], True
+    return (fitting[0][0], False) if fitting else (None, False)
+
+
+def scale_phase(phase, units="auto"):
     """Convert stored phase to radians in [−π, π) and say how.
 
-    Recognised: radians (values within ±π, to 1 %, spanning more than π); scanner integers of 12 bits
-    (−4096…4095 or 0…4095, as Siemens stores them); any other range, rescaled linearly from [min, max] to [−π, π).
+    Parameters
+    ----------
+    phase : ndarray
+    units : {"auto", "radians", "degrees", "milliradians", "int12"}
+        ``int12``: scanner integers of 12 bits, one turn over −4096…4095 (Siemens through dcm2niix) or 0…4095 (as
+        DICOM stores it). ``auto`` reads the unit from the range (`_units_from_range`): within ±π (or 0…2π)
+        radians, ±180 degrees, ±3142 milliradians (radians × 1000, as GE and some converters write), integers
+        within −4096…4095 or 0…4095 ``int12``; a range that fits none (e.g. ±0.00367, as the ROMEO test data store
+        it) is rescaled linearly from [min, max] to [−π, π).
 
     Returns
     -------
     radians : ndarray, float32
     description : str
+    warning : str or None
+        Set when ``auto`` was not sure (the range spans less than 90 % of a turn in the unit it chose, or fits none):
+        the units should then be given.
+
+    Examples
+    --------
+    >>> radians, how, warning = scale_phase(np.array([-3141.0, 0.0, 1570.0, 3141.0]))
+    >>> radians.round(3).tolist(), how.split(" (")[0], warning
+    ([-3.141, 0.0, 1.57, 3.141], 'milliradians', None)
     """
+    if units not in PHASE_UNITS:
+        raise InputError(f"phase units {units!r}: expected one of {', '.join(PHASE_UNITS)}")
     phase = np.asarray(phase, dtype=np.float32)
     if not np.all(np.isfinite(phase)):
         raise InputError("phase: contains NaN or infinite values")
     low, high = float(phase.min()), float(phase.max())
     if high - low <= 0:
         raise InputError("phase: the image is constant; expected a phase image")
-    # A wrapped phase image (with its noisy background) spans nearly 2π; a narrow range within ±π is a scaling
-    # (the ROMEO test data store ±0.00367).
-    if low >= -np.pi * 1.01 and high <= np.pi * 1.01 and high - low > np.pi:
-        return np.clip(phase, -np.pi, np.pi), f"radians as stored (range {low:.4g} to {high:.4g})"
-    integers = np.allclose(phase[:: max(1, phase.size // 100000)], np.round(phase[:: max(1, phase.size // 100000)]))
-    if integers and low >= -4096 and high <= 4095 and high - low > 1000:
-        offset = 0.0 if low < 0 else 2048.0
-        radians = (phase - offset) * (np.pi / 4096.0) if low < 0 else (phase - offset) * (np.pi / 2048.0)
-        return radians.astype(np.float32), f"12-bit scanner integers ({low:g} to {high:g}) scaled to radians"
-    radians = (phase - low) / (high - low) * (2 * np.pi) - np.pi
-    return radians.astype(np.float32), f"range {low:.4g} to {high:.4g} rescaled linearly to [-pi, pi)"
+    stored, warning = f"range {low:.4g} to {high:.4g}", None
+    if units == "auto":
+        sample = phase[:: max(1, phase.size // 100000)]
+        units, sure = _units_from_range(low, high, bool(np.allclose(sample, np.round(sample))))
+        if units is None:
+            warning = (
+                f"phase: its {stored} fits no known unit and was rescaled linearly to [-pi, pi); if it is in "
+                f"radians, degrees, milliradians or 12-bit integers, give --phase-units"
+            )
+            radians = (phase - low) / (high - low) * (2 * np.pi) - np.pi
+            return radians.astype(np.float32), f"{stored} rescaled linearly to [-pi, pi)", warning
+        if not sure:
+            warning = (
+                f"phase: its {stored} spans less than 90 % of a turn, so its units are a guess ({units}); "
+                "if that is wrong, give --phase-units"
+            )
+        how = f"{units} (detected from the {stored})"
+    else:
+        how = f"{units} (as given; {stored})"
+    radians = wrap(phase * np.float32(2 * np.pi / _turn(units, low)))
+    return radians.astype(np.float32), how, warning
+
+
+CHOPPING = ("auto", "off")
+REFERENCES = ("whole-brain", "csf", "none")
+PHASE_SIGNS = ("+1", "-1")
+CHOPPED_COHERENCE = -0.3
+"""`chopped_axes`: the magnitude-weighted mean of exp(iΔφ) between neighbours below which an axis is chopped."""
+
+
+def chopped_axes(phase, magnitude):
+    """The axes along which every other slice's phase is shifted by π (slice chopping: alternating signs between
+    slices left in by a reconstruction or a converter; also a k-space shift left undone along an in-plane axis).
+
+    Between neighbours along an axis, the magnitude-weighted mean of exp(iΔφ) is near +1 in an image, whose field
+    is smooth (a wrap changes Δφ by 2π, which exp ignores), and near −1 when every other slice is negated; an axis
+    is chopped below `CHOPPED_COHERENCE`.
+
+    >>> phase = np.zeros((4, 4, 6)); phase[:, :, 1::2] = np.pi
+    >>> chopped_axes(phase, np.ones_like(phase))
+    [2]
+    """
+    z = (np.asarray(magnitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))).astype(np.complex64)
+    axes = []
+    for axis in range(3):
+        if z.shape[axis] < 2:
+            continue
+        first = np.take(z, range(z.shape[axis] - 1), axis=axis)
+        second = np.take(z, range(1, z.shape[axis]), axis=axis)
+        weight = float(np.sum(np.abs(first) * np.abs(second)))
+        if weight > 0 and float(np.sum(first * np.conj(second)).real) / weight < CHOPPED_COHERENCE:
+            axes.append(axis)
+    return axes
+
+
+def unchopped(phase, axes):
+    """`phase` with π added to every other slice along each of `axes` (undoes `chopped_axes`' finding), wrapped."""
+    phase = np.array(phase, dtype=np.float32)
+    for axis in axes:
+        shape = [1] * phase.ndim
+        shape[axis] = phase.shape[axis]
+        phase += (np.pi * (np.arange(phase.shape[axis]) % 2)).astype(np.float32).reshape(shape)
+    return wrap(phase).astype(np.float32)
 
 
 def wrap(phase):
@@ -579,6 +688,45 @@ def reference(chi, mask, region=None):
     return np.where(mask, chi - chi[region].mean(), 0.0).astype(np.float32)
 
 
+CSF_R2STAR = 5.0
+"""`csf_region`: CSF's R2* is about 1-3/s, the brain's tissue 15/s and more (3 T); below this, CSF (MEDI+0's limit)."""
+CSF_EDGE_MM = 10.0
+"""`csf_region` looks this far inside the brain mask: the ventricles, away from the cortex's sulci and the edge."""
+
+
+def r2star(magnitude, echo_times):
+    """R2* (1/s) by a log-linear least-squares fit of the magnitude over the echoes (≥ 2); 0 where a magnitude is 0."""
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    te = np.asarray(echo_times, dtype=np.float32)
+    valid = np.all(magnitude > 0, axis=3)
+    logs = np.log(np.where(magnitude > 0, magnitude, 1.0))
+    centred = te - te.mean()
+    slope = np.tensordot(logs, centred, axes=([3], [0])) / np.sum(centred**2)
+    return np.where(valid, -slope, 0.0).astype(np.float32)
+
+
+def csf_region(magnitude, echo_times, mask, voxel_size):
+    """CSF to reference χ to: voxels of R2* below `CSF_R2STAR` farther than `CSF_EDGE_MM` inside `mask` (the
+    ventricles), their largest connected component (Liu Z et al., MEDI+0, MRM 2018;79:2795-803).
+
+    Needs two or more echoes; raises `InputError` when there are fewer, or when no such voxel is found."""
+    magnitude = np.asarray(magnitude)
+    if magnitude.ndim != 4 or magnitude.shape[3] < 2:
+        raise InputError(
+            "reference csf: CSF is found by its low R2*, which needs two or more echoes; this GRE has one. "
+            "Use --reference whole-brain (or none)"
+        )
+    inner = masks.distance_near(mask, mask, voxel_size, CSF_EDGE_MM) > CSF_EDGE_MM
+    csf = inner & (r2star(magnitude, echo_times) < CSF_R2STAR)
+    labels, n = ndimage.label(csf)
+    if n == 0:
+        raise InputError(
+            f"reference csf: no voxel of R2* below {CSF_R2STAR:g}/s deeper than {CSF_EDGE_MM:g} mm in the brain mask; "
+            "use --reference whole-brain"
+        )
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The chain
 # ----------------------------------------------------------------------------------------------------------------
@@ -597,7 +745,7 @@ class QSMResult:
 
 @dataclass(frozen=True)
 class QSMOptions:
-    """The methods of the QSM chain (`reconstruct_qsm`)."""
+    """The methods of the QSM chain (`reconstruct_qsm`) and how to read the scanner's phase."""
 
     unwrap: str = option(
         "laplacian", "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image)", choices=UNWRAP_METHODS
@@ -606,6 +754,24 @@ class QSMOptions:
     inversion: str = option("tv", "dipole inversion: TV (ADMM), TKD or CG", choices=INVERSION_METHODS)
     mask_erosion_mm: float = option(
         2.0, "erosion of the automatic brain mask", unit="mm", flag="--mask-erosion", aliases=("--erosion-mm",)
+    )
+    phase_units: str = option(
+        "auto",
+        "units of the stored phase; auto reads them from its range and warns when unsure "
+        "(phase from real and imaginary parts is radians)",
+        choices=PHASE_UNITS,
+    )
+    phase_sign: str = option(
+        "+1", "-1 when the scanner's phase turns the other way (chi would come out negated)", choices=PHASE_SIGNS
+    )
+    chopping: str = option(
+        "auto", "find and undo phase that alternates by pi between slices (slice chopping), or off", choices=CHOPPING
+    )
+    reference: str = option(
+        "whole-brain",
+        "what chi is relative to: the mean over the brain mask, CSF (voxels of R2* below 5/s far from the brain's "
+        "edge; needs two or more echoes), or none (as inverted)",
+        choices=REFERENCES,
     )
 
 
@@ -624,14 +790,16 @@ def reconstruct_qsm(
     Parameters
     ----------
     gre : io.GRE
-        Magnitude, phase (any scaling), echo times (s), field strength (T), affine (for voxel size and B0).
+        Magnitude, phase (units as ``gre.phase_units`` or ``options.phase_units``), echo times (s), field strength
+        (T), affine (for voxel size and B0).
     options : QSMOptions, optional
-        The methods of `unwrap_phase`, `background_field_removal` and `dipole_inversion`, and the erosion of the
-        automatic mask (default `QSMOptions()`).
+        How to read the phase (`scale_phase`, its sign, `chopped_axes`), the methods of `unwrap_phase`,
+        `background_field_removal` and `dipole_inversion`, the erosion of the automatic mask, and the reference
+        (default `QSMOptions()`).
     mask : ndarray of bool, optional
         Brain mask; default `masks.brain_mask` on the first-echo magnitude.
     reference_region : ndarray of bool, optional
-        Referencing region; default the whole brain mask (mean zero).
+        Referencing region, instead of ``options.reference``.
     inversion_options, background_options : dict, optional
         Further keyword arguments of `dipole_inversion` and `background_field_removal` (for experiments).
 
@@ -654,7 +822,14 @@ def reconstruct_qsm(
 
     voxel_size = geometry.voxel_sizes(gre.affine)
     b0 = gre.b0_direction
-    phase, scaling = step("phase scaling", 0.0, lambda: scale_phase(gre.phase))
+    phase, scaling, units_warning = step(
+        "phase scaling", 0.0, lambda: scale_phase(gre.phase, gre.phase_units or options.phase_units)
+    )
+    if options.phase_sign == "-1":
+        phase = wrap(-phase).astype(np.float32)
+    axes = chopped_axes(phase[..., 0], gre.magnitude[..., 0]) if options.chopping == "auto" else []
+    if axes:
+        phase = unchopped(phase, axes)
     automatic = mask is None
     if automatic:
         mask = step(
@@ -665,7 +840,8 @@ def reconstruct_qsm(
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != phase.shape[:3]:
         raise InputError(f"mask: shape {mask.shape} does not match the GRE's {phase.shape[:3]}")
-    warnings = [w for w in [masks.check_brain_mask(mask, f"GRE {gre.source}", automatic=automatic)] if w]
+    warnings = [units_warning, masks.check_brain_mask(mask, f"GRE {gre.source}", automatic=automatic)]
+    warnings = [w for w in warnings if w]
     for warning in warnings:
         log.warning(warning)
     total = step(
@@ -695,11 +871,25 @@ def reconstruct_qsm(
             local, local_mask, voxel_size, b0_direction=b0, method=options.inversion, **(inversion_options or {})
         ),
     )
-    chi = step("referencing", 0.95, lambda: reference(chi, local_mask, reference_region))
+    if reference_region is not None:
+        referenced_to = "the region given"
+    elif options.reference == "csf":
+        reference_region = csf_region(gre.magnitude, gre.echo_times, local_mask, voxel_size)
+        referenced_to = f"CSF (R2* < {CSF_R2STAR:g}/s, {int(reference_region.sum())} voxels)"
+    else:
+        referenced_to = {"whole-brain": "the mean over the brain mask", "none": "nothing (as inverted)"}[
+            options.reference
+        ]
+    if options.reference == "none" and reference_region is None:
+        chi = np.where(local_mask, chi, 0.0).astype(np.float32)
+    else:
+        chi = step("referencing", 0.95, lambda: reference(chi, local_mask, reference_region))
     report_progress(progress, 1.0, "QSM done", log)
     parameters = {
         "phase_scaling": scaling,
-        "reference": "region" if reference_region is not None else "whole-brain mean",
+        "phase_sign": options.phase_sign,
+        "chopping": f"undone along axes {axes}" if axes else ("none found" if options.chopping == "auto" else "off"),
+        "reference": referenced_to,
         "echo_times_s": gre.echo_times.tolist(),
         "field_strength_t": gre.field_strength,
         "b0_direction_voxel": b0.tolist(),

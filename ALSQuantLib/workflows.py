@@ -188,16 +188,29 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
 # QSM
 # ----------------------------------------------------------------------------------------------------------------
 def qsm_step(
-    magnitude, phase, out_dir, options=None, *, echo_times=None, field_strength=None, mask=None, progress=None
+    magnitude,
+    phase,
+    out_dir,
+    options=None,
+    *,
+    real=None,
+    imaginary=None,
+    echo_times=None,
+    field_strength=None,
+    mask=None,
+    progress=None,
 ):
-    """Reconstruct susceptibility from GRE files; write ``susceptibility.nii.gz`` (ppm), ``local_field.nii.gz``
-    (ppm) and ``mask.nii.gz``.
+    """Reconstruct susceptibility from GRE files; write ``susceptibility.nii.gz`` (ppm) with its JSON sidecar (units,
+    reference), ``local_field.nii.gz`` (ppm) and ``mask.nii.gz``; from real and imaginary parts also
+    ``magnitude.nii.gz`` (the first echo's, for the labelling).
 
     Parameters
     ----------
-    magnitude, phase : path or sequence of paths
+    magnitude, phase : path or sequence of paths, or None
         One 3D/4D file each, or one file per echo in echo order.
     options : qsm.QSMOptions, optional
+    real, imaginary : path or sequence of paths, optional
+        Instead of magnitude and phase (both None then).
     echo_times : sequence of float, optional
         Seconds; default ``EchoTime`` from the BIDS sidecars (which are then inputs of the step).
     field_strength : float, optional
@@ -206,21 +219,26 @@ def qsm_step(
         Brain mask on the GRE's grid.
     """
     options = options or qsm.QSMOptions()
-    magnitude = [Path(p) for p in (magnitude if isinstance(magnitude, (list, tuple)) else [magnitude])]
-    phase = [Path(p) for p in (phase if isinstance(phase, (list, tuple)) else [phase])]
+    parts = io.gre_parts(magnitude, phase, real, imaginary)
+    complex_parts = "real" in parts
 
     def compute(folder):
-        gre = io.read_gre(magnitude, phase, echo_times=echo_times, field_strength=field_strength)
+        gre = io.read_gre(**parts, echo_times=echo_times, field_strength=field_strength)
         given = io.load_mask(mask, gre.phase.shape, gre.affine, matching="GRE phase") if mask else None
         result = qsm.reconstruct_qsm(gre, options, mask=given, progress=progress)
         paths = [folder / f"{name}.nii.gz" for name in QSM_OUTPUTS]
         io.save_image(paths[0], result.susceptibility, gre.affine, description="ALSQuant chi ppm")
         io.save_image(paths[1], result.local_field, gre.affine, description="ALSQuant local field ppm")
         io.save_image(paths[2], result.mask, gre.affine, dtype=np.uint8)
+        sidecar = {"Units": "ppm", "Reference": result.parameters["reference"], "ReferenceOption": options.reference}
+        paths.append(folder / "susceptibility.json")
+        io.write_json(paths[-1], sidecar)
+        if complex_parts:
+            paths.append(folder / "magnitude.nii.gz")
+            io.save_image(paths[-1], gre.magnitude[..., 0], gre.affine)
         return paths, {**result.parameters, "timings_s": result.timings}
 
-    inputs = {f"magnitude_{i + 1}": p for i, p in enumerate(magnitude)}
-    inputs.update({f"phase_{i + 1}": p for i, p in enumerate(phase)})
+    inputs = {f"{name}_{i + 1}": p for name, paths in parts.items() for i, p in enumerate(paths)}
     for name, path in list(inputs.items()):
         if io.sidecar_path(path).is_file():
             inputs[f"{name}_sidecar"] = io.sidecar_path(path)
@@ -229,7 +247,8 @@ def qsm_step(
         "echo_times_s": list(echo_times) if echo_times is not None else None,
         "field_strength_t": field_strength,
     }
-    planned = [f"{name}.nii.gz" for name in QSM_OUTPUTS] + [RECORD]
+    planned = [f"{name}.nii.gz" for name in QSM_OUTPUTS] + ["susceptibility.json", RECORD]
+    planned += ["magnitude.nii.gz"] if complex_parts else []
     return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned)
 
 
@@ -258,6 +277,7 @@ def write_labeling(out_dir, labeling, images=None):
             "volume_ratio": {f"{r}_{s}": v for (r, s), v in labeling.ratios.items()},
             "in_view": {f"{r}_{s}": v for (r, s), v in labeling.in_view.items()},
             "contrast_fingerprint": labeling.contrast,
+            "grey_matter_share": {f"{r}_{s}_{space}": v for (r, s, space), v in labeling.grey_share.items()},
             "flags": labeling.flags,
             "passed": labeling.passed,
         },

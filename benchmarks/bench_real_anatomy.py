@@ -62,6 +62,7 @@ def _figures(out, subject, margin_mm):
         "template_corr": quality["template_correlation"],
         "cst_volume_min": min(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
         "cst_volume_max": max(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
+        "m1_grey_share_min": min(quality["grey_matter_share"].values(), default=float("nan")),
         "labelling_s": record["results"]["seconds"],
         "flags": len(quality["flags"]),
     }

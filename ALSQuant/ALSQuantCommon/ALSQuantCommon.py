@@ -106,7 +106,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     enabled only when the inputs are there (`_checkCanApply`), the scene observers, the job monitor, and option
     tooltips taken from the options' declaration.
 
-    A panel sets ``moduleName``, ``parameterNodeClass`` and ``requiredInputs`` (parameter name → what to select),
+    A panel sets ``moduleName``, ``parameterNodeClass`` and ``requiredInputs`` (parameter name, or a tuple of
+    alternatives, → what to select),
     and connects its own buttons in `setupPanel`.
     """
 
@@ -190,7 +191,13 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.monitor.busy:
             self.ui.applyButton.enabled, self.ui.applyButton.toolTip = False, _("A computation is running.")
             return
-        missing = [text for name, text in self.requiredInputs.items() if not getattr(self._parameterNode, name, None)]
+        missing = [
+            text
+            for names, text in self.requiredInputs.items()
+            if not any(
+                getattr(self._parameterNode, name, None) for name in ((names,) if isinstance(names, str) else names)
+            )
+        ]
         self.ui.applyButton.enabled = self._parameterNode is not None and not missing
         self.ui.applyButton.toolTip = "; ".join(missing) if missing else _("Run the computation.")
 

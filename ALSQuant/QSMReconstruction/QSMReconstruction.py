@@ -35,11 +35,13 @@ class QSMReconstruction(ScriptedLoadableModule):
 @parameterNodeWrapper
 @withOptions(QSMOptions)
 class QSMReconstructionParameterNode:
-    """The panel's inputs and acquisition; the chain's options (unwrap, background, inversion, maskErosionMm) come
-    from QSMOptions."""
+    """The panel's inputs (magnitude and phase, or real and imaginary parts) and acquisition; the chain's options
+    (phase units, sign, chopping, unwrap, background, inversion, maskErosionMm, reference) come from QSMOptions."""
 
     magnitudeVolume: vtkMRMLScalarVolumeNode
     phaseVolume: vtkMRMLScalarVolumeNode
+    realVolume: vtkMRMLScalarVolumeNode
+    imaginaryVolume: vtkMRMLScalarVolumeNode
     maskVolume: vtkMRMLLabelMapVolumeNode
     echoTimes: str = "0.015"
     fieldStrength: float = 3.0
@@ -48,7 +50,10 @@ class QSMReconstructionParameterNode:
 class QSMReconstructionWidget(PanelWidget):
     moduleName = "QSMReconstruction"
     parameterNodeClass = QSMReconstructionParameterNode
-    requiredInputs = {"magnitudeVolume": _("Select the GRE magnitude."), "phaseVolume": _("Select the GRE phase.")}
+    requiredInputs = {
+        ("magnitudeVolume", "realVolume"): _("Select the GRE magnitude (or its real part)."),
+        ("phaseVolume", "imaginaryVolume"): _("Select the GRE phase (or its imaginary part)."),
+    }
 
     def setupPanel(self):
         self.ui.sampleDataButton.connect("clicked(bool)", self.onSampleData)
@@ -70,12 +75,15 @@ class QSMReconstructionWidget(PanelWidget):
 
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("QSM reconstruction could not start."), waitCursor=True):
+            complexParts = p.realVolume is not None and p.magnitudeVolume is None
             job = self.logic.process(
-                p.magnitudeVolume,
-                p.phaseVolume,
+                None if complexParts else p.magnitudeVolume,
+                None if complexParts else p.phaseVolume,
                 parseEchoTimes(p.echoTimes),
                 p.fieldStrength,
                 optionsFrom(p),
+                realNodes=p.realVolume if complexParts else None,
+                imaginaryNodes=p.imaginaryVolume if complexParts else None,
                 maskNode=p.maskVolume,
                 wait=False,
             )

@@ -163,7 +163,9 @@ class Labeling:
     ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, then SyN warps), if asked;
     ``grey_matter``: space → (mask, affine) of the grey matter that cortex regions were restricted to; ``contrast``:
     `contrast_fingerprint` of an FA reference and of its template; ``in_view``: (region, side) → the fraction of
-    the template's region inside the reference's field of view (a partial DWI slab holds part of M1).
+    the template's region inside the reference's field of view (a partial DWI slab holds part of M1);
+    ``grey_share``: (region, side, space) → the fraction of a cortex region's propagated voxels that lie in the grey
+    matter (a failed grey-matter segmentation or a misplaced region keeps little).
     """
 
     label_images: dict
@@ -176,6 +178,7 @@ class Labeling:
     grey_matter: dict = field(default_factory=dict)
     contrast: dict = field(default_factory=dict)
     in_view: dict = field(default_factory=dict)
+    grey_share: dict = field(default_factory=dict)
 
     @property
     def passed(self):
@@ -341,19 +344,19 @@ def _label_table(atlas, labels):
 
 def _restrict_cortex(atlas, label_image, region_masks_here, grey, voxel_size, margin_mm, space):
     """Cortex regions kept in grey matter: the written labels keep the region in grey matter whole, the measured
-    masks keep its core (`cortex_core`). Returns (labels, measured masks, regions left without grey matter)."""
+    masks keep its core (`cortex_core`). Returns (labels, measured masks, (region, side, space) → the fraction of
+    the region in grey matter)."""
     label_image = label_image.copy()
-    measured, emptied = dict(region_masks_here), []
+    measured, shares = dict(region_masks_here), {}
     for (region, side), mask in region_masks_here.items():
         if atlas.region(region).kind != "cortex":
             continue
         label_image[mask & ~grey] = 0
         in_grey = mask & grey
-        if not in_grey.any():
-            emptied.append(f"{region} {side} has no grey-matter voxel in {space} space")
+        shares[(region, side, space)] = float(in_grey.sum() / mask.sum()) if mask.any() else 0.0
         core = cortex_core(in_grey, grey, voxel_size, margin_mm)
         measured[(region, side)] = core if core.any() else in_grey
-    return label_image, measured, emptied
+    return label_image, measured, shares
 
 
 def label_subject(
@@ -426,7 +429,7 @@ def label_subject(
     )
     grey = _grey_matter(options, atlas, gre, gre_affine, tissue_mask, template_brain)
     kinds = {r: atlas.region(r).kind for r in rois}
-    rows, ratios, grey_matter, emptied, written = [], {}, {}, [], {}
+    rows, ratios, grey_matter, shares, written = [], {}, {}, {}, {}
     for space, (label_image, affine) in label_images.items():
         shape = grids[space][0]
         region_masks_here = {key: np.isin(label_image, region_values(atlas, *key)) for key in template_masks}
@@ -440,7 +443,7 @@ def label_subject(
         }
         if grey is not None and geometry.same_grid(grey[0].shape, grey[1], shape, affine):
             grey_matter[space] = grey
-            label_image, measured, lost = _restrict_cortex(
+            label_image, measured, share = _restrict_cortex(
                 atlas,
                 label_image,
                 region_masks_here,
@@ -449,7 +452,7 @@ def label_subject(
                 options.cortex_margin_mm,
                 space,
             )
-            emptied += lost
+            shares.update(share)
         written[space] = (label_image, affine)
         statistics = roi_statistics(
             here,
@@ -461,10 +464,20 @@ def label_subject(
             kinds=kinds,
         )
         rows += [{**row, "space": space} for row in statistics]
-    flags = quality_flags(similarity, ratios, contrast) + emptied
+    flags = quality_flags(similarity, ratios, contrast, shares)
     for row in rows:
         row["qc_passed"] = not flags
     report_progress(progress, 1.0, "labelling done", log)
     return Labeling(
-        written, _label_table(atlas, labels), rows, ratios, flags, similarity, kept, grey_matter, contrast, in_view
+        written,
+        _label_table(atlas, labels),
+        rows,
+        ratios,
+        flags,
+        similarity,
+        kept,
+        grey_matter,
+        contrast,
+        in_view,
+        shares,
     )

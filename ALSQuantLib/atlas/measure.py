@@ -145,17 +145,24 @@ def contrast_fingerprint(image):
     return float(np.median(values) / np.percentile(values, 99)) if values.size else float("nan")
 
 
-QUALITY_LIMITS = {"max_contrast_difference": 0.15, "min_similarity": 0.5, "ratio_range": (0.5, 2.0)}
+QUALITY_LIMITS = {
+    "max_contrast_difference": 0.15,
+    "min_similarity": 0.5,
+    "ratio_range": (0.5, 2.0),
+    "min_grey_share": 0.25,
+}
 """Where `quality_flags` draws the line. ``max_contrast_difference``: between the reference's and the template's
 `contrast_fingerprint`; measured 0.01-0.06 for FA against an FA template (real anatomy, phantom), 0.25-0.51 for FA
 against a T1w template. ``min_similarity``: the registered reference's correlation with the template;
-``ratio_range``: region volume / the template's."""
+``ratio_range``: region volume / the template's; ``min_grey_share``: the fraction of a cortex region's voxels in
+the segmented grey matter."""
 
 
-def quality_flags(similarity, ratios, contrast=None, limits=QUALITY_LIMITS):
-    """Reasons to distrust a registration: a template of another contrast than the reference (`contrast`:
+def quality_flags(similarity, ratios, contrast=None, grey_shares=None, limits=QUALITY_LIMITS):
+    """Reasons to distrust a labelling: a template of another contrast than the reference (`contrast`:
     ``reference`` and ``template`` → `contrast_fingerprint`), low template similarity (`Registration.similarity`),
-    region volumes far from the template's.
+    region volumes far from the template's, a cortex region mostly outside the segmented grey matter (`grey_shares`:
+    (region, side, space) → fraction).
 
     Registering FA to a T1w template runs without error and puts the CST 0.45-0.5 Dice off (against 0.87-0.89 FA to
     FA, subjects from real anatomy), yet passes the other two checks (correlation 0.85 against 0.95, volumes
@@ -175,4 +182,10 @@ def quality_flags(similarity, ratios, contrast=None, limits=QUALITY_LIMITS):
     for (region, side), ratio in ratios.items():
         if not low <= ratio <= high:
             flags.append(f"{region} {side} volume is {ratio:.2f} x the template's")
+    for (region, side, space), share in (grey_shares or {}).items():
+        if share < limits["min_grey_share"]:
+            flags.append(
+                f"{region} {side} in {space} space: only {share:.0%} of its voxels lie in the segmented grey matter "
+                "(a failed grey-matter segmentation or a misplaced region)"
+            )
     return flags

@@ -497,6 +497,11 @@ def test_quality_flags_catch_a_failed_registration(registered_subject):
         {("CST", "left"): np.zeros_like(labels_dwi, bool)}, subject.dwi.affine, tmasks, template["affine"]
     )
     assert "volume is 0.00 x" in atlas.quality_flags(registration.similarity, shrunk)[0]
+    # a cortex region mostly outside the segmented grey matter (real anatomy under a coil profile, without N4:
+    # 3-15 % against 39-60 % when M1 is found; benchmarks/bench_real_anatomy.py)
+    shares = {("M1", "left", "gre"): 0.10, ("M1", "right", "gre"): 0.45}
+    (flag,) = atlas.quality_flags(registration.similarity, good, None, shares)
+    assert flag.startswith("M1 left in gre space: only 10% of its voxels")
 
 
 def test_the_contrast_fingerprint_tells_real_fa_from_real_t1w(shared_data):

@@ -257,3 +257,38 @@ def test_masks_reach_run_subject_and_are_found_by_their_bids_names(cohort, tmp_p
     found = pipeline.find_subject(named, "sub-02")
     assert found.dwi_mask.name == "sub-02_desc-brain_mask.nii.gz" and found.gre_mask is None
     assert found.tissue_mask.name == "sub-02_label-GM_mask.nii.gz"
+
+
+def test_a_gre_exported_as_real_and_imaginary_parts_runs_through_the_pipeline(cohort, tmp_path):
+    """GE and Philips export real and imaginary parts (BIDS part-real/part-imag): found, reconstructed from them,
+    and the labelling gets their magnitude."""
+    folder, truth = cohort
+    dataset = tmp_path / "ds"
+    shutil.copytree(folder / "sub-03" / "dwi", dataset / "sub-03" / "dwi")
+    polar = pipeline.find_subject(folder, "sub-03")
+    anat = dataset / "sub-03" / "anat"
+    for magnitude_path, phase_path in zip(polar.gre_magnitude, polar.gre_phase):
+        magnitude, affine = io.load_image(magnitude_path)
+        phase = io.load_image(phase_path)[0]  # the simulator writes radians
+        for part, data in (("real", magnitude * np.cos(phase)), ("imag", magnitude * np.sin(phase))):
+            name = phase_path.name.replace("part-phase", f"part-{part}")
+            io.save_image(anat / name, data, affine)
+            shutil.copyfile(io.sidecar_path(phase_path), io.sidecar_path(anat / name))
+    inputs = pipeline.find_subject(dataset, "sub-03")
+    assert not inputs.gre_magnitude and [p.name for p in inputs.gre_real] == [
+        p.name.replace("part-phase", "part-real") for p in polar.gre_phase
+    ]
+    out = tmp_path / "out"
+    markers = pipeline.run_subject(inputs, out, _options(folder))
+    true = truth["sub-03"]
+    assert markers["cst_mk"] == pytest.approx(float(true["cst_mk"]), rel=0.03)
+    assert 0 < markers["m1_ms"] < float(true["m1_chi"]) and markers["qc_passed"]
+    record = io.read_json(out / "qsm" / "provenance.json")
+    assert {"real_1", "imaginary_1", "real_1_sidecar"} <= set(record["inputs"])
+    assert record["results"]["phase_scaling"].startswith("radians (as given")
+    assert io.read_json(out / "qsm" / "susceptibility.json")["Units"] == "ppm"
+    label_inputs = io.read_json(out / "label" / "provenance.json")["inputs"]
+    assert Path(label_inputs["gre_magnitude"]["path"]) == out / "qsm" / "magnitude.nii.gz"
+    np.testing.assert_allclose(
+        io.load_image(out / "qsm" / "magnitude.nii.gz")[0], io.load_image(polar.gre_magnitude[0])[0], rtol=1e-4
+    )

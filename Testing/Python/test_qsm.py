@@ -1,5 +1,7 @@
 """ALSQuantLib.qsm: each step against analytic fields and the phantom's truth."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -21,22 +23,98 @@ def sphere_case(voxel_size=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0), radius=8.0, chi=
     return (inside * chi).astype(np.float32), field.astype(np.float32), r, radius
 
 
-def test_scale_phase_recognises_scalings():
+def _same_angles(a, b, atol=1e-3):
+    """Equal as angles up to one constant offset (a phase stored from 0 to 2π)."""
+    difference = np.angle(np.exp(1j * (np.asarray(a, float) - np.asarray(b, float))))
+    return np.abs(np.angle(np.exp(1j * (difference - difference.flat[0])))).max() < atol
+
+
+def test_scale_phase_recognises_every_unit_scanners_write():
     rng = np.random.default_rng(0)
     radians = rng.uniform(-np.pi, np.pi, (8, 8, 8)).astype(np.float32)
     radians.flat[:2] = [-np.pi, np.pi - 1e-6]  # a phase image with noise reaches both ends
-    out, how = qsm.scale_phase(radians)
-    np.testing.assert_allclose(out, radians)
-    assert "radians" in how
-    integers = np.round(radians / np.pi * 4096).clip(-4096, 4095)
-    out, how = qsm.scale_phase(integers)
-    np.testing.assert_allclose(out, integers * np.pi / 4096, atol=1e-6)
-    assert "12-bit" in how
+    stored = {
+        "radians": radians,
+        "degrees": np.degrees(radians),
+        "milliradians": np.round(radians * 1000),  # GE's integers: read as 12-bit they came out x 0.77
+        "int12": np.round(radians / np.pi * 4096).clip(-4096, 4095),
+    }
+    for units, data in stored.items():
+        for given in ("auto", units):
+            out, how, warning = qsm.scale_phase(data, given)
+            assert how.startswith(units) and warning is None, (units, given, how)
+            assert _same_angles(out, radians, atol=2e-3), units
+    unsigned = np.round((radians + np.pi) / (2 * np.pi) * 4096) % 4096  # 0…4095, as DICOM stores it
+    out, how, warning = qsm.scale_phase(unsigned)
+    assert how.startswith("int12") and warning is None and _same_angles(out, radians, atol=2e-3)
     scaled = (radians + np.pi) / (2 * np.pi) * 0.00734 - 0.00367  # stored like the ROMEO test data
-    out, how = qsm.scale_phase(scaled)
-    assert np.abs(np.angle(np.exp(1j * (out - radians)))).max() < 1e-5 and "rescaled" in how
+    out, how, warning = qsm.scale_phase(scaled)
+    assert _same_angles(out, radians, atol=1e-5) and "rescaled" in how and "--phase-units" in warning
+    narrow = radians * 0.5  # a crop without wraps: radians, but not for sure
+    out, how, warning = qsm.scale_phase(narrow)
+    assert how.startswith("radians") and "--phase-units" in warning
+    np.testing.assert_allclose(qsm.scale_phase(narrow, "radians")[0], narrow, atol=1e-6)
     with pytest.raises(InputError, match="constant"):
         qsm.scale_phase(np.zeros((3, 3, 3)))
+    with pytest.raises(InputError, match="expected one of"):
+        qsm.scale_phase(radians, "gradians")
+
+
+def test_scanner_inputs_give_the_map_of_clean_magnitude_and_phase():
+    """Real and imaginary parts, slice chopping, radians x 1000 and an inverted phase sign: each read the way a scanner
+    writes it gives the map of the clean magnitude and phase (issue 17's target: correlation >= 0.999)."""
+    subject = phantom.simulate_subject("control", 36, SMALL)
+    gre = subject.gre
+    clean = qsm.reconstruct_qsm(gre)
+    assert clean.parameters["chopping"] == "none found"
+    magnitude, radians = gre.magnitude, qsm.scale_phase(gre.phase)[0]
+    chopped = qsm.unchopped(radians, [2])  # π added to every other slice is its own undoing
+    cases = {
+        "real/imaginary": (
+            io.GRE.from_complex(
+                magnitude * np.cos(radians), magnitude * np.sin(radians), gre.affine, gre.echo_times, 3.0
+            ),
+            qsm.QSMOptions(),
+        ),
+        "chopped": (dataclasses.replace(gre, phase=chopped), qsm.QSMOptions()),
+        "milliradians": (dataclasses.replace(gre, phase=np.round(radians * 1000)), qsm.QSMOptions()),
+        "sign inverted": (dataclasses.replace(gre, phase=-radians), qsm.QSMOptions(phase_sign="-1")),
+    }
+    inside = clean.mask
+    for name, (scanner_gre, options) in cases.items():
+        result = qsm.reconstruct_qsm(scanner_gre, options, mask=clean.brain_mask)
+        correlation = np.corrcoef(result.susceptibility[inside], clean.susceptibility[inside])[0, 1]
+        assert correlation >= 0.999, (name, correlation)
+    assert "axes [2]" in qsm.reconstruct_qsm(cases["chopped"][0], mask=clean.brain_mask).parameters["chopping"]
+    # and each would be wrong unread: chopping left in, the sign left inverted
+    for name, options in (("chopped", qsm.QSMOptions(chopping="off")), ("sign inverted", qsm.QSMOptions())):
+        result = qsm.reconstruct_qsm(cases[name][0], options, mask=clean.brain_mask)
+        correlation = np.corrcoef(result.susceptibility[inside], clean.susceptibility[inside])[0, 1]
+        assert correlation < 0.5, (name, correlation)
+
+
+def test_chopping_is_found_on_a_real_gre_only_where_it_is(shared_data):
+    folder = shared_data / "gre" / "romeo_small"
+    magnitude, _ = io.load_image(folder / "Mag.nii", ndim=4)
+    radians = qsm.scale_phase(io.load_image(folder / "Phase.nii", ndim=4)[0])[0]
+    for echo in range(3):  # neighbours agree to 0.96-0.998 (magnitude-weighted mean of exp(iΔφ))
+        assert qsm.chopped_axes(radians[..., echo], magnitude[..., echo]) == []
+    for axis in range(3):
+        assert qsm.chopped_axes(qsm.unchopped(radians[..., 0], [axis]), magnitude[..., 0]) == [axis]
+
+
+def test_csf_reference_finds_the_ventricles_from_r2star():
+    config = phantom.with_overrides(SMALL, echo_times=(0.004, 0.008, 0.012, 0.016))
+    subject = phantom.simulate_subject("control", 37, config)
+    result = qsm.reconstruct_qsm(subject.gre, qsm.QSMOptions(reference="csf"))
+    csf = qsm.csf_region(
+        subject.gre.magnitude, subject.gre.echo_times, result.mask, geometry.voxel_sizes(subject.gre.affine)
+    )
+    labels = subject.truth_gre["label"][csf]
+    assert np.mean(labels == phantom.CSF) > 0.9 and csf.sum() > 50, (np.mean(labels == phantom.CSF), csf.sum())
+    assert abs(result.susceptibility[csf].mean()) < 1e-5 and "CSF" in result.parameters["reference"]
+    with pytest.raises(InputError, match="two or more echoes"):
+        qsm.reconstruct_qsm(phantom.simulate_subject("control", 37, SMALL).gre, qsm.QSMOptions(reference="csf"))
 
 
 def smooth_phase(shape=(64, 64, 48)):
@@ -191,7 +269,7 @@ def test_real_multi_echo_gre_runs_and_is_plausible(shared_data, capsys):
     assert -0.5 < np.percentile(chi, 1) and np.percentile(chi, 99) < 0.5  # brain tissue lies within ±0.5 ppm
 
 
-def test_qsm_command_writes_outputs_with_input_geometry(tmp_path):
+def test_qsm_command_writes_outputs_with_input_geometry(tmp_path, capsys):
     config = phantom.with_overrides(SMALL, gre_tilt_deg=10.0)
     subject = phantom.simulate_subject("control", 34, config)
     phantom.write_subject(tmp_path / "ds", "sub-01", subject, config)
@@ -215,6 +293,12 @@ def test_qsm_command_writes_outputs_with_input_geometry(tmp_path):
         np.testing.assert_allclose(affine, subject.gre.affine, atol=1e-5)
     record = io.read_json(out / "provenance.json")
     assert record["results"]["echo_times_s"] == [0.015] and record["options"]["inversion"] == "tv"
+    assert record["results"]["reference"] == "the mean over the brain mask"
+    assert io.read_json(out / "susceptibility.json") == {
+        "Units": "ppm",
+        "Reference": "the mean over the brain mask",
+        "ReferenceOption": "whole-brain",
+    }
     assert "phase_1_sidecar" in record["inputs"]  # echo time and field strength came from it
     np.testing.assert_allclose(
         record["results"]["b0_direction_voxel"], [0, np.sin(np.deg2rad(10)), np.cos(np.deg2rad(10))], atol=1e-6
@@ -235,6 +319,10 @@ def test_qsm_command_writes_outputs_with_input_geometry(tmp_path):
         )
         == 2
     )
+    mixed = ["qsm", "--magnitude", str(anat / "sub-01_part-mag_T2starw.nii.gz"), "--out", str(tmp_path / "mixed")]
+    assert cli.main(mixed + ["--imaginary", str(anat / "sub-01_part-phase_T2starw.nii.gz")]) == 2
+    assert "give magnitude and phase, or real and imaginary parts" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_tv_gradient_and_its_adjoint():

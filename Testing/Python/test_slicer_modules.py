@@ -124,6 +124,18 @@ def test_qsm_logic_per_echo_nodes_and_a_vector_volume_agree(module_logic, mrml_s
     np.testing.assert_array_equal(nodes.imageFromVolume(again["susceptibility"])[0], chi)
     with pytest.raises(Exception, match="millisecond"):
         logic.process(magnitude, phase, [5, 10, 15], gre.field_strength)
+    # Real and imaginary parts (GE, Philips), with the phase's sign inverted: the same map once the sign is given.
+    z = gre.magnitude * np.exp(-1j * gre.phase)
+    real = nodes.volumeFromImage(mrml_scene, z.real, gre.affine, "re", className="vtkMRMLVectorVolumeNode")
+    imaginary = nodes.volumeFromImage(mrml_scene, z.imag, gre.affine, "im", className="vtkMRMLVectorVolumeNode")
+    inverted = QSMOptions(phase_sign="-1")
+    parts = logic.process(
+        None, None, gre.echo_times, gre.field_strength, inverted, realNodes=real, imaginaryNodes=imaginary
+    )
+    from_parts = nodes.imageFromVolume(parts["susceptibility"])[0]
+    assert np.corrcoef(from_parts[mask], chi[mask])[0, 1] > 0.999
+    with pytest.raises(Exception, match="magnitude and phase, or real and imaginary"):
+        logic.process(magnitude, None, gre.echo_times, gre.field_strength, realNodes=real)
 
 
 def test_background_task_cancel_stops_the_process(module_logic, mrml_scene, subject):

@@ -1,4 +1,5 @@
-"""QSM Reconstruction logic: GRE magnitude and phase nodes in; susceptibility (ppm), local field and mask out."""
+"""QSM Reconstruction logic: GRE magnitude and phase (or real and imaginary) nodes in; susceptibility (ppm), local
+field and mask out."""
 
 import numpy as np
 
@@ -17,10 +18,17 @@ def _echoNodes(value, what):
     return nodeList
 
 
-def greFromNodes(magnitudeNodes, phaseNodes, echoTimes, fieldStrength):
-    """`ALSQuantLib.io.GRE` from nodes; the B0 direction follows from their geometry (oblique slices included)."""
+def partsFromNodes(magnitudeNodes=None, phaseNodes=None, realNodes=None, imaginaryNodes=None):
+    """The GRE's parts as arrays (i, j, k, echoes) on one grid: {"magnitude", "phase"} or {"real", "imaginary"}
+    → array, and the grid's affine."""
+    given = {"magnitude": magnitudeNodes, "phase": phaseNodes, "real": realNodes, "imaginary": imaginaryNodes}
+    given = {part: value for part, value in given.items() if value is not None and value != []}
+    if set(given) not in ({"magnitude", "phase"}, {"real", "imaginary"}):
+        raise InputError(
+            f"GRE: select magnitude and phase, or real and imaginary parts (got {', '.join(given) or 'none'})"
+        )
     arrays, grid = {}, None
-    for what, value in (("magnitude", magnitudeNodes), ("phase", phaseNodes)):
+    for what, value in given.items():
         echoes = []
         for node in _echoNodes(value, what):
             data, affine = nodes.imageFromVolume(node, what)
@@ -29,13 +37,15 @@ def greFromNodes(magnitudeNodes, phaseNodes, echoTimes, fieldStrength):
                 raise InputError(f"{what} {node.GetName()}: not on the first echo's grid")
             echoes.append(data if data.ndim == 4 else data[..., None])
         arrays[what] = np.concatenate(echoes, axis=3).astype(np.float32)
-    return io.GRE(
-        arrays["magnitude"],
-        arrays["phase"],
-        grid[1],
-        np.asarray(echoTimes, dtype=float),
-        float(fieldStrength),
-        source="Slicer nodes",
+    return arrays, grid[1]
+
+
+def greFromParts(arrays, affine, echoTimes, fieldStrength):
+    """`ALSQuantLib.io.GRE` from `partsFromNodes`' arrays; checks the echo times and the field strength. The B0
+    direction follows from the geometry (oblique slices included)."""
+    make = io.GRE.from_complex if "real" in arrays else io.GRE
+    return make(
+        *arrays.values(), affine, np.asarray(echoTimes, dtype=float), float(fieldStrength), source="Slicer nodes"
     )
 
 
@@ -63,6 +73,8 @@ class QSMReconstructionLogic(StepLogic):
         fieldStrength,
         options=None,
         *,
+        realNodes=None,
+        imaginaryNodes=None,
         maskNode=None,
         wait=True,
         workdir=None,
@@ -70,7 +82,8 @@ class QSMReconstructionLogic(StepLogic):
         """Reconstruct; make susceptibility (ppm) and local field (ppm) volumes and the mask as a label map, on the
         GRE's grid.
 
-        :param magnitudeNodes, phaseNodes: one scalar volume per echo, or one multi-component volume each.
+        :param magnitudeNodes, phaseNodes: one scalar volume per echo, or one multi-component volume each; None
+            with ``realNodes`` and ``imaginaryNodes`` (laid out the same way) instead.
         :param echoTimes: seconds, one per echo.
         :param fieldStrength: tesla.
         :param options: ``ALSQuantLib.qsm.QSMOptions`` (default: Laplacian, V-SHARP, TV).
@@ -78,29 +91,20 @@ class QSMReconstructionLogic(StepLogic):
         :param wait: block and return {"susceptibility", "local_field", "mask"} → node; else return the job.
         """
         options = options or qsm.QSMOptions()
-        gre = greFromNodes(magnitudeNodes, phaseNodes, echoTimes, fieldStrength)  # checks TE and B0 before starting
+        arrays, affine = partsFromNodes(magnitudeNodes, phaseNodes, realNodes, imaginaryNodes)
+        gre = greFromParts(arrays, affine, echoTimes, fieldStrength)  # checks TE and B0 before starting
         folder, temporary = self.workFolder("qsm", workdir)
-        io.save_image(folder / "magnitude.nii.gz", gre.magnitude, gre.affine)
-        io.save_image(folder / "phase.nii.gz", gre.phase, gre.affine)
-        arguments = [
-            "qsm",
-            "--magnitude",
-            folder / "magnitude.nii.gz",
-            "--phase",
-            folder / "phase.nii.gz",
-            "--te",
-            *gre.echo_times,
-            "--b0",
-            gre.field_strength,
-            "--out",
-            folder / "out",
-        ]
+        arguments = ["qsm"]
+        for part, data in arrays.items():
+            io.save_image(folder / f"{part}.nii.gz", data, affine)
+            arguments += [f"--{part}", folder / f"{part}.nii.gz"]
+        arguments += ["--te", *gre.echo_times, "--b0", gre.field_strength, "--out", folder / "out"]
         if maskNode is not None:
             mask = nodes.maskOnGrid(maskNode, gre.phase.shape, gre.affine, "GRE")
             io.save_image(folder / "mask.nii.gz", mask, gre.affine, dtype=np.uint8)
             arguments += ["--mask", folder / "mask.nii.gz"]
         arguments += options_lib.to_argv(options)
-        referenceNode = _echoNodes(phaseNodes, "phase")[0]
+        referenceNode = _echoNodes(phaseNodes if imaginaryNodes is None else imaginaryNodes, "phase")[0]
 
         def load():
             affine, name = nodes.ijkToRas(referenceNode), referenceNode.GetName()
