@@ -176,10 +176,11 @@ def chopped_axes(phase, magnitude):
     for axis in range(3):
         if z.shape[axis] < 2:
             continue
-        first = np.take(z, range(z.shape[axis] - 1), axis=axis)
-        second = np.take(z, range(1, z.shape[axis]), axis=axis)
-        weight = float(np.sum(np.abs(first) * np.abs(second)))
-        if weight > 0 and float(np.sum(first * np.conj(second)).real) / weight < CHOPPED_COHERENCE:
+        first = z[(slice(None),) * axis + (slice(None, -1),)]  # views: no copy of a 512x512x50 image
+        second = z[(slice(None),) * axis + (slice(1, None),)]
+        products = first * np.conj(second)
+        weight = float(np.abs(products).sum())
+        if weight > 0 and float(products.real.sum()) / weight < CHOPPED_COHERENCE:
             axes.append(axis)
     return axes
 
