@@ -118,7 +118,7 @@ def scale_phase(phase, units="auto"):
     Examples
     --------
     >>> radians, how, warning = scale_phase(np.array([-3141.0, 0.0, 1570.0, 3141.0]))
-    >>> radians.round(3).tolist(), how.split(" (")[0], warning
+    >>> [round(float(r), 3) for r in radians], how.split(" (")[0], warning
     ([-3.141, 0.0, 1.57, 3.141], 'milliradians', None)
     """
     if units not in PHASE_UNITS:
