@@ -521,17 +521,21 @@ def read_sidecar(image_path):
 
 
 def gre_parts(magnitude=None, phase=None, real=None, imaginary=None):
-    """The GRE's files as {part: [paths]}: magnitude and phase, or real and imaginary; refused otherwise."""
+    """The GRE's files as {part: [paths]}: magnitude and phase, or real and imaginary, as many of one as of the
+    other; refused otherwise."""
     given = {"magnitude": magnitude, "phase": phase, "real": real, "imaginary": imaginary}
-    parts = {
-        name: [Path(p) for p in (value if isinstance(value, (list, tuple)) else [value])]
-        for name, value in given.items()
-        if value is not None and len(value if isinstance(value, (list, tuple)) else [value])
-    }
+    parts = {}
+    for name, value in given.items():
+        paths = [Path(p) for p in (value if isinstance(value, (list, tuple)) else [] if value is None else [value])]
+        if paths:
+            parts[name] = paths
     if set(parts) not in ({"magnitude", "phase"}, {"real", "imaginary"}):
         raise InputError(
             f"GRE: give magnitude and phase, or real and imaginary parts (got {', '.join(parts) or 'none'})"
         )
+    (first, first_paths), (second, second_paths) = parts.items()
+    if len(first_paths) != len(second_paths):
+        raise InputError(f"GRE: {len(first_paths)} {first} files but {len(second_paths)} {second} files")
     return parts
 
 
@@ -558,8 +562,6 @@ def read_gre(magnitude=None, phase=None, *, real=None, imaginary=None, echo_time
     polar = "phase" in parts
     names = ("magnitude", "phase") if polar else ("real part", "imaginary part")
     first_paths, second_paths = parts.values()
-    if len(first_paths) != len(second_paths):
-        raise InputError(f"GRE: {len(first_paths)} {names[0]} files but {len(second_paths)} {names[1]} files")
     firsts, seconds, affine, sidecars = [], [], None, []
     for first_path, second_path in zip(first_paths, second_paths):
         first, first_affine = load_image(first_path, ndim=(3, 4), what=f"GRE {names[0]}")

@@ -76,14 +76,7 @@ class SubjectInputs:
 
     def gre_parts(self):
         """The GRE's files, checked (`io.gre_parts`): {"magnitude", "phase"} or {"real", "imaginary"} → paths."""
-        parts = io.gre_parts(self.gre_magnitude, self.gre_phase, self.gre_real, self.gre_imaginary)
-        first, second = parts.values()
-        if len(first) != len(second):
-            names = list(parts)
-            raise InputError(
-                f"subject {self.subject} GRE: {len(first)} {names[0]} files but {len(second)} {names[1]} files"
-            )
-        return parts
+        return io.gre_parts(self.gre_magnitude, self.gre_phase, self.gre_real, self.gre_imaginary)
 
     def files(self):
         named = {"dwi": self.dwi, "bval": self.bval, "bvec": self.bvec}
