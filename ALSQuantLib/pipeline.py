@@ -1,12 +1,14 @@
 """One subject's whole pipeline, and a cohort's: DWI and GRE in; DKI maps, susceptibility, atlas labels and the
 study's markers out.
 
-A subject runs in three stages, each in its own folder and each the same step function as its command
-(`ALSQuantLib.workflows`): ``dki`` (MK, FA, MD, mask), ``qsm`` (susceptibility, local field, mask) and ``label`` (the
-atlas registered to the FA, labels in DWI and GRE space, ROI statistics). Every output is written atomically, and each
-stage's provenance record (its options and the SHA-256 of its inputs) is written last: a stage whose record matches
-the current options and inputs, with all its outputs present, is skipped. A killed run therefore resumes at the first
-stage without a matching record, and changing an option or an input reruns exactly the stages that depend on it.
+A subject runs in stages, each in its own folder and each the same step function as its command
+(`ALSQuantLib.workflows`): ``dki`` (MK, FA, MD, mask), ``brain`` (the atlas template's brain on the GRE's grid, the
+QSM's mask when none is given: `SubjectOptions.gre_brain`), ``qsm`` (susceptibility, local field, mask) and ``label``
+(the atlas registered to the FA, labels in DWI and GRE space, ROI statistics). Every output is written atomically,
+and each stage's provenance record (its options and the SHA-256 of its inputs) is written last: a stage whose record
+matches the current options and inputs, with all its outputs present, is skipped. A killed run therefore resumes at
+the first stage without a matching record, and changing an option or an input reruns exactly the stages that depend
+on it.
 
 A cohort (a BIDS-like folder with ``participants.tsv``) runs its subjects in parallel: a local process pool by
 default, or a Dask distributed cluster. One subject's failure is logged and reported; the others go on.
@@ -28,6 +30,7 @@ from . import dipole, geometry, io, outputs, workflows
 from .atlas import LabelingOptions, atlas_for
 from .dki import DKIOptions
 from .errors import InputError
+from .options import option
 from .qsm import QSMOptions
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,8 @@ MARKERS = {"cst_mk": ("CST", "mk"), "cst_md": ("CST", "md"), "cst_fa": ("CST", "
 
 DKI_MAPS = ("mk", "fa", "md")
 """The DKI maps a subject's run writes and measures."""
-STAGES = ("dki", "qsm", "label")
+STAGES = ("dki", "brain", "qsm", "label")
+GRE_BRAIN_CHOICES = ("template", "magnitude")
 COHORT_TABLE = "cohort.csv"
 FAILURES = "failures.json"
 
@@ -49,6 +53,13 @@ class SubjectOptions:
     dki: DKIOptions = field(default_factory=DKIOptions)
     qsm: QSMOptions = field(default_factory=QSMOptions)
     labeling: LabelingOptions = field(default_factory=LabelingOptions)
+    gre_brain: str = option(
+        "template",
+        "the QSM's brain mask when none is given: template (the atlas template's brain brought onto the GRE by "
+        "the labelling's registration) or magnitude (a threshold of the GRE magnitude, which keeps the scalp and "
+        "neck of a real head)",
+        choices=GRE_BRAIN_CHOICES,
+    )
 
 
 @dataclass(frozen=True)
@@ -212,8 +223,9 @@ def check_subject(inputs, options):
 
 
 def run_subject(inputs, out_dir, options=None, *, group=""):
-    """Run DKI, QSM and labelling for one subject into `out_dir` (`ALSQuantLib.workflows`; current stages are
-    skipped), then write ``markers.json`` (only when its content changes).
+    """Run DKI, the template's brain on the GRE (with ``options.gre_brain`` "template" and no GRE mask), QSM and
+    labelling for one subject into `out_dir` (`ALSQuantLib.workflows`; current stages are skipped), then write
+    ``markers.json`` (only when its content changes).
 
     The inputs are checked first (`check_subject`), and `out_dir` is locked for the run: a second run on the same
     folder is refused while this one holds it.
@@ -252,6 +264,17 @@ def _run_stages(inputs, out_dir, options, group):
         mask=inputs.dwi_mask,
         maps=DKI_MAPS,
     )
+    gre_mask, brain_result = inputs.gre_mask, None
+    if gre_mask is None and options.gre_brain == "template":
+        brain_result = workflows.brain_step(
+            out_dir / "dki" / "fa.nii.gz",
+            out_dir / "brain",
+            options.labeling,
+            magnitude=inputs.gre_magnitude[0] if inputs.gre_magnitude else None,
+            real=inputs.gre_real[0] if inputs.gre_real else None,
+            imaginary=inputs.gre_imaginary[0] if inputs.gre_imaginary else None,
+        )
+        gre_mask = out_dir / "brain" / "brain_gre.nii.gz"
     qsm_result = workflows.qsm_step(
         inputs.gre_magnitude,
         inputs.gre_phase,
@@ -261,7 +284,7 @@ def _run_stages(inputs, out_dir, options, group):
         imaginary=inputs.gre_imaginary,
         echo_times=inputs.echo_times,
         field_strength=inputs.field_strength,
-        mask=inputs.gre_mask,
+        mask=gre_mask,
     )
     dki_dir, qsm_dir = out_dir / "dki", out_dir / "qsm"
     maps = {name: dki_dir / f"{name}.nii.gz" for name in DKI_MAPS if (dki_dir / f"{name}.nii.gz").exists()}
@@ -292,7 +315,7 @@ def _run_stages(inputs, out_dir, options, group):
         unchanged = False
     if not unchanged:  # a finished subject is not rewritten: a rerun on a full disk still succeeds
         io.write_json(markers_path, result)
-    ran = [r.step for r in (dki_result, qsm_result, label_result) if r.ran]
+    ran = [r.step for r in (dki_result, brain_result, qsm_result, label_result) if r is not None and r.ran]
     return {**result, "stages_run": ran}
 
 

@@ -252,6 +252,45 @@ def qsm_step(
     return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned)
 
 
+def brain_step(reference, out_dir, options=None, *, magnitude=None, real=None, imaginary=None, progress=None):
+    """The atlas template's brain on the GRE's grid (`atlas.template_brain_mask`), written as ``brain_gre.nii.gz``:
+    a brain mask for the QSM that the scalp and neck around a real brain cannot mislead, as the magnitude's own
+    threshold is.
+
+    Parameters
+    ----------
+    reference : path
+        The subject's FA (or T1-like image, with ``options.reference_contrast`` ``"T1w"``) in DWI space.
+    options : atlas.LabelingOptions, optional
+        The atlas and the registration's settings, as the labelling uses them.
+    magnitude : path, optional
+        The GRE magnitude (its first echo if 4D); else the first echo's `real` and `imaginary` parts.
+    """
+    options = options or atlas_lib.LabelingOptions()
+    atlas = atlas_lib.atlas_for(options)
+    if magnitude is None and (real is None or imaginary is None):
+        raise InputError("brain mask from the template: give the GRE magnitude, or its real and imaginary parts")
+
+    def first_echo(path, what):
+        data, affine = io.load_image(path, ndim=(3, 4), what=what)
+        return (data[..., 0] if data.ndim == 4 else data), affine
+
+    def compute(folder):
+        fa, fa_affine = io.load_image(reference, ndim=3, what="reference")
+        if magnitude is not None:
+            gre, gre_affine = first_echo(magnitude, "GRE magnitude")
+        else:
+            (re, gre_affine), (im, _) = first_echo(real, "GRE real part"), first_echo(imaginary, "GRE imaginary part")
+            gre = np.hypot(re, im)
+        mask = atlas_lib.template_brain_mask(fa, fa_affine, gre, gre_affine, atlas, options, progress=progress)
+        path = folder / "brain_gre.nii.gz"
+        io.save_image(path, mask, gre_affine, dtype=np.uint8)
+        return [path], {"brain_voxels": int(mask.sum())}
+
+    inputs = {"reference": reference, "magnitude": magnitude, "real": real, "imaginary": imaginary}
+    return run_step("brain", out_dir, options, inputs, compute, planned=["brain_gre.nii.gz", RECORD])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Labelling
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,6 +317,7 @@ def write_labeling(out_dir, labeling, images=None):
             "in_view": {f"{r}_{s}": v for (r, s), v in labeling.in_view.items()},
             "contrast_fingerprint": labeling.contrast,
             "grey_matter_share": {f"{r}_{s}_{space}": v for (r, s, space), v in labeling.grey_share.items()},
+            "outside_brain": labeling.outside_brain,
             "flags": labeling.flags,
             "passed": labeling.passed,
         },

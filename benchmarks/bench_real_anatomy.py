@@ -5,13 +5,16 @@ warp, simulated DWI and GRE; then `pipeline.run_subject` with the default atlas 
 Harvard-Oxford from the FSL installation, FA registered to FSL's FA template). Printed per subject and as median
 [min-max]: CST Dice on the DWI grid and M1 Dice on the GRE grid (against the true labels), the true MK map through
 the CST labels and the true χ map through the M1 labels against the same maps through the true labels (%), the
-quality figures (`quality.json`) and flags, and the labelling time. With ``--wrong-template`` each subject is
+susceptibility map's correlation with the true χ in the brain, the quality figures (`quality.json`) and flags, and
+the labelling time. With ``--true-gre-mask`` the QSM gets the true brain as its mask (the automatic one keeps the
+simulated head's scalp and neck). With ``--wrong-template`` each subject is
 labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside;
 each ``--variant "NAME:FLAGS"`` labels it again with those labelling flags added (e.g.
 ``--variant "linkfull:--link-mm 0"`` or ``--variant noN4:--no-bias-correction``). Nothing is asserted.
 
 Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study] [--wrong-template]
-[--variant ...] [--white-matter-fa atlas|class|FILE] [--dwi-slab] [--gre-bias 0.6]``; without ``--fsldir`` an FSL
+[--variant ...] [--white-matter-fa atlas|class|FILE] [--dwi-slab] [--gre-bias 0.6] [--true-gre-mask]
+[--gre-brain template|magnitude]``; without ``--fsldir`` an FSL
 layout is made from ``../shared/data`` (its MNI FA template standing in for FMRIB58).
 """
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ALSQuantLib import anatomy, geometry, io, metrics, phantom, pipeline
+from ALSQuantLib import anatomy, geometry, io, masks, metrics, phantom, pipeline
 from ALSQuantLib.atlas import LabelingOptions, cortex_core, find_atlas
 from ALSQuantLib.options import add_arguments, from_arguments, to_argv
 
@@ -45,6 +48,22 @@ def _measured_m1(out, labels_gre, margin_mm):
     return np.where(cores[0], 3, np.where(cores[1], 4, 0))
 
 
+def _qsm_correlation(out, subject):
+    """Correlation of the susceptibility map with the true χ in the true brain, where the map has values."""
+    chi = io.load_image(out / "qsm" / "susceptibility.nii.gz")[0]
+    inside = (subject.truth_gre["label"] > 0) & np.isfinite(chi) & (chi != 0)
+    return float(np.corrcoef(chi[inside], subject.truth_gre["chi"][inside])[0, 1])
+
+
+def _m1_ms_error(out, subject):
+    """The M1 susceptibility measured (`markers.json`) minus the true M1 χ referenced as the map is (minus the true
+    χ's mean over the QSM's mask, `demo.true_m1_chi`): ppm, and % of that truth."""
+    measured = io.read_json(out / "markers.json")["m1_ms"]
+    mask = io.load_image(out / "qsm" / "mask.nii.gz")[0] > 0
+    truth = subject.values["m1_chi"] - float(subject.truth_gre["chi"][mask].mean())
+    return measured - truth, 100 * (measured / truth - 1)
+
+
 def _figures(out, subject, margin_mm):
     """Accuracy and quality figures of one labelled subject."""
     labels = io.load_image(out / "label" / "labels_reference.nii.gz")[0]
@@ -53,6 +72,7 @@ def _figures(out, subject, margin_mm):
     true_dwi, true_gre = subject.truth_dwi["label"], subject.truth_gre["label"]
     quality = io.read_json(out / "label" / "quality.json")
     record = io.read_json(out / "label" / "provenance.json")
+    m1_error = _m1_ms_error(out, subject)
     row = {
         "cst_dice": metrics.dice(np.isin(labels, (1, 2)), np.isin(true_dwi, (4, 5))),
         "m1_dice_gre": metrics.dice(np.isin(labels_gre, (3, 4)), np.isin(true_gre, (6, 7))),
@@ -63,6 +83,10 @@ def _figures(out, subject, margin_mm):
         "cst_volume_min": min(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
         "cst_volume_max": max(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
         "m1_grey_share_min": min(quality["grey_matter_share"].values(), default=float("nan")),
+        "m1_ms_error_ppm": m1_error[0],
+        "m1_ms_error_%": m1_error[1],
+        "ms_outside_brain": quality["outside_brain"].get("ms", np.nan),
+        "qsm_corr_brain": _qsm_correlation(out, subject),
         "labelling_s": record["results"]["seconds"],
         "flags": len(quality["flags"]),
     }
@@ -97,6 +121,12 @@ def main():
     )
     parser.add_argument("--variant", action="append", default=[], help="NAME:FLAGS, labelling flags added")
     parser.add_argument("--dwi-slab", action="store_true", help="the study's partial DWI coverage (phantom.DWI_SLAB)")
+    parser.add_argument(
+        "--true-gre-mask",
+        action="store_true",
+        help="give the QSM the true brain (eroded 2 mm, as the automatic mask is) instead of the automatic mask",
+    )
+    parser.add_argument("--gre-brain", choices=pipeline.GRE_BRAIN_CHOICES, default="template", help="the QSM's mask")
     parser.add_argument("--gre-bias", type=float, default=0.0, help="receive-coil profile (phantom.receive_profile)")
     parser.add_argument(
         "--white-matter-fa",
@@ -118,7 +148,7 @@ def main():
         config = anatomy.anatomy_config(phantom.PhantomConfig.study() if args.study else None)
         config = phantom.with_dwi_slab(config) if args.dwi_slab else config
         config = dataclasses.replace(config, gre_receive_bias=args.gre_bias)
-        options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)))
+        options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)), gre_brain=args.gre_brain)
         t1 = str(find_atlas("jhu-tracts", fsldir=str(fsldir)).template)
         margin = options.labeling.cortex_margin_mm
         variants = [_variant(text, options.labeling) for text in args.variant]
@@ -130,6 +160,12 @@ def main():
             subject = phantom.simulate_subject(group, 100 + k, config, anatomy=real)
             name = f"sub-{k + 1:02d}"
             phantom.write_subject(tmp / "ds", name, subject, config)
+            if args.true_gre_mask:
+                brain = subject.truth_gre["label"] > 0
+                voxel_size = geometry.voxel_sizes(subject.gre.affine)
+                eroded = masks.distance_near(brain, brain, voxel_size, 2.0) > 2.0
+                mask_path = tmp / "ds" / name / "anat" / f"{name}_desc-brain_mask.nii.gz"
+                io.save_image(mask_path, eroded, subject.gre.affine, dtype=np.uint8)
             inputs = pipeline.find_subject(tmp / "ds", name)
             pipeline.run_subject(inputs, tmp / "out" / name, options)
             row, flags = _figures(tmp / "out" / name, subject, margin)
@@ -145,6 +181,7 @@ def main():
                 print(f"{name} {variant}", ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
         grids = ("study" if args.study else "reduced") + (", DWI slab" if args.dwi_slab else "")
         bias = f", GRE receive bias {args.gre_bias}" if args.gre_bias else ""
+        bias += ", QSM mask: " + ("the true brain" if args.true_gre_mask else args.gre_brain)
         _summary(f"{len(rows)} real-anatomy subjects ({grids} grids{bias}, tissue FA {args.white_matter_fa}):", rows)
         for variant, labeling in variants:
             changed = {k: v for k, v in dataclasses.asdict(labeling).items() if v != getattr(options.labeling, k)}

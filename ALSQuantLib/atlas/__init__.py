@@ -24,12 +24,21 @@ from .definitions import (
     label_json_regions,
     load_regions_json,
 )
-from .labeling import ATLAS_SOURCES_HELP, Labeling, LabelingOptions, atlas_for, automatic_atlas, label_subject
+from .labeling import (
+    ATLAS_SOURCES_HELP,
+    Labeling,
+    LabelingOptions,
+    atlas_for,
+    automatic_atlas,
+    label_subject,
+    template_brain_mask,
+)
 from .measure import (
     MIN_IN_VIEW,
     QUALITY_LIMITS,
     contrast_fingerprint,
     cortex_core,
+    outside_brain_shares,
     quality_flags,
     region_masks,
     region_values,
@@ -76,6 +85,7 @@ __all__ = [
     "label_subject",
     "load_regions_json",
     "official_sources",
+    "outside_brain_shares",
     "propagate_labels",
     "quality_flags",
     "read_color_table",
@@ -88,6 +98,7 @@ __all__ = [
     "roi_statistics",
     "split_labels_by_hemisphere",
     "table_names",
+    "template_brain_mask",
     "template_points_to_subject",
     "to_ants",
     "volume_ratios",

@@ -19,6 +19,7 @@ from .definitions import ATLAS_COMBINATIONS, BUILTIN_ATLASES, load_regions_json
 from .measure import (
     contrast_fingerprint,
     cortex_core,
+    outside_brain_shares,
     quality_flags,
     region_masks,
     region_values,
@@ -165,7 +166,8 @@ class Labeling:
     `contrast_fingerprint` of an FA reference and of its template; ``in_view``: (region, side) → the fraction of
     the template's region inside the reference's field of view (a partial DWI slab holds part of M1);
     ``grey_share``: (region, side, space) → the fraction of a cortex region's propagated voxels that lie in the grey
-    matter (a failed grey-matter segmentation or a misplaced region keeps little).
+    matter (a failed grey-matter segmentation or a misplaced region keeps little); ``outside_brain``: map name →
+    the fraction of a GRE-grid map's measured voxels outside the template's brain (`outside_brain_shares`).
     """
 
     label_images: dict
@@ -179,6 +181,7 @@ class Labeling:
     contrast: dict = field(default_factory=dict)
     in_view: dict = field(default_factory=dict)
     grey_share: dict = field(default_factory=dict)
+    outside_brain: dict = field(default_factory=dict)
 
     @property
     def passed(self):
@@ -214,8 +217,8 @@ def _check_inputs(reference, reference_affine, atlas, rois, maps, gre_magnitude,
 
 
 BRAIN_MARGIN_MM = 4.0
-"""How far beyond the template's brain the GRE's grey matter may lie (`_grey_matter`): more than a registration's
-error, less than the skull's thickness."""
+"""How far beyond the template's brain the GRE's grey matter and a GRE map's mask may lie (`_grey_matter`,
+`outside_brain_shares`): more than a registration's error, less than the skull's thickness."""
 
 
 def _wants_grey_matter(options, atlas, gre, tissue_mask):
@@ -261,6 +264,86 @@ def _in_view(template_masks, labels_affine, shape, affine, registration, step=2)
     return {key: float(inside[a:b].mean()) if b > a else 0.0 for key, a, b in zip(keys, bounds[:-1], bounds[1:])}
 
 
+def _atlas_template(atlas, options):
+    """The template the reference registers to: (image, affine on the registration's grid, whether it is the FA
+    template, its `contrast_fingerprint` at its own grid when the reference is FA, else None)."""
+    use_fa = options.reference_contrast == "FA" and atlas.template_fa is not None
+    template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
+    # An FA map is 0 outside the brain, so its fingerprint is the brain's; a T1w reference may hold the whole head.
+    fingerprint = contrast_fingerprint(template) if options.reference_contrast == "FA" else None
+    if options.registration_mm > 0:
+        template, template_affine = geometry.coarsened(template, template_affine, options.registration_mm)
+    return template, template_affine, use_fa, fingerprint
+
+
+def _register_to_template(
+    reference, reference_affine, atlas, template, template_affine, use_fa, options, workdir, progress
+):
+    """The reference registered to the atlas's template (rigid, affine, SyN)."""
+    report_progress(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", log)
+    return register(
+        reference,
+        reference_affine,
+        template,
+        template_affine,
+        random_seed=options.seed,
+        workdir=workdir,
+        reg_iterations=SYN_ITERATIONS,
+    )
+
+
+def _link_gre(gre, gre_affine, reference, reference_affine, options, workdir, progress):
+    """The GRE magnitude registered rigidly to the reference (the same session's other image)."""
+    report_progress(progress, 0.8, "linking the GRE to the reference (rigid)", log)
+    return register(
+        *geometry.coarsened(gre, gre_affine, options.link_mm),  # as it is for 0
+        reference,
+        reference_affine,
+        transform="Rigid",
+        random_seed=options.seed,
+        workdir=workdir,
+        # One session, one scanner frame: start from the images' own placement. ANTs' default start aligns
+        # centres of mass, which a head and neck around the GRE's brain (and none around the FA's) pull
+        # centimetres off: on real-anatomy subjects with a head (8 subjects, 2 seeds) 4 of 16 links were
+        # 6-75 mm off, and M1 lost; from the images' placement all 16 were 0.4-1.0 mm off (median).
+        initial_transform="Identity",
+    )
+
+
+def _template_brain(template, template_affine, margin_mm, shape, affine, registration, link):
+    """The template's brain (its non-zero voxels, holes filled: an FA template's ventricles may hold zeros) grown by
+    `margin_mm` (shrunk if negative), on a subject grid."""
+    voxel_size = geometry.voxel_sizes(template_affine)
+    brain = ndimage.binary_fill_holes(template > 0)
+    if margin_mm >= 0:
+        brain = ndimage.distance_transform_edt(~brain, sampling=voxel_size) <= margin_mm
+    else:
+        brain = ndimage.distance_transform_edt(brain, sampling=voxel_size) > -margin_mm
+    return propagate_labels(brain.astype(np.int32), template_affine, shape, affine, registration, link=link) > 0
+
+
+def template_brain_mask(
+    reference, reference_affine, gre, gre_affine, atlas, options=None, *, margin_mm=0.0, workdir=None, progress=None
+):
+    """The atlas template's brain on the GRE's grid: the reference registered to the template as `label_subject`
+    does, the GRE magnitude linked to the reference, the template's non-zero voxels grown by `margin_mm` (shrunk if
+    negative) brought back. A brain mask that a head around the brain cannot mislead, for the QSM (the magnitude's
+    own threshold keeps the scalp and the neck)."""
+    options = options or LabelingOptions()
+    template, template_affine, use_fa, _ = _atlas_template(atlas, options)
+    registration = _register_to_template(
+        reference, reference_affine, atlas, template, template_affine, use_fa, options, workdir, progress
+    )
+    link = None
+    try:
+        link = _link_gre(gre, gre_affine, reference, reference_affine, options, workdir, progress)
+        return _template_brain(template, template_affine, margin_mm, gre.shape, gre_affine, registration, link)
+    finally:
+        registration.cleanup()
+        if link is not None:
+            link.cleanup()
+
+
 def _register_and_propagate(
     reference,
     reference_affine,
@@ -274,29 +357,17 @@ def _register_and_propagate(
     keep_transforms,
     workdir,
     progress,
-    gre_brain=False,
 ):
     """Register the reference to the template, bring the labels to the reference's (and the GRE's) grid; return
     (space → (labels, affine), template correlation, kept transform files, `contrast_fingerprint` of an FA reference
     and its template, each template region's fraction inside the reference's field of view (`_in_view`), and, with
-    `gre_brain`, the template's brain (non-zero voxels) widened by `BRAIN_MARGIN_MM` on the GRE grid, else None)."""
-    use_fa = options.reference_contrast == "FA" and atlas.template_fa is not None
-    template, template_affine = io.load_image(atlas.template_fa if use_fa else atlas.template, ndim=3, what="template")
-    # An FA map is 0 outside the brain, so its fingerprint is the brain's; a T1w reference may hold the whole head.
+    a GRE, the template's brain (non-zero voxels) widened by `BRAIN_MARGIN_MM` on the GRE grid, else None)."""
+    template, template_affine, use_fa, fingerprint = _atlas_template(atlas, options)
     contrast = {}
-    if options.reference_contrast == "FA":
-        contrast = {"reference": contrast_fingerprint(reference), "template": contrast_fingerprint(template)}
-    if options.registration_mm > 0:
-        template, template_affine = geometry.coarsened(template, template_affine, options.registration_mm)
-    report_progress(progress, 0.0, f"registering to the {atlas.name} template ({'FA' if use_fa else 'T1w'}), SyN", log)
-    registration = register(
-        reference,
-        reference_affine,
-        template,
-        template_affine,
-        random_seed=options.seed,
-        workdir=workdir,
-        reg_iterations=SYN_ITERATIONS,
+    if fingerprint is not None:
+        contrast = {"reference": contrast_fingerprint(reference), "template": fingerprint}
+    registration = _register_to_template(
+        reference, reference_affine, atlas, template, template_affine, use_fa, options, workdir, progress
     )
     link = brain = None
     try:
@@ -304,21 +375,12 @@ def _register_and_propagate(
         label_images = {"reference": (propagated, reference_affine)}
         in_view = _in_view(template_masks, labels_affine, reference.shape, reference_affine, registration)
         if gre is not None:
-            report_progress(progress, 0.8, "linking the GRE to the reference (rigid)", log)
-            link = register(
-                *geometry.coarsened(gre, gre_affine, options.link_mm),  # as it is for 0
-                reference,
-                reference_affine,
-                transform="Rigid",
-                random_seed=options.seed,
-                workdir=workdir,
-            )
+            link = _link_gre(gre, gre_affine, reference, reference_affine, options, workdir, progress)
             propagated = propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link)
             label_images["gre"] = (propagated, gre_affine)
-            if gre_brain:
-                outside = ndimage.distance_transform_edt(template <= 0, sampling=geometry.voxel_sizes(template_affine))
-                widened = (outside <= BRAIN_MARGIN_MM).astype(np.int32)
-                brain = propagate_labels(widened, template_affine, gre.shape, gre_affine, registration, link=link) > 0
+            brain = _template_brain(
+                template, template_affine, BRAIN_MARGIN_MM, gre.shape, gre_affine, registration, link
+            )
         kept = []
         if keep_transforms is not None:
             Path(keep_transforms).mkdir(parents=True, exist_ok=True)
@@ -425,7 +487,6 @@ def label_subject(
         keep_transforms,
         workdir,
         progress,
-        gre_brain=_wants_grey_matter(options, atlas, gre, tissue_mask),
     )
     grey = _grey_matter(options, atlas, gre, gre_affine, tissue_mask, template_brain)
     kinds = {r: atlas.region(r).kind for r in rois}
@@ -464,7 +525,11 @@ def label_subject(
             kinds=kinds,
         )
         rows += [{**row, "space": space} for row in statistics]
-    flags = quality_flags(similarity, ratios, contrast, shares)
+    outside = {}
+    if template_brain is not None:
+        on_gre = {n: image for n, (image, a) in maps.items() if geometry.same_grid(image.shape, a, *grids["gre"])}
+        outside = outside_brain_shares(on_gre, template_brain)
+    flags = quality_flags(similarity, ratios, contrast, shares, outside)
     for row in rows:
         row["qc_passed"] = not flags
     report_progress(progress, 1.0, "labelling done", log)
@@ -480,4 +545,5 @@ def label_subject(
         contrast,
         in_view,
         shares,
+        outside,
     )

@@ -150,19 +150,39 @@ QUALITY_LIMITS = {
     "min_similarity": 0.5,
     "ratio_range": (0.5, 2.0),
     "min_grey_share": 0.25,
+    "max_outside_brain": 0.1,
 }
 """Where `quality_flags` draws the line. ``max_contrast_difference``: between the reference's and the template's
 `contrast_fingerprint`; measured 0.01-0.06 for FA against an FA template (real anatomy, phantom), 0.25-0.51 for FA
 against a T1w template. ``min_similarity``: the registered reference's correlation with the template;
 ``ratio_range``: region volume / the template's; ``min_grey_share``: the fraction of a cortex region's voxels in
-the segmented grey matter."""
+the segmented grey matter; ``max_outside_brain``: the fraction of a GRE map's voxels outside the template's brain
+(`outside_brain_shares`)."""
 
 
-def quality_flags(similarity, ratios, contrast=None, grey_shares=None, limits=QUALITY_LIMITS):
+def outside_brain_shares(maps, brain):
+    """Map name → the fraction of the map's measured voxels (finite and non-zero) that lie outside `brain` (the
+    template's brain, widened, on the maps' grid): a QSM mask that kept the scalp, the skull or the neck gives a
+    susceptibility map whose values in the brain are wrong too (the dipole inversion spreads the errors).
+
+    >>> brain = np.zeros((4, 4, 4), bool); brain[:2] = True
+    >>> chi = np.where(np.arange(4)[:, None, None] < 3, 0.1, np.nan) * np.ones((4, 4, 4))
+    >>> outside_brain_shares({"ms": chi}, brain)
+    {'ms': 0.3333333333333333}
+    """
+    shares = {}
+    for name, image in maps.items():
+        measured = np.isfinite(image) & (image != 0)
+        shares[name] = float((measured & ~brain).sum() / measured.sum()) if measured.any() else 0.0
+    return shares
+
+
+def quality_flags(similarity, ratios, contrast=None, grey_shares=None, outside_brain=None, limits=QUALITY_LIMITS):
     """Reasons to distrust a labelling: a template of another contrast than the reference (`contrast`:
     ``reference`` and ``template`` → `contrast_fingerprint`), low template similarity (`Registration.similarity`),
     region volumes far from the template's, a cortex region mostly outside the segmented grey matter (`grey_shares`:
-    (region, side, space) → fraction).
+    (region, side, space) → fraction), a map measured well beyond the brain (`outside_brain`: map name → fraction,
+    `outside_brain_shares`).
 
     Registering FA to a T1w template runs without error and puts the CST 0.45-0.5 Dice off (against 0.87-0.89 FA to
     FA, subjects from real anatomy), yet passes the other two checks (correlation 0.85 against 0.95, volumes
@@ -187,5 +207,11 @@ def quality_flags(similarity, ratios, contrast=None, grey_shares=None, limits=QU
             flags.append(
                 f"{region} {side} in {space} space: only {share:.0%} of its voxels lie in the segmented grey matter "
                 "(a failed grey-matter segmentation or a misplaced region)"
+            )
+    for name, share in (outside_brain or {}).items():
+        if share > limits["max_outside_brain"]:
+            flags.append(
+                f"{share:.0%} of the {name} map's voxels lie outside the template's brain: its mask holds the scalp, "
+                "skull or neck, which spoils the values inside the brain too; give a brain mask (--gre-mask)"
             )
     return flags

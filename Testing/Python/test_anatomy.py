@@ -116,11 +116,14 @@ def test_tissue_fa_follows_the_atlas_fa_template_or_one_value_per_class(real, fs
 
 def test_a_real_anatomy_subject_is_labelled_where_its_truth_is_and_a_wrong_template_is_flagged(real, fsldir, tmp_path):
     """The patient-study path (`run-subject`, the default atlas: JHU tracts + Harvard-Oxford, FA registered to FSL's
-    FA template) on one subject made from real anatomy, with a head around the brain and a head coil's receive
-    profile over the GRE. Measured on this subject (reduced grids): CST Dice 0.893, M1 Dice on the GRE grid 0.859,
-    the true MK through the CST labels -1.5 % (without head and profile, subjects 100-102: 0.87-0.89, 0.85-0.87,
-    -1.7 to -2.7 %). With FA registered to the T1w template the CST falls to Dice 0.44-0.50, which only the contrast
-    check flags."""
+    FA template, the QSM masked by the template's brain) on one subject made from real anatomy, with a head around
+    the brain and a head coil's receive profile over the GRE. Measured on this subject (reduced grids): CST Dice
+    0.893, M1 Dice on the GRE grid 0.859, the true MK through the CST labels -1.5 % (without head and profile,
+    subjects 100-102: 0.87-0.89, 0.85-0.87, -1.7 to -2.7 %); M1 susceptibility +0.004 ppm from its truth (subjects
+    100-105: -0.023 to +0.046 ppm; with the magnitude's own mask, which keeps the scalp and the neck, -59 to -99 %,
+    subjects 100-103). With FA
+    registered to the T1w template the CST falls to Dice 0.44-0.50, which only the contrast check flags; the
+    magnitude's mask is flagged by the share of the map outside the template's brain (0.53-0.68, against 0)."""
     import dataclasses
     import shutil
 
@@ -132,7 +135,7 @@ def test_a_real_anatomy_subject_is_labelled_where_its_truth_is_and_a_wrong_templ
     phantom.write_subject(tmp_path / "ds", "sub-01", subject, config)
     inputs = pipeline.find_subject(tmp_path / "ds", "sub-01")
     options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)))
-    pipeline.run_subject(inputs, tmp_path / "good", options)
+    result = pipeline.run_subject(inputs, tmp_path / "good", options)
 
     label = tmp_path / "good" / "label"
     cst = np.isin(io.load_image(label / "labels_reference.nii.gz")[0], (1, 2))
@@ -141,19 +144,28 @@ def test_a_real_anatomy_subject_is_labelled_where_its_truth_is_and_a_wrong_templ
     true_m1 = np.isin(subject.truth_gre["label"], (phantom.M1_LEFT, phantom.M1_RIGHT))
     mk = subject.truth_dwi["mk"]
     mk_error = np.mean(mk[cst]) / np.mean(mk[true_cst]) - 1
+    # the truth referenced as the map is: minus its mean over the QSM's mask
+    qsm_mask = io.load_image(tmp_path / "good" / "qsm" / "mask.nii.gz")[0] > 0
+    m1_truth = subject.values["m1_chi"] - float(subject.truth_gre["chi"][qsm_mask].mean())
     print(
         f"CST Dice {metrics.dice(cst, true_cst):.3f}, M1 Dice (GRE) {metrics.dice(m1, true_m1):.3f}, MK {mk_error:+.2%}"
+        f", M1 MS {result['m1_ms']:.3f} ppm against {m1_truth:.3f}"
     )
     assert metrics.dice(cst, true_cst) >= 0.85
     assert metrics.dice(m1, true_m1) >= 0.75
     assert abs(mk_error) < 0.03
+    assert result["m1_ms"] == pytest.approx(m1_truth, abs=0.04)  # the ALS-control difference is about 0.09 ppm
     quality = io.read_json(label / "quality.json")
     assert quality["passed"], quality["flags"]
     assert (label / "labels.png").is_file()
 
+    # FA registered to the T1w template, and the QSM masked by the magnitude's own threshold
     t1w = str(find_atlas("jhu-tracts", fsldir=str(fsldir)).template)
-    wrong = dataclasses.replace(options, labeling=dataclasses.replace(options.labeling, template_fa=t1w))
-    shutil.copytree(tmp_path / "good", tmp_path / "wrong")  # DKI and QSM are reused; only the labelling runs again
+    labeling = dataclasses.replace(options.labeling, template_fa=t1w)
+    wrong = dataclasses.replace(options, labeling=labeling, gre_brain="magnitude")
+    shutil.copytree(tmp_path / "good", tmp_path / "wrong")  # DKI is reused; QSM and the labelling run again
     pipeline.run_subject(inputs, tmp_path / "wrong", wrong)
-    flags = io.read_json(tmp_path / "wrong" / "label" / "quality.json")["flags"]
-    assert any("registered across contrasts" in flag for flag in flags), flags
+    quality = io.read_json(tmp_path / "wrong" / "label" / "quality.json")
+    assert any("registered across contrasts" in flag for flag in quality["flags"]), quality["flags"]
+    assert quality["outside_brain"]["ms"] > 0.3
+    assert any("of the ms map's voxels lie outside the template's brain" in flag for flag in quality["flags"])

@@ -502,6 +502,10 @@ def test_quality_flags_catch_a_failed_registration(registered_subject):
     shares = {("M1", "left", "gre"): 0.10, ("M1", "right", "gre"): 0.45}
     (flag,) = atlas.quality_flags(registration.similarity, good, None, shares)
     assert flag.startswith("M1 left in gre space: only 10% of its voxels")
+    # a QSM mask that kept the scalp and neck (real anatomy with a head: 56-98 % of the map outside the template's
+    # brain, against 0 with the true brain as the mask; benchmarks/bench_real_anatomy.py --true-gre-mask)
+    (flag,) = atlas.quality_flags(registration.similarity, good, None, None, {"ms": 0.56, "other": 0.0})
+    assert flag.startswith("56% of the ms map's voxels lie outside the template's brain")
 
 
 def test_the_contrast_fingerprint_tells_real_fa_from_real_t1w(shared_data):

@@ -46,7 +46,9 @@ def test_every_option_is_declared_with_help_and_goes_through_the_command_line(cl
 
 
 def test_run_subject_and_run_cohort_reach_every_option_of_every_step():
-    changed = SubjectOptions(dki=_changed(DKIOptions), qsm=_changed(QSMOptions), labeling=_changed(LabelingOptions))
+    changed = SubjectOptions(
+        dki=_changed(DKIOptions), qsm=_changed(QSMOptions), labeling=_changed(LabelingOptions), gre_brain="magnitude"
+    )
     for command in (["run-subject", "--dwi", "d", "--gre-magnitude", "m", "--gre-phase", "p"], ["run-cohort", "ds"]):
         args = cli.build_parser().parse_args([*command, "--out", "o", *options.to_argv(changed)])
         assert options.from_arguments(SubjectOptions, args) == changed

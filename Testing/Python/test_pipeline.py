@@ -57,7 +57,7 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
         str(out),
     ]
     assert cli.main(args) == 0
-    assert "stages run: dki, qsm, label" in capsys.readouterr().out
+    assert "stages run: dki, brain, qsm, label" in capsys.readouterr().out
     markers = io.read_json(out / "markers.json")
     true = truth["sub-01"]
     assert markers["cst_mk"] == pytest.approx(float(true["cst_mk"]), rel=0.03)  # the atlas issue measured -1.8 % bias
@@ -71,6 +71,17 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     ):
         for name in names:
             assert (out / stage / f"{name}.nii.gz").exists()
+    # The QSM's mask is the atlas template's brain brought onto the GRE (the phantom has no head, so the magnitude's
+    # threshold would do as well): it holds the true brain's tissue and little else. The phantom's FA template is 0 in
+    # CSF, so the 3 mm of CSF around its brain are left out (measured: 0.89 of the brain with that CSF).
+    brain = io.load_image(out / "brain" / "brain_gre.nii.gz")[0] > 0
+    true_labels = io.load_image(folder / phantom.TRUTH_DIR / "sub-01" / "sub-01_space-gre_label.nii.gz")[0]
+    tissue = (true_labels > 0) & (true_labels != phantom.CSF)
+    covered, outside = (brain & tissue).sum() / tissue.sum(), (brain & (true_labels == 0)).sum() / brain.sum()
+    print(f"template brain on the GRE: {covered:.3f} of the true brain's tissue, {outside:.3f} of it outside the brain")
+    assert covered > 0.97 and outside < 0.05
+    qsm_record = io.read_json(out / "qsm" / "provenance.json")
+    assert qsm_record["inputs"]["mask"]["sha256"] == provenance.file_sha256(out / "brain" / "brain_gre.nii.gz")
     _, chi_affine = io.load_image(out / "qsm" / "susceptibility.nii.gz")
     _, gre_affine = io.load_image(inputs.gre_magnitude[0])
     np.testing.assert_allclose(chi_affine, gre_affine, atol=1e-5)
