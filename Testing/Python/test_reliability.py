@@ -439,7 +439,7 @@ def test_full_and_read_only_disks_are_reported_with_the_path(dataset, tmp_path):
     result = pipeline.run_cohort(
         folder,
         done,
-        pipeline.SubjectOptions(labeling=_labeling(folder)),
+        pipeline.SubjectOptions(labeling=_labeling(folder), gre_brain="magnitude"),
         workers=1,
         subjects=["sub-01"],
         echo=lambda line: None,
