@@ -6,8 +6,9 @@ Harvard-Oxford from the FSL installation, FA registered to FSL's FA template). P
 [min-max]: CST Dice on the DWI grid and M1 Dice on the GRE grid (against the true labels), the true MK map through
 the CST labels and the true χ map through the M1 labels against the same maps through the true labels (%), the
 susceptibility map's correlation with the true χ in the brain, the quality figures (`quality.json`) and flags, and
-the labelling time. With ``--true-gre-mask`` the QSM gets the true brain as its mask (the automatic one keeps the
-simulated head's scalp and neck). With ``--wrong-template`` each subject is
+the labelling time. The QSM's mask is the template's brain (``--gre-brain template``, the default) or the
+magnitude's threshold (``--gre-brain magnitude``, which keeps the simulated head's scalp and neck); with
+``--true-gre-mask`` it is the true brain, eroded 2 mm. With ``--wrong-template`` each subject is
 labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside;
 each ``--variant "NAME:FLAGS"`` labels it again with those labelling flags added (e.g.
 ``--variant "linkfull:--link-mm 0"`` or ``--variant noN4:--no-bias-correction``). Nothing is asserted.
@@ -124,7 +125,7 @@ def main():
     parser.add_argument(
         "--true-gre-mask",
         action="store_true",
-        help="give the QSM the true brain (eroded 2 mm, as the automatic mask is) instead of the automatic mask",
+        help="give the QSM the true brain (eroded 2 mm, as the magnitude's mask is) as its mask",
     )
     parser.add_argument("--gre-brain", choices=pipeline.GRE_BRAIN_CHOICES, default="template", help="the QSM's mask")
     parser.add_argument("--gre-bias", type=float, default=0.0, help="receive-coil profile (phantom.receive_profile)")

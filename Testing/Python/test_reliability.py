@@ -449,7 +449,7 @@ def test_full_and_read_only_disks_are_reported_with_the_path(dataset, tmp_path):
     mount, reports = tmp_path / "mnt", tmp_path / "reports"
     mount.mkdir()
     reports.mkdir()
-    cohort = " ".join(_command("run-cohort", folder, "--workers", "1", *atlas_args))
+    cohort = " ".join(_command("run-cohort", folder, "--workers", "1", *atlas_args, "--gre-brain", "magnitude"))
     EYE = "[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]"
     script = textwrap.dedent(
         f"""
