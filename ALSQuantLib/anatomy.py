@@ -31,8 +31,9 @@ from scipy import ndimage
 
 from . import geometry, io, phantom
 from .atlas import find_atlas
-from .atlas.registration import register, warp_to_subject
+from .atlas.registration import warp_to_subject
 from .errors import InputError
+from .registration import register
 
 _NILEARN_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 _TRACT_SIGMA_MM = 4.0

@@ -19,7 +19,10 @@ which is linear in the 22 parameters (ln S0, 6 of D, 15 of V). All voxels are so
 * ``"WLS"``: reweighted with S² from the previous prediction (Veraart et al. 2013), once by default;
 * ``"CWLS"``: WLS under Tabesh's linear constraints on a set of directions n — D(n) ≥ 0, V(n) ≥ 0 (no negative
   directional kurtosis) and V(n) ≤ 3 D(n) / b_max (apparent kurtosis below 3 / (b_max D(n)), so the signal falls
-  monotonically up to b_max) — solved by ADMM for the voxels whose WLS fit breaks one, all such voxels at once.
+  monotonically up to b_max) — on 100 directions (DIPY's stored repulsion sphere), solved by ADMM for the voxels
+  whose WLS fit breaks one, all such voxels at once;
+* ``"robust"``: CWLS without the (slice, volume) pairs whose signal dropped out (`DKIModel.dropouts`: a slice's
+  median residual far from its shell's, as FSL eddy's outlier replacement judges them).
 
 Scalar maps follow DIPY's definitions: MK, RK analytically (Tabesh et al. 2011) with exact Carlson integrals,
 AK = Ŵ₁₁₁₁ MD²/λ₁², MKT = tr(W)/5 (Hansen et al. 2013), KFA (Glenn et al. 2015). Kurtosis maps are clipped to
@@ -49,19 +52,29 @@ from functools import cached_property
 import numpy as np
 from scipy.special import elliprd, elliprf
 
-from . import geometry, masks
+from . import geometry, io, masks, motion
 from .errors import InputError
 from .io import MIN_DIFFUSION_WEIGHTING
 from .options import check_choices, flag, option
 
 log = logging.getLogger(__name__)
 
-FIT_METHODS = ("OLS", "WLS", "CWLS")
+FIT_METHODS = ("OLS", "WLS", "CWLS", "robust")
+DENOISERS = ("mppca", "patch2self")
 DKI_MAPS = ("mk", "fa", "md", "ad", "rd", "ak", "rk", "mkt", "kfa", "s0")
 """Every map a kurtosis fit gives (a DTI-only fit gives FA, MD, AD, RD and S0)."""
 MIN_KURTOSIS = -3.0 / 7.0
 MAX_KURTOSIS = 10.0
 MIN_DIRECTIONS = 15
+DROPOUT_Z = 4.0
+"""``robust``: a slice of a volume whose median relative residual lies this many robust standard deviations from its
+shell's is signal dropout (FSL eddy's default outlier limit, 4 standard deviations)."""
+MIN_SLICE_VOXELS = 50
+MIN_DROPOUT = 0.1
+"""``robust``: nor is a slice of a volume judged a dropout unless its median relative residual is off by more than
+this (10 % of the signal): where the slices' medians agree to a fraction of a percent (the phantom's: MAD 0.002),
+4 MADs is within the model's own misfit (up to 4 % there)."""
+DROPOUT_ROUNDS = 5
 B_UNIT = 1000.0  # b in s/mm² / 1000 = ms/µm²; diffusivities then come out in µm²/ms = 1e-3 mm²/s
 
 # The 15 unique elements of a symmetric 4th-order tensor, in DIPY's order, and their multiplicities.
@@ -151,12 +164,26 @@ def _design_matrix(bvals, bvecs, n_params):
     return np.hstack(columns)
 
 
-def constraint_matrix(n_directions, b_max):
-    """Rows C with C x ≥ 0 meaning D(n) ≥ 0, V(n) ≥ 0 and 3 D(n)/b_max − V(n) ≥ 0 for `n_directions` directions.
+CONSTRAINT_DIRECTIONS = 100
 
-    The directions cover the hemisphere evenly (DIPY's electrostatic repulsion, fixed seed).
+
+def constraint_directions(n_directions=CONSTRAINT_DIRECTIONS):
+    """Directions covering the hemisphere evenly: DIPY's stored ``repulsion200`` sphere, one of each antipodal pair,
+    for the default 100 (read, not computed); any other number placed by electrostatic repulsion (1-2 s)."""
+    if n_directions == CONSTRAINT_DIRECTIONS:
+        from dipy.data import get_sphere
+
+        vertices = get_sphere(name="repulsion200").vertices
+        keep = [i for i, v in enumerate(vertices) if not any(np.dot(v, vertices[j]) < -0.999 for j in range(i))]
+        return vertices[keep]
+    return geometry.sphere_directions(n_directions, seed=42)
+
+
+def constraint_matrix(n_directions, b_max):
+    """Rows C with C x ≥ 0 meaning D(n) ≥ 0, V(n) ≥ 0 and 3 D(n)/b_max − V(n) ≥ 0 for `n_directions` directions
+    (`constraint_directions`).
     """
-    n = geometry.sphere_directions(n_directions, seed=42)
+    n = constraint_directions(n_directions)
     d = n[:, DT_INDICES[:, 0]] * n[:, DT_INDICES[:, 1]] * DT_MULTIPLICITY
     v = np.prod(n[:, KT_INDICES], axis=2) * KT_MULTIPLICITY
     zeros_d, zeros_v, zeros_1 = np.zeros_like(d), np.zeros_like(v), np.zeros((len(n), 1))
@@ -429,16 +456,25 @@ def tensor_measures(evals, evecs, kt, *, min_kurtosis=MIN_KURTOSIS, max_kurtosis
 # ----------------------------------------------------------------------------------------------------------------
 # Model and fit
 # ----------------------------------------------------------------------------------------------------------------
+def _slices(index, spatial, slice_axis):
+    """Each flat voxel index's slice along `slice_axis`, and the number of slices; data with fewer axes (a list of
+    voxels) is one slice."""
+    if len(spatial) <= slice_axis:
+        return np.zeros(len(index), dtype=int), 1
+    return np.unravel_index(index, spatial)[slice_axis], spatial[slice_axis]
+
+
 class DKIModel:
     """Diffusion kurtosis model for one acquisition.
 
     Parameters
     ----------
     bvals : array_like, shape (n,)
-        s/mm²; rounded to shells (`round_bvals`).
+        s/mm², fitted as given (a b-value 1 % off its nominal shell is fitted at its own value); grouped into shells
+        (`round_bvals`) only to count and report them.
     bvecs : array_like, shape (n, 3)
         Unit gradient directions (any frame: scalar maps do not depend on it; tensors are expressed in it).
-    fit_method : {"OLS", "WLS", "CWLS"}
+    fit_method : {"OLS", "WLS", "CWLS", "robust"}
     n_iterations : int
         Reweighting iterations of WLS and CWLS (default 1, as DIPY). More iterations are available but measured
         worse here: at SNR 30 in white matter each further reweighting added about −0.03 of MK bias (RMSE 0.095
@@ -447,7 +483,8 @@ class DKIModel:
         Allow an acquisition without two non-zero shells and 15 directions: fit the diffusion tensor only
         (FA, MD, AD, RD), with a warning. Without it such an acquisition is refused.
     b0_threshold : float
-        b-values at or below it (s/mm²) are b = 0.
+        b-values at or below it (s/mm²) are b = 0 volumes: they may have no direction, and do not count as a shell.
+        They are fitted at their own b-value all the same.
     constraint_directions : int
         Directions on which CWLS enforces its constraints.
     min_kurtosis, max_kurtosis : float
@@ -471,8 +508,8 @@ class DKIModel:
         fit_method="WLS",
         n_iterations=1,
         dti_only=False,
-        b0_threshold=50.0,
-        constraint_directions=40,
+        b0_threshold=MIN_DIFFUSION_WEIGHTING,
+        constraint_directions=CONSTRAINT_DIRECTIONS,
         min_kurtosis=MIN_KURTOSIS,
         max_kurtosis=MAX_KURTOSIS,
     ):
@@ -488,15 +525,21 @@ class DKIModel:
             raise InputError(f"fit_method {fit_method!r}: expected one of {', '.join(FIT_METHODS)}")
         if int(n_iterations) < 1:
             raise InputError(f"n_iterations: expected at least 1, got {n_iterations}")
-        self.bvals = round_bvals(bvals, b0_threshold=b0_threshold)
-        weighted = self.bvals > 0
+        if not float(b0_threshold) >= 0:
+            raise InputError(f"b0 threshold {b0_threshold!r}: expected a b-value of 0 or more (s/mm²)")
+        self.bvals = bvals
+        self.b0 = bvals <= b0_threshold
+        weighted = ~self.b0
         norms = np.linalg.norm(bvecs, axis=1)
         if np.any(weighted & (np.abs(norms - 1) > 0.05)):
             raise InputError("bvecs: diffusion-weighted directions must be unit vectors")
-        self.bvecs = np.where(weighted[:, None], bvecs / np.where(norms > 0, norms, 1)[:, None], 0.0)
-        if not np.any(~weighted):
-            raise InputError("bvals: no b = 0 volume; DKI and DTI need at least one")
-        self.shells = sorted(set(self.bvals[weighted].tolist()))
+        # A b = 0 volume's direction (none, or one with b = 5) enters the fit through b g gᵀ, as given.
+        self.bvecs = np.divide(bvecs, norms[:, None], out=np.zeros_like(bvecs), where=norms[:, None] > 1e-6)
+        if not np.any(self.b0):
+            raise InputError(
+                f"bvals: no b = 0 volume (none at or below {b0_threshold:g} s/mm²); DKI and DTI need at least one"
+            )
+        self.shells = sorted(set(round_bvals(bvals, b0_threshold=b0_threshold)[weighted].tolist()))
         self.n_directions = count_directions(self.bvecs[weighted])
         self.fit_method = fit_method
         self.n_iterations = int(n_iterations)
@@ -517,9 +560,15 @@ class DKIModel:
         self.n_params = 22 if self.kurtosis else 7
         self.design = _design_matrix(self.bvals, self.bvecs, self.n_params)
         self._pinv = np.linalg.pinv(self.design)
-        self.constraints = constraint_matrix(constraint_directions, max(self.shells)) if self.kurtosis else None
+        self._constraint_directions = constraint_directions
 
-    def fit(self, data, *, mask=None, chunk_size=10000, progress=None):
+    @cached_property
+    def constraints(self):
+        """The constraint rows of CWLS and ``robust`` (`constraint_matrix`), made when first needed: a number of
+        directions other than the stored default takes 1-2 s to place, which a WLS or OLS fit need not spend."""
+        return constraint_matrix(self._constraint_directions, self.bvals.max()) if self.kurtosis else None
+
+    def fit(self, data, *, mask=None, chunk_size=10000, slice_axis=2, progress=None):
         """Fit every voxel of `data` inside `mask`.
 
         Parameters
@@ -530,6 +579,8 @@ class DKIModel:
             Voxels to fit (default: every voxel with a finite, positive mean b = 0 signal).
         chunk_size : int
             Voxels per batch (bounds memory).
+        slice_axis : int
+            The axis along which slices were acquired (``robust``: signal dropout is judged slice by slice).
         progress : callable(fraction, message), optional
 
         Returns
@@ -544,7 +595,7 @@ class DKIModel:
             )
         spatial = data.shape[:-1]
         if mask is None:
-            b0 = data[..., self.bvals == 0]
+            b0 = data[..., self.b0]
             with np.errstate(invalid="ignore"):
                 mask = np.all(np.isfinite(b0), axis=-1) & (np.nan_to_num(b0).mean(axis=-1) > 0)
         else:
@@ -557,18 +608,26 @@ class DKIModel:
         invalid = np.zeros(len(index), dtype=np.int32)
         failed = np.zeros(len(index), dtype=bool)
         violation = np.zeros(len(index))
+        dropouts = self.dropouts(data, mask, slice_axis=slice_axis) if self.fit_method == "robust" else None
+        slices = _slices(index, spatial, slice_axis)[0]
         for start in range(0, len(index), chunk_size):
             stop = min(start + chunk_size, len(index))
             signal = flat[index[start:stop]].astype(np.float64)
+            excluded = None if dropouts is None else dropouts[slices[start:stop]]
             (params[start:stop], invalid[start:stop], failed[start:stop], violation[start:stop]) = self._fit_chunk(
-                signal
+                signal, excluded
             )
             if progress:
                 progress(stop / max(len(index), 1), f"fitted {stop} of {len(index)} voxels")
-        return DKIFit(self, spatial, index, params, invalid, failed, violation)
+        fit = DKIFit(self, spatial, index, params, invalid, failed, violation)
+        fit.dropouts = dropouts
+        return fit
 
-    def _fit_chunk(self, signal):
+    def _fit_chunk(self, signal, excluded=None):
+        """Fit a batch of voxels (rows of `signal`); `excluded` (same shape) marks measurements to leave out."""
         valid = np.isfinite(signal) & (signal > 0)
+        if excluded is not None:
+            valid &= ~excluded
         log_signal = np.log(np.where(valid, signal, 1.0))
         weights = valid.astype(np.float64)
         failed = valid.sum(axis=1) < self.n_params + 1
@@ -578,16 +637,11 @@ class DKIModel:
         partial = np.flatnonzero(~valid.all(axis=1))
         if partial.size:
             x[partial] = _solve(*_normal_equations(self.design, weights[partial], log_signal[partial]))
-        if self.fit_method in ("WLS", "CWLS"):
+        if self.fit_method in ("WLS", "CWLS", "robust"):
             for _ in range(self.n_iterations):
-                predicted = np.clip(self.design @ x.T, -50, 50).T
-                w = np.exp(2.0 * predicted) * valid
-                w /= np.maximum(w.max(axis=1, keepdims=True), 1e-300)
-                w[failed] = 1.0
-                P, q = _normal_equations(self.design, w, log_signal)
-                x = _solve(P, q)
+                x, P, q = self._reweighted(x, valid, failed, log_signal)
         violation = np.zeros(len(x))
-        if self.fit_method == "CWLS":
+        if self.fit_method in ("CWLS", "robust"):
             cx = x @ self.constraints.T
             scale = np.abs(cx).max(axis=1)
             breaking = np.flatnonzero((cx.min(axis=1) < -1e-9 * scale) & ~failed)
@@ -596,7 +650,82 @@ class DKIModel:
                     P[:, breaking], q[breaking], x[breaking], self.constraints
                 )
         x[failed] = 0.0
-        return x, (~valid).sum(axis=1), failed, violation
+        invalid = (~(np.isfinite(signal) & (signal > 0))).sum(axis=1)
+        return x, invalid, failed, violation
+
+    def _reweighted(self, x, valid, failed, log_signal):
+        """One WLS step: weights S² from the prediction of `x` where `valid`."""
+        predicted = np.clip(self.design @ x.T, -50, 50).T
+        w = np.exp(2.0 * predicted) * valid
+        w /= np.maximum(w.max(axis=1, keepdims=True), 1e-300)
+        w[failed] = 1.0
+        P, q = _normal_equations(self.design, w, log_signal)
+        return _solve(P, q), P, q
+
+    def dropouts(self, data, mask, *, slice_axis=2, chunk_size=10000):
+        """(slice, volume) pairs whose signal fell out: a diffusion-weighted volume whose median relative residual
+        in a slice, (S − Ŝ) / Ŝ against a WLS fit of the slice's voxels, lies more than `DROPOUT_Z` robust standard
+        deviations from its shell's (median and MAD over the shell's slices and volumes), and more than
+        `MIN_DROPOUT`.
+
+        A head that moves during a volume's diffusion encoding loses signal in the slices acquired then (what
+        FSL eddy's ``--repol`` detects, Andersson 2016). Judged voxel by voxel, such a measurement mostly hides: with
+        20 directions a b = 2500 measurement has a leverage of 0.5-0.8 and the kurtosis tensor follows it; the
+        median over a slice's voxels shows it plainly. A dropout also pulls the fit, and with it the residuals of
+        the slice's other volumes, so each round leaves out only the worst volume of each slice, refits, and judges
+        again (at most `DROPOUT_ROUNDS` rounds). Slices with fewer than `MIN_SLICE_VOXELS` fitted voxels are not
+        judged. Returns an array of shape (slices, volumes).
+        """
+        data = np.asarray(data)
+        index = np.flatnonzero(np.asarray(mask, dtype=bool).ravel())
+        slices, n_slices = _slices(index, data.shape[:-1], slice_axis)
+        flat = data.reshape(-1, data.shape[-1])
+        shells = round_bvals(self.bvals, b0_threshold=0.0)
+        groups = [np.flatnonzero((shells == shell) & ~self.b0) for shell in self.shells]
+        flagged = np.zeros((n_slices, data.shape[-1]), dtype=bool)
+        for _ in range(DROPOUT_ROUNDS):
+            medians = self._slice_residuals(flat, index, slices, n_slices, flagged, chunk_size)
+            z = np.zeros(medians.shape)
+            for volumes in groups:
+                values = np.where(flagged[:, volumes], np.nan, medians[:, volumes])
+                finite = values[np.isfinite(values)]
+                if finite.size < 10:
+                    continue
+                centre = np.median(finite)
+                spread = 1.4826 * np.median(np.abs(finite - centre))
+                deviation = np.nan_to_num(np.abs(values - centre))
+                z[:, volumes] = np.where(deviation > MIN_DROPOUT, deviation / max(spread, 1e-12), 0.0)
+            worst = np.argmax(z, axis=1)
+            new = z[np.arange(n_slices), worst] > DROPOUT_Z
+            if not new.any():
+                break
+            flagged[np.flatnonzero(new), worst[new]] = True
+        return flagged
+
+    def _slice_residuals(self, flat, index, slices, n_slices, excluded, chunk_size):
+        """Per slice and volume, the median relative residual (S − Ŝ) / Ŝ of a WLS fit without the `excluded`
+        (slice, volume) pairs; NaN for slices with too few voxels."""
+        relative = np.full((len(index), flat.shape[1]), np.nan)
+        for start in range(0, len(index), chunk_size):
+            rows = slice(start, start + chunk_size)
+            signal = flat[index[rows]].astype(np.float64)
+            valid = np.isfinite(signal) & (signal > 0)
+            log_signal = np.log(np.where(valid, signal, 1.0))
+            used = valid & ~excluded[slices[rows]]
+            failed = used.sum(axis=1) < self.n_params + 1
+            x = _solve(*_normal_equations(self.design, np.where(failed[:, None], 1.0, used), log_signal))
+            for _ in range(self.n_iterations):
+                x, _, _ = self._reweighted(x, used, failed, log_signal)
+            predicted = np.exp(np.clip(self.design @ x.T, -50, 50).T)
+            relative[rows] = np.where(valid & ~failed[:, None], signal / predicted - 1.0, np.nan)
+        medians = np.full((n_slices, flat.shape[1]), np.nan)
+        for k in range(n_slices):
+            here = relative[slices == k]
+            if len(here) >= MIN_SLICE_VOXELS:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: nothing to judge
+                    medians[k] = np.nanmedian(here, axis=0)
+        return medians
 
 
 class DKIFit:
@@ -612,6 +741,8 @@ class DKIFit:
         Voxels left with too few valid measurements; 0 in every map.
     invalid_signals : ndarray of int
         Per-voxel count of such signals.
+    dropouts : ndarray of bool, shape (slices, volumes), or None
+        ``robust``: the (slice, volume) pairs left out as signal dropout (`DKIModel.dropouts`); None otherwise.
     """
 
     def __init__(self, model, shape, index, params, invalid, failed, violation):
@@ -697,29 +828,44 @@ class DKIFit:
 # ----------------------------------------------------------------------------------------------------------------
 # Preprocessing and the whole chain
 # ----------------------------------------------------------------------------------------------------------------
-def average_b0(data, bvals, bvecs, *, b0_threshold=50.0):
-    """Replace the b = 0 volumes by their mean, placed first.
+def average_b0(data, bvals, bvecs, *, b0_threshold=MIN_DIFFUSION_WEIGHTING):
+    """Replace the b = 0 volumes (b at or below `b0_threshold`) by their mean, placed first, at their mean b-value
+    with no direction.
 
     Returns
     -------
     data, bvals, bvecs with one b = 0 volume.
     """
-    b0 = np.asarray(bvals) <= b0_threshold
+    bvals = np.asarray(bvals, dtype=float)
+    b0 = bvals <= b0_threshold
     if b0.sum() <= 1:
-        return data, np.asarray(bvals), np.asarray(bvecs)
+        return data, bvals, np.asarray(bvecs)
     mean_b0 = data[..., b0].mean(axis=-1, keepdims=True).astype(data.dtype)
     return (
         np.concatenate([mean_b0, data[..., ~b0]], axis=-1),
-        np.concatenate([[0.0], np.asarray(bvals)[~b0]]),
+        np.concatenate([[bvals[b0].mean()], bvals[~b0]]),
         np.vstack([np.zeros((1, 3)), np.asarray(bvecs)[~b0]]),
     )
 
 
 def denoise_mppca(data, *, mask=None, patch_radius=2):
-    """Marchenko–Pastur PCA denoising (Veraart et al. 2016), DIPY's implementation."""
+    """Marchenko–Pastur PCA denoising (Veraart et al. 2016), DIPY's implementation: the denoised data and the noise
+    σ it estimated, voxel by voxel."""
     from dipy.denoise.localpca import mppca
 
-    return mppca(np.asarray(data, dtype=np.float32), mask=mask, patch_radius=patch_radius).astype(np.float32)
+    denoised, sigma = mppca(np.asarray(data, dtype=np.float32), mask=mask, patch_radius=patch_radius, return_sigma=True)
+    return denoised.astype(np.float32), np.asarray(sigma, dtype=np.float32)
+
+
+def denoise_patch2self(data, bvals, *, b0_threshold=MIN_DIFFUSION_WEIGHTING):
+    """Patch2Self denoising (Fadnavis et al. 2020), DIPY's implementation: each volume predicted from the others by
+    linear regression, which assumes only that noise is independent between volumes, not that it is white in
+    space (MP-PCA's assumption, which interpolated data such as GE's 256² reconstructions break)."""
+    from dipy.denoise.patch2self import patch2self
+
+    return patch2self(
+        np.asarray(data, dtype=np.float32), np.asarray(bvals, dtype=float), b0_threshold=b0_threshold, verbose=False
+    ).astype(np.float32)
 
 
 def remove_gibbs(data, *, slice_axis=2):
@@ -735,17 +881,38 @@ class DKIOptions:
 
     fit_method: str = option(
         "WLS",
-        "fit: weighted least squares reweighted once with S^2 (WLS, as DIPY), ordinary (OLS), or WLS under "
-        "Tabesh's constraints on 40 directions (CWLS)",
+        "fit: weighted least squares reweighted once with S^2 (WLS, as DIPY), ordinary (OLS), WLS under "
+        "Tabesh's constraints on 100 directions (CWLS), or CWLS without the slices of volumes whose signal dropped "
+        "out (robust, for patients who move)",
         choices=FIT_METHODS,
     )
-    denoise: bool = option(False, "MP-PCA denoising first (Veraart 2016, DIPY)")
-    gibbs: bool = option(False, "Gibbs-ringing removal first (Kellner 2016, DIPY), after denoising")
+    denoise: bool = option(False, "denoising first (by --denoiser)")
+    denoiser: str = option(
+        "mppca",
+        "denoising method: MP-PCA (Veraart 2016, DIPY; also estimates the noise) or Patch2Self (Fadnavis 2020, "
+        "DIPY; for interpolated data, such as GE's reconstructions to twice the acquired matrix)",
+        choices=DENOISERS,
+    )
+    gibbs: bool = option(
+        False,
+        "Gibbs-ringing removal first (Kellner 2016, DIPY), after denoising; skipped, with a warning, when the DWI's "
+        "sidecar says it was acquired with partial Fourier",
+    )
+    motion_correction: bool = option(
+        False,
+        "head-motion correction after denoising and Gibbs removal: every volume registered rigidly to the mean b = 0 "
+        "(ANTs), its gradient turned with it; motion.tsv and motion.png report it",
+    )
     average_b0: bool = option(True, "average the b = 0 volumes into one", flag="--no-average-b0")
+    b0_threshold: float = option(
+        MIN_DIFFUSION_WEIGHTING,
+        "b-values at or below it are b = 0 volumes (DIPY's default; scanners store some as b = 5 or 10)",
+        unit="s/mm²",
+    )
     dti_only: bool = option(False, "accept a single-shell acquisition and fit DTI only (FA, MD, AD, RD)")
 
 
-def reconstruct(dwi, options=None, *, mask=None, progress=None):
+def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=None):
     """Preprocess and fit a `ALSQuantLib.io.DWI`.
 
     Parameters
@@ -755,6 +922,10 @@ def reconstruct(dwi, options=None, *, mask=None, progress=None):
         Fit method and preprocessing (default `DKIOptions()`).
     mask : ndarray of bool, optional
         Brain mask; default: DIPY ``median_otsu`` on the mean b = 0 image (`masks.brain_mask_from_b0`).
+    partial_fourier : float, optional
+        The fraction of k-space acquired (BIDS ``PartialFourier``); below 1, Gibbs-ringing removal is skipped:
+        its sub-voxel shifts assume ringing from a symmetric, fully sampled k-space (Lee et al. 2021 adapt it to
+        partial Fourier; DIPY's does not).
     progress : callable(fraction, message), optional
 
     Returns
@@ -766,12 +937,20 @@ def reconstruct(dwi, options=None, *, mask=None, progress=None):
     """
     options = options or DKIOptions()
     check_choices(options)
-    bvals = round_bvals(dwi.bvals)
+    if not options.b0_threshold >= 0:
+        raise InputError(f"option b0_threshold {options.b0_threshold!r}: expected a b-value of 0 or more (s/mm²)")
+    bvals = dwi.bvals
+    is_b0 = bvals <= options.b0_threshold
     data = np.asarray(dwi.data, dtype=np.float32)
     # Bad samples are masked by the fit, never passed to the filters: zero them for preprocessing only.
     finite = np.isfinite(data)
     name = f"DWI {dwi.source}".strip()
-    b0 = np.where(finite, data, 0)[..., bvals == 0]
+    if not is_b0.any():
+        raise InputError(
+            f"{name}: no b = 0 volume (b-values {np.unique(bvals).tolist()}, none at or below the b0 threshold "
+            f"{options.b0_threshold:g} s/mm²); DKI and DTI need at least one ({flag(DKIOptions, 'b0_threshold')})"
+        )
+    b0 = np.where(finite, data, 0)[..., is_b0]
     if not np.any(b0 > 0):
         raise InputError(
             f"{name}: the b = 0 volumes hold no positive signal (all zero, negative or not finite); expected "
@@ -786,22 +965,48 @@ def reconstruct(dwi, options=None, *, mask=None, progress=None):
     warnings = [w for w in [masks.check_brain_mask(mask, name, automatic=automatic)] if w]
     for warning in warnings:
         log.warning(warning)
-    if options.denoise or options.gibbs:
+    gibbs = options.gibbs
+    if gibbs and partial_fourier is not None and float(partial_fourier) < 1.0:
+        gibbs = False
+        warnings.append(
+            f"Gibbs-ringing removal skipped: the DWI was acquired with partial Fourier (PartialFourier "
+            f"{float(partial_fourier):g}); the method assumes a fully sampled k-space"
+        )
+        log.warning(warnings[-1])
+    extra = {}  # what preprocessing found, for the record
+    if options.denoise or gibbs:
         clean = np.where(finite, data, 0.0)
-        if options.denoise:
+        if options.denoise and options.denoiser == "patch2self":
+            if progress:
+                progress(0.0, "Patch2Self denoising")
+            clean = denoise_patch2self(clean, bvals, b0_threshold=options.b0_threshold)
+        elif options.denoise:
             if progress:
                 progress(0.0, "MP-PCA denoising")
-            clean = denoise_mppca(clean, mask=mask)
-        if options.gibbs:
+            clean, sigma = denoise_mppca(clean, mask=mask)
+            sigma = float(np.median(sigma[mask])) if mask.any() else float("nan")
+            extra.update(noise_sigma=sigma, snr_b0=float(np.median(b0.mean(axis=-1)[mask])) / sigma)
+        if gibbs:
             if progress:
                 progress(0.0, "Gibbs-ringing removal")
             clean = remove_gibbs(clean)
         # DIPY's MP-PCA can leave NaN where a local PCA divides by zero: keep the original signal there.
         data = np.where(finite & np.isfinite(clean), clean, data)
+    if options.motion_correction:
+        if progress:
+            progress(0.0, "motion correction")
+        corrected, turned, poses = motion.correct(
+            np.where(finite, data, 0.0), dwi.affine, bvals, dwi.bvecs, b0_threshold=options.b0_threshold
+        )
+        data = np.where(finite, corrected, data)
+        dwi = io.DWI(data, dwi.affine, bvals, turned, source=dwi.source)
+        extra["motion_poses"] = poses.tolist()
     bvecs = dwi.bvecs_voxel
     if options.average_b0:
-        data, bvals, bvecs = average_b0(data, bvals, bvecs)
-    model = DKIModel(bvals, bvecs, fit_method=options.fit_method, dti_only=options.dti_only)
+        data, bvals, bvecs = average_b0(data, bvals, bvecs, b0_threshold=options.b0_threshold)
+    model = DKIModel(
+        bvals, bvecs, fit_method=options.fit_method, dti_only=options.dti_only, b0_threshold=options.b0_threshold
+    )
     fit = model.fit(data, mask=mask, progress=progress)
     details = {
         "shells": model.shells,
@@ -810,6 +1015,10 @@ def reconstruct(dwi, options=None, *, mask=None, progress=None):
         "mask_voxels": int(mask.sum()),
         "invalid_signals": fit.n_invalid_signals,
         "failed_voxels": fit.n_failed,
+        "gibbs_removal": gibbs,
+        **extra,
         "warnings": warnings,
     }
+    if fit.dropouts is not None:
+        details["dropouts_slice_volume"] = np.argwhere(fit.dropouts).tolist()
     return fit, mask, details

@@ -27,8 +27,8 @@ from .outputs import atomic_path
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 MIN_DIFFUSION_WEIGHTING = 50.0
-"""s/mm²: b-values at or below it count as b = 0 (`ALSQuantLib.dki.round_bvals`); a DWI whose largest b-value is
-below it is in other units."""
+"""s/mm²: b-values at or below it count as b = 0 by default (``DKIOptions.b0_threshold``); a DWI whose largest
+b-value is below it is in other units."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,9 +275,13 @@ def read_fsl_gradients(bval_path, bvec_path, affine):
         )
     bvecs = bvecs.T
     norms = np.linalg.norm(bvecs, axis=1)
-    weighted = bvals > 0
+    # Scanners store some b = 0 volumes as b = 5 or 10 with no direction: only above the b = 0 range is one needed.
+    weighted = bvals > MIN_DIFFUSION_WEIGHTING
     if np.any(weighted & (norms < 1e-6)):
-        raise InputError(f"b-vector file {bvec_path}: a diffusion-weighted volume has a zero gradient direction")
+        raise InputError(
+            f"b-vector file {bvec_path}: a diffusion-weighted volume (b > {MIN_DIFFUSION_WEIGHTING:g} s/mm²) has a "
+            "zero gradient direction"
+        )
     unit = np.divide(bvecs, norms[:, None], out=np.zeros_like(bvecs), where=norms[:, None] > 1e-6)
     return bvals, geometry.fsl_bvecs_to_ras(unit, affine)
 
@@ -369,7 +373,10 @@ def _nrrd_gradients(header, path):
         raise InputError(f"DWI {path}: a DWMRI_gradient value is not three numbers") from None
     if raw.shape[1] != 3:
         raise InputError(f"DWI {path}: each DWMRI_gradient must have 3 components")
+    # teem (and Slicer) make each vector of the header's "measurement frame" a column of the matrix; pynrrd returns
+    # each as a row.
     frame = header.get("measurement frame")
+    frame = None if frame is None else np.asarray(frame, dtype=float).T
     gradients = geometry.nrrd_gradients_to_ras(raw, frame, header["space"])
     norms = np.linalg.norm(gradients, axis=1)
     # Slicer's convention: a gradient's squared norm scales the nominal b-value.

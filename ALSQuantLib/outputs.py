@@ -25,7 +25,7 @@ MIN_FREE_BYTES = 16 << 20
 """A step that would compute into a folder with less free space than this is refused at once (16 MiB: a few maps
 of a small grid; larger outputs that do not fit fail with "no space left on device: PATH")."""
 _TEMPORARY_PATTERNS = (".*.tmp*", ".download-*", "alsquant-ants-*")
-"""What killed runs leave: atomic writes' temporaries, downloads, ANTs work folders (`atlas.registration`)."""
+"""What killed runs leave: atomic writes' temporaries, downloads, ANTs work folders (`registration`)."""
 
 _REASONS = {
     errno.ENOSPC: "no space left on device",

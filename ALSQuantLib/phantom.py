@@ -130,6 +130,8 @@ class PhantomConfig:
     deformation_mm : RMS of the smooth random displacement
     gre_receive_bias : strength of a smooth receive-coil intensity profile over the GRE magnitude (`receive_profile`;
         0: none, 0.6: the head's edge about 1.8× as bright as its centre, as with a multi-channel head coil)
+    dwi_motion_deg, dwi_motion_mm : head motion between DWI volumes (`head_motion`): each volume but the first
+        rotated about each axis by up to this many degrees and shifted along each by up to this many mm (0: none)
     """
 
     dwi_shape: tuple = (48, 58, 42)
@@ -150,6 +152,8 @@ class PhantomConfig:
     gre_tilt_deg: float = 0.0
     deformation_mm: float = 2.5
     gre_receive_bias: float = 0.0
+    dwi_motion_deg: float = 0.0
+    dwi_motion_mm: float = 0.0
 
     @classmethod
     def study(cls, **overrides):
@@ -519,6 +523,8 @@ class SimulatedSubject:
     truth_gre : dict of ndarray
         On the GRE grid: ``label``, ``chi`` (ppm, CSF = 0), ``local_field`` (ppm, from sources inside the brain),
         ``total_field`` (ppm).
+    dwi_motion : ndarray, shape (volumes, 4, 4), or None
+        Each DWI volume's head pose against the first's (`head_motion`), world (RAS) mm; None without motion.
     """
 
     group: str
@@ -527,6 +533,7 @@ class SimulatedSubject:
     gre: io.GRE
     truth_dwi: dict = field(default_factory=dict)
     truth_gre: dict = field(default_factory=dict)
+    dwi_motion: np.ndarray = None
 
 
 class AnalyticAnatomy:
@@ -561,13 +568,49 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
     bvals, bvecs = acquisition_scheme(config.bvalues, config.n_directions, config.n_b0)
     brain = labels > 0
     scale = 1000.0 / _TISSUE[WM][3]
+    motion = None
+    if config.dwi_motion_deg > 0 or config.dwi_motion_mm > 0:
+        centre = affine[:3, :3] @ ((np.array(labels.shape) - 1) / 2.0) + affine[:3, 3]
+        motion = head_motion(len(bvals), config.dwi_motion_deg, config.dwi_motion_mm, centre, rng)
+    # A moved head meets each gradient turned by the inverse of its rotation: the tissue's gradient is Rᵀ g.
+    tissue_bvecs = bvecs if motion is None else np.einsum("nji,nj->ni", motion[:, :3, :3], bvecs)
     signal = np.zeros(labels.shape + (len(bvals),), dtype=np.float32)
     signal[brain] = dki_signal(
-        bvals, bvecs, maps["fa"][brain], maps["md"][brain], maps["mk"][brain], fibre[brain], maps["s0"][brain] * scale
+        bvals,
+        tissue_bvecs,
+        maps["fa"][brain],
+        maps["md"][brain],
+        maps["mk"][brain],
+        fibre[brain],
+        maps["s0"][brain] * scale,
     )
+    if motion is not None:
+        for n, pose in enumerate(motion):  # the image of a moved head: S(x) = S_still(pose⁻¹ x)
+            to_still = np.linalg.inv(affine) @ np.linalg.inv(pose) @ affine
+            moved = ndimage.affine_transform(signal[..., n], to_still[:3, :3], to_still[:3, 3], order=3)
+            signal[..., n] = np.maximum(moved, 0.0)  # cubic splines: the least blur a resampling adds
     noisy = _rician(signal, 1000.0 / config.snr_dwi, rng)
     truth = {"label": labels.astype(np.uint8), "mk": maps["mk"], "fa": maps["fa"], "md": maps["md"]}
-    return io.DWI(noisy, affine, bvals, bvecs, source="phantom"), truth
+    return io.DWI(noisy, affine, bvals, bvecs, source="phantom"), truth, motion
+
+
+def head_motion(n_volumes, max_deg, max_mm, centre, rng):
+    """Rigid head poses (world 4×4, about `centre`), one per volume, the first the identity: rotations about each axis
+    and shifts along each drawn uniformly within ±`max_deg` degrees and ±`max_mm` mm."""
+    poses = np.tile(np.eye(4), (n_volumes, 1, 1))
+    for n in range(1, n_volumes):
+        angles = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+        rotation = np.eye(3)
+        for axis, angle in enumerate(angles):
+            c, s = np.cos(angle), np.sin(angle)
+            i, j = [k for k in range(3) if k != axis]
+            turn = np.eye(3)
+            turn[i, i] = turn[j, j] = c
+            turn[i, j], turn[j, i] = -s, s
+            rotation = turn @ rotation
+        poses[n, :3, :3] = rotation
+        poses[n, :3, 3] = centre - rotation @ centre + rng.uniform(-max_mm, max_mm, 3)
+    return poses
 
 
 def receive_profile(world, strength):
@@ -671,14 +714,14 @@ def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
 
     affine_dwi = dwi_affine(config)
     labels_dwi, fibre_dwi, fa = render_anatomy(config.dwi_shape, affine_dwi, deformation, anatomy)
-    dwi, truth_dwi = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng, fa)
+    dwi, truth_dwi, dwi_motion = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng, fa)
 
     affine_gre = gre_affine(config)
     labels_gre, _, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)
     points = deformation.to_template(geometry.voxel_centers_world(config.gre_shape, affine_gre).reshape(-1, 3))
     head = anatomy.outside_brain(points).reshape(config.gre_shape)
     gre, truth_gre = simulate_gre(labels_gre, head, affine_gre, values, config, rng)
-    return SimulatedSubject(group, values, dwi, gre, truth_dwi, truth_gre)
+    return SimulatedSubject(group, values, dwi, gre, truth_dwi, truth_gre, dwi_motion)
 
 
 def make_template(config=None):

@@ -76,6 +76,28 @@ def labels_figure(path, panels, title=""):
     return Path(path)
 
 
+def motion_figure(path, table):
+    """Head motion per volume (`ALSQuantLib.motion.parameters`: rotations in degrees, then shifts in mm, per row),
+    two panels against the volume number."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for k, axis in enumerate("xyz"):
+        axes[0].plot(table[:, k], label=f"about {axis}")
+        axes[1].plot(table[:, 3 + k], label=f"along {axis}")
+    axes[0].set_ylabel("rotation (°)")
+    axes[1].set_ylabel("shift of the centre (mm)")
+    axes[1].set_xlabel("volume")
+    for ax in axes:
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Head motion against the mean b = 0 image", fontsize=10)
+    fig.tight_layout()
+    with outputs.atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def roc_figure(rocs, stem, title="ROC curves"):
     """ROC curves of single and combined markers, each labelled with its AUC and DeLong 95 % CI."""
     plt = _pyplot()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atlas as atlas_lib
-from . import dki, geometry, io, outputs, provenance, qsm, report
+from . import dki, geometry, io, motion, outputs, provenance, qsm, report
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
 # DKI
 # ----------------------------------------------------------------------------------------------------------------
 def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None):
-    """Fit DKI to a DWI file and write the maps (``<map>.nii.gz``) and the brain mask (``mask.nii.gz``).
+    """Fit DKI to a DWI file and write the maps (``<map>.nii.gz``) and the brain mask (``mask.nii.gz``). The DWI's
+    BIDS sidecar, when there is one, is read for ``PartialFourier`` (`dki.reconstruct`).
 
     Parameters
     ----------
@@ -168,19 +169,32 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
         stem = io.strip_image_suffix(dwi)
         bval, bvec = bval or stem.with_suffix(".bval"), bvec or stem.with_suffix(".bvec")
 
+    sidecar = io.sidecar_path(dwi)
+
     def compute(folder):
         data = io.read_dwi(dwi, bval=bval, bvec=bvec)
         given = io.load_mask(mask, data.data.shape, data.affine, matching="DWI") if mask else None
-        fit, used_mask, details = dki.reconstruct(data, options, mask=given, progress=progress)
+        partial_fourier = io.read_sidecar(dwi).get("PartialFourier")
+        fit, used_mask, details = dki.reconstruct(
+            data, options, mask=given, partial_fourier=partial_fourier, progress=progress
+        )
         written = [m for m in maps if m in fit.map_names]
         paths = [folder / f"{m}.nii.gz" for m in written] + [folder / "mask.nii.gz"]
         for name, path in zip(written, paths):
             io.save_image(path, getattr(fit, name), data.affine, description=f"ALSQuant {name}")
         io.save_image(paths[-1], used_mask, data.affine, dtype=np.uint8)
+        if "motion_poses" in details:
+            poses = np.array(details["motion_poses"])
+            paths.append(folder / "motion.tsv")
+            table = motion.write_table(paths[-1], poses, data.bvals, data.affine, data.data.shape[:3])
+            paths.append(report.motion_figure(folder / "motion.png", table))
         return paths, {**details, "maps": written, "not_available": [m for m in maps if m not in written]}
 
     inputs = {"dwi": dwi, "bval": bval, "bvec": bvec, "mask": mask}
+    if sidecar.is_file():  # its PartialFourier decides whether Gibbs-ringing removal runs
+        inputs["sidecar"] = sidecar
     planned = [f"{m}.nii.gz" for m in maps] + ["mask.nii.gz", RECORD]
+    planned += ["motion.tsv", "motion.png"] if options.motion_correction else []
     return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned)
 
 

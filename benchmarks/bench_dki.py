@@ -7,7 +7,8 @@ ratio is peer time / ALSQuant time). Nothing is asserted; machines are shared an
 * WLS fit + all maps (ALSQuant: FA MD AD RD MK AK RK MKT KFA) against DIPY WLS fit + MK, FA, MD.
 * WLS fit alone against MRtrix3 ``dwi2tensor -dkt`` (WLS, 2 reweighting iterations, 2 threads) when installed.
   Debian's MRtrix3 3.0.3 has no ``tensor2metric -mk``, so fit is compared with fit.
-* CWLS voxels per second against DIPY's CWLS (needs cvxpy) on a subset.
+* CWLS voxels per second against DIPY's CWLS (needs cvxpy) on a subset; the robust fit (dropout detection + CWLS)
+  beside it.
 * Peak memory of fit + maps on the 256×256×28 grid, in a child process.
 
 Run: ``python benchmarks/bench_dki.py [--dipy-cwls-voxels 300] [--skip-memory]``
@@ -77,6 +78,7 @@ def bench_wls(dwi, mask, results):
     timed("ALSQuant WLS fit only, 2 reweightings", ours("WLS", 2, maps=False), results)
     timed("ALSQuant OLS fit + all maps", ours("OLS"), results)
     timed("ALSQuant CWLS fit + all maps", ours("CWLS"), results)
+    timed("ALSQuant robust fit + all maps", ours("robust"), results)
     timed("DIPY OLS fit + MK, FA, MD", dipy("OLS"), results)
     timed("DIPY WLS fit + MK, FA, MD", dipy("WLS"), results)
 
@@ -193,6 +195,7 @@ def main():
         )
     ours_cwls_rate = n / results["ALSQuant CWLS fit + all maps"]
     print(f"  ALSQuant CWLS: {ours_cwls_rate:,.0f} voxels/s (fit + all maps)")
+    print(f"  ALSQuant robust: {n / results['ALSQuant robust fit + all maps']:,.0f} voxels/s (fit + all maps)")
     if "dipy_cwls_voxels" in results:
         dipy_rate = results["dipy_cwls_voxels"] / results[f"DIPY CWLS fit, {results['dipy_cwls_voxels']} voxels"]
         print(f"  DIPY CWLS: {dipy_rate:,.0f} voxels/s; per-voxel ratio {ours_cwls_rate / dipy_rate:.0f}x")

@@ -15,6 +15,7 @@ The package, by job: `tables` (label tables), `definitions` (built-in atlases an
 masks, ROI statistics, the cortex core, quality flags) and `labeling` (`LabelingOptions` and `label_subject`).
 """
 
+from ..registration import Registration, from_ants, register, to_ants
 from .definitions import (
     BUILTIN_ATLASES,
     STUDY_MAPS,
@@ -35,10 +36,12 @@ from .labeling import (
 )
 from .measure import (
     MIN_IN_VIEW,
+    PLAUSIBLE_RANGES,
     QUALITY_LIMITS,
     contrast_fingerprint,
     cortex_core,
     outside_brain_shares,
+    plausible,
     quality_flags,
     region_masks,
     region_values,
@@ -46,15 +49,7 @@ from .measure import (
     split_labels_by_hemisphere,
     volume_ratios,
 )
-from .registration import (
-    Registration,
-    from_ants,
-    propagate_labels,
-    register,
-    template_points_to_subject,
-    to_ants,
-    warp_to_subject,
-)
+from .registration import propagate_labels, template_points_to_subject, warp_to_subject
 from .sources import OFFICIAL, default_cache_dir, fetch, fetch_atlas, find_atlas, official_sources, table_names
 from .tables import LabelTable, read_color_table, read_fsl_xml, read_index_table, read_label_table
 
@@ -96,6 +91,8 @@ __all__ = [
     "region_values",
     "register",
     "roi_statistics",
+    "plausible",
+    "PLAUSIBLE_RANGES",
     "split_labels_by_hemisphere",
     "table_names",
     "template_brain_mask",

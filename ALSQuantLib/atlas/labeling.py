@@ -14,6 +14,7 @@ from .. import geometry, io, masks, outputs
 from ..errors import InputError
 from ..options import check_choices, option
 from ..progress import report as report_progress
+from ..registration import register
 from .composite import combine_atlases
 from .definitions import ATLAS_COMBINATIONS, BUILTIN_ATLASES, load_regions_json
 from .measure import (
@@ -27,7 +28,7 @@ from .measure import (
     split_labels_by_hemisphere,
     volume_ratios,
 )
-from .registration import bias_corrected, propagate_labels, register, template_points_to_subject
+from .registration import bias_corrected, propagate_labels, template_points_to_subject
 from .sources import find_atlas
 from .tables import LabelTable
 

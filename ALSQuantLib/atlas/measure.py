@@ -48,8 +48,36 @@ def region_values(atlas, region_name, side):
     return region.labels[side]
 
 
+PLAUSIBLE_RANGES = {"mk": (0.0, 3.0), "fa": (0.0, 1.0), "md": (0.0, 3.5e-3)}
+"""Map name → (low, high): `roi_statistics` measures a voxel only where low < value ≤ high for every such map on
+its grid. 0 is how a failed fit is stored (`ALSQuantLib.dki`); a negative MK or one above 3 is a fit that broke down
+under noise or motion (a "black hole": on a real 3 T DWI, WLS gives MK < 0 in 3 % of the brain, some of it in high-FA
+white matter); MD (mm²/s) above free water's at body temperature (3.0e-3) is not tissue."""
+
+
+def plausible(maps):
+    """Where every map of `maps` with a `PLAUSIBLE_RANGES` entry lies in its range and every map is finite.
+
+    >>> plausible({"mk": np.array([1.0, 0.0, -0.2, 3.5]), "ms": np.array([0.1, 0.1, 0.1, np.nan])}).tolist()
+    [True, False, False, False]
+    """
+    ok = None
+    for name, image in maps.items():
+        image = np.asarray(image)
+        with np.errstate(invalid="ignore"):
+            here = np.isfinite(image)
+            if name in PLAUSIBLE_RANGES:
+                low, high = PLAUSIBLE_RANGES[name]
+                here &= (image > low) & (image <= high)
+        ok = here if ok is None else ok & here
+    return ok
+
+
 def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_threshold=0.2, kinds=None):
     """Tidy statistics: one row per region × side × map.
+
+    Only voxels where the maps are `plausible` are measured: a voxel whose fit failed or broke down leaves every map
+    of its grid, and the row counts it (``excluded``).
 
     Parameters
     ----------
@@ -64,8 +92,9 @@ def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_thr
 
     Returns
     -------
-    list of dict with subject, region, side, map, n, mean, median, sd, iqr, eroded
+    list of dict with subject, region, side, map, n, excluded, mean, median, sd, iqr, eroded
     """
+    valid = plausible(maps) if maps else None
     rows = []
     for (region, side), mask in masks.items():
         selected = mask.copy()
@@ -77,10 +106,12 @@ def roi_statistics(maps, masks, *, subject="", erosion_voxels=0, fa=None, fa_thr
         kind = (kinds or {}).get(region, "white_matter")
         if kind == "white_matter" and fa is not None:
             selected &= fa >= fa_threshold
+        excluded = int(np.sum(selected & ~valid)) if valid is not None else 0
+        if valid is not None:
+            selected &= valid
         for name, values in maps.items():
             v = values[selected]
-            v = v[np.isfinite(v)]
-            stats = dict(n=int(v.size), mean=np.nan, median=np.nan, sd=np.nan, iqr=np.nan)
+            stats = dict(n=int(v.size), excluded=excluded, mean=np.nan, median=np.nan, sd=np.nan, iqr=np.nan)
             if v.size:
                 q1, q3 = np.percentile(v, [25, 75])
                 stats.update(

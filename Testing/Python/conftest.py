@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +83,27 @@ def fsl_layout(shared_data, folder):
     )
     (standard / "FMRIB58_FA_1mm.nii.gz").symlink_to(shared_data / "templates" / "MNI_FA_template_1.25mm.nii.gz")
     return folder
+
+
+def random_rotation(rng):
+    """A uniformly random rotation matrix."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def write_nrrd_in_frame(dwi, path, frame):
+    """`dwi` (an `ALSQuantLib.io.DWI`) as an NRRD file whose gradients are stored in a measurement frame: `frame`'s
+    columns are the frame's axes in LPS, written as teem defines the field (vector i is column i; pynrrd writes
+    each row of the matrix it is given as one vector, hence the transpose)."""
+    import nrrd
+
+    from ALSQuantLib import io
+
+    io.write_dwi(dwi, path)  # Slicer's layout: LPS gradients, identity frame
+    data, header = nrrd.read(str(path))
+    for key in [k for k in header if k.startswith("DWMRI_gradient_")]:
+        g_lps = np.array([float(v) for v in header[key].split()])
+        header[key] = " ".join(f"{v:.10f}" for v in np.linalg.solve(frame, g_lps))
+    header["measurement frame"] = np.asarray(frame, dtype=float).T
+    nrrd.write(str(path), data, header)

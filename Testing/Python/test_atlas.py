@@ -253,26 +253,31 @@ def test_regions_json_round_trip(tmp_path):
 
 
 def test_roi_statistics_worked_by_hand():
-    values = np.arange(27, dtype=float).reshape(3, 3, 3)
+    mk = np.full((3, 3, 3), 1.0)
+    mk[0, 0, :] = [1.0, 1.2, 0.9]
     mask = np.zeros((3, 3, 3), bool)
-    mask[0, 0, :] = True  # values 0, 1, 2
+    mask[0, 0, :] = True
+    mask[1, 0, :] = True
+    mk[1, 0, :] = [0.0, -0.2, 3.4]  # a failed fit (stored as 0) and two implausible kurtoses: left out, counted
+    md = np.full((3, 3, 3), 0.8e-3)
     fa = np.full((3, 3, 3), 0.5)
     fa[0, 0, 2] = 0.1  # dropped by the FA threshold
-    rows = atlas.roi_statistics({"mk": values}, {("CST", "left"): mask}, subject="s1", fa=fa, fa_threshold=0.2)
-    assert rows == [
-        {
-            "subject": "s1",
-            "region": "CST",
-            "side": "left",
-            "map": "mk",
-            "n": 2,
-            "mean": 0.5,
-            "median": 0.5,
-            "sd": pytest.approx(np.std([0, 1], ddof=1)),
-            "iqr": 0.5,
-            "eroded": False,
-        }
-    ]
+    rows = atlas.roi_statistics({"mk": mk, "md": md}, {("CST", "left"): mask}, subject="s1", fa=fa, fa_threshold=0.2)
+    assert rows[0] == {
+        "subject": "s1",
+        "region": "CST",
+        "side": "left",
+        "map": "mk",
+        "n": 2,
+        "excluded": 3,
+        "mean": pytest.approx(1.1),
+        "median": pytest.approx(1.1),
+        "sd": pytest.approx(np.std([1.0, 1.2], ddof=1)),
+        "iqr": pytest.approx(0.1),
+        "eroded": False,
+    }
+    # the voxels whose kurtosis failed leave the MD statistics too
+    assert rows[1]["map"] == "md" and rows[1]["n"] == 2 and rows[1]["excluded"] == 3
     big = np.zeros((7, 7, 7), bool)
     big[1:6, 1:6, 1:6] = True
     rows = atlas.roi_statistics(

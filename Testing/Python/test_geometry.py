@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import random_rotation
 
 from ALSQuantLib import geometry
 from ALSQuantLib.errors import InputError
@@ -10,11 +11,6 @@ from ALSQuantLib.errors import InputError
 def rotation_x(deg):
     t = np.deg2rad(deg)
     return np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
-
-
-def random_rotation(rng):
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    return q * np.sign(np.diag(r))
 
 
 def test_mrml_array_round_trip_and_axis_order():

@@ -5,6 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import random_rotation, write_nrrd_in_frame
 
 from ALSQuantLib import geometry, io, outputs
 from ALSQuantLib.errors import InputError
@@ -70,10 +71,29 @@ def test_nrrd_with_measurement_frame_is_honoured(tmp_path):
     }
     nrrd.write(str(tmp_path / "mf.nrrd"), data, header)
     dwi = io.read_dwi(tmp_path / "mf.nrrd")
-    # gradient x of the measurement frame is LPS +y (frame column 0 = (0, 1, 0)), i.e. RAS −y
-    np.testing.assert_allclose(dwi.bvecs[1], [0.0, -1.0, 0.0], atol=1e-12)
+    # the header's first vector, (0, -1, 0), is the frame's x axis (teem: vector i is column i): gradient x is LPS -y,
+    # i.e. RAS +y
+    np.testing.assert_allclose(dwi.bvecs[1], [0.0, 1.0, 0.0], atol=1e-12)
     np.testing.assert_allclose(dwi.bvals, [0.0, 1000.0])
     np.testing.assert_allclose(np.diag(dwi.affine), [-2.0, -2.0, 2.0, 1.0])
+
+
+def test_nrrd_oblique_measurement_frame_gives_the_gradients_of_the_nifti_route(tmp_path):
+    frame = random_rotation(np.random.default_rng(11))  # oblique and asymmetric: a transposed reading is wrong
+    affine = np.eye(4)
+    affine[:3, :3] = random_rotation(np.random.default_rng(12)) @ np.diag([2.0, 2.0, 3.0])
+    dwi = make_dwi(affine)
+    write_nrrd_in_frame(dwi, tmp_path / "dwi.nrrd", frame)
+    io.write_dwi(dwi, tmp_path / "dwi.nii.gz")
+    from_nrrd, from_nifti = io.read_dwi(tmp_path / "dwi.nrrd"), io.read_dwi(tmp_path / "dwi.nii.gz")
+    np.testing.assert_allclose(from_nrrd.bvecs, dwi.bvecs, atol=1e-6)
+    np.testing.assert_allclose(from_nrrd.bvecs, from_nifti.bvecs, atol=1e-6)
+    np.testing.assert_allclose(from_nrrd.bvecs_voxel, from_nifti.bvecs_voxel, atol=1e-6)
+    np.testing.assert_allclose(from_nrrd.bvals, dwi.bvals, rtol=1e-6)
+    # the frame read transposed (pynrrd's rows taken as columns) puts these gradients tens of degrees off
+    transposed = (geometry.LPS_TO_RAS @ frame.T @ frame.T @ geometry.LPS_TO_RAS @ dwi.bvecs[1:].T).T
+    angles = np.degrees(np.arccos(np.clip(np.sum(transposed * dwi.bvecs[1:], axis=1), -1, 1)))
+    assert np.median(angles) > 10
 
 
 def test_dwi_errors_name_the_file(tmp_path):

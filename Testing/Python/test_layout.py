@@ -118,6 +118,8 @@ LAYERS = (
     {"errors"},
     {"progress", "options", "geometry", "outputs"},
     {"io", "dipole", "metrics", "provenance", "masks"},
+    {"registration"},
+    {"motion"},
     {"dki", "qsm", "atlas", "stats"},
     {"report"},
     {"workflows"},

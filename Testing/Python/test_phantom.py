@@ -196,3 +196,49 @@ def test_simulate_command_refuses_bad_options(tmp_path, capsys):
     assert "ALS fraction: expected a value from 0 to 1" in capsys.readouterr().err
     assert cli.main(["simulate", "--out", str(tmp_path / "y"), "--echo-times", "15"]) == 2
     assert "milliseconds" in capsys.readouterr().err
+
+
+def test_head_motion_moves_each_volume_rigidly_and_turns_its_gradient():
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    config = phantom.with_overrides(SMALL, dwi_motion_deg=3.0, dwi_motion_mm=2.0, snr_dwi=1000.0)
+    subject = phantom.simulate_subject("control", 3, config)
+    poses, dwi = subject.dwi_motion, subject.dwi
+    assert poses.shape == (len(dwi.bvals), 4, 4) and np.array_equal(poses[0], np.eye(4))
+    for pose in poses[1:]:
+        np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-12)
+        assert np.all(np.abs(Rotation.from_matrix(pose[:3, :3]).as_euler("xyz", degrees=True)) <= 3.0 + 1e-9)
+    assert np.degrees(Rotation.from_matrix(poses[1:, :3, :3]).magnitude()).max() > 2.0  # it did move
+    # the second b = 0 volume is the first seen through its pose: brought back, it matches (measured 0.95, against
+    # 0.41 as it lies; two cubic resamplings of 3.5 mm voxels across sharp tissue edges keep it below 1)
+    restored = ndimage.affine_transform(dwi.data[..., 1], *_voxel_map(dwi.affine, poses[1]), order=3)
+    brain = ndimage.binary_erosion(subject.truth_dwi["label"] > 0, iterations=2)
+    still = np.corrcoef(dwi.data[..., 0][brain], dwi.data[..., 1][brain])[0, 1]
+    aligned = np.corrcoef(dwi.data[..., 0][brain], restored[brain])[0, 1]
+    assert aligned > 0.9 and aligned > still + 0.3, (aligned, still)
+    # a moved head meets the gradient turned back: a volume's signal follows Rᵀ g, so the restored volumes fit better
+    # with the gradients turned than as given (CST FA measured 6.0 % against 6.9 % off; the rest is the blur of
+    # resampling a tract two voxels wide, twice)
+    from ALSQuantLib import dki
+
+    restored = np.stack(
+        [
+            ndimage.affine_transform(dwi.data[..., n], *_voxel_map(dwi.affine, pose), order=3)
+            for n, pose in enumerate(poses)
+        ],
+        axis=-1,
+    )
+    turned = np.einsum("nji,nj->ni", poses[:, :3, :3], dwi.bvecs)
+    cst = np.isin(subject.truth_dwi["label"], phantom.REGIONS["CST"])
+    errors = {}
+    for name, bvecs in (("turned", turned), ("as given", dwi.bvecs)):
+        fit, _, _ = dki.reconstruct(io.DWI(restored, dwi.affine, dwi.bvals, bvecs), mask=subject.truth_dwi["label"] > 0)
+        errors[name] = abs(np.median(fit.fa[cst]) / subject.values["cst_fa"] - 1)
+    assert errors["turned"] < 0.08 and errors["turned"] < errors["as given"] - 0.005, errors
+
+
+def _voxel_map(affine, pose):
+    """`ndimage.affine_transform`'s matrix and offset that bring an image seen through `pose` back to the still head."""
+    back = np.linalg.inv(affine) @ pose @ affine
+    return back[:3, :3], back[:3, 3]

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from conftest import child_processes
 
-from ALSQuantLib import atlas, cli, io, outputs, phantom, pipeline, provenance, stats, workflows
-from ALSQuantLib.atlas import LabelingOptions, registration
+from ALSQuantLib import atlas, cli, io, outputs, phantom, pipeline, provenance, registration, stats, workflows
+from ALSQuantLib.atlas import LabelingOptions
 from ALSQuantLib.errors import InputError, OutputError
 
 SMALL = phantom.PhantomConfig()

@@ -12,7 +12,7 @@ from importlib import metadata
 
 import numpy as np
 import pytest
-from conftest import MODULE_NAMES, MODULES_DIR, PROJECT_ROOT
+from conftest import MODULE_NAMES, MODULES_DIR, PROJECT_ROOT, random_rotation, write_nrrd_in_frame
 
 from ALSQuantLib import io, phantom, stats
 from ALSQuantLib.atlas import LabelingOptions
@@ -57,6 +57,28 @@ def test_dwi_node_round_trip_honours_the_measurement_frame(module_logic, mrml_sc
     for i, g in enumerate(subject.dwi.bvecs):
         node.SetDiffusionGradient(i, list(rotation[:3, :3].T @ g))
     np.testing.assert_allclose(nodes.dwiFromNode(node).bvecs, subject.dwi.bvecs, atol=1e-6)
+
+
+def test_nrrd_read_by_slicer_gives_the_gradients_alsquant_reads(module_logic, mrml_scene, subject, tmp_path):
+    # An NRRD DWI with an oblique, asymmetric measurement frame, read by Slicer's own NRRD reader into a DWI node and
+    # taken through the node path, and read from the file by ALSQuantLib: the same RAS gradients, the true ones.
+    import slicer
+
+    from ALSQuantCommonLib import nodes
+
+    path = tmp_path / "dwi.nrrd"
+    write_nrrd_in_frame(subject.dwi, path, random_rotation(np.random.default_rng(11)))
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode")
+    storage = slicer.vtkMRMLNRRDStorageNode()
+    mrml_scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    from_slicer, from_file = nodes.dwiFromNode(node), io.read_dwi(path)
+    np.testing.assert_allclose(from_slicer.bvecs, subject.dwi.bvecs, atol=1e-6)
+    np.testing.assert_allclose(from_file.bvecs, from_slicer.bvecs, atol=1e-6)
+    np.testing.assert_allclose(from_file.bvals, from_slicer.bvals, rtol=1e-6)
+    np.testing.assert_allclose(from_file.affine, from_slicer.affine, atol=1e-5)
+    np.testing.assert_array_equal(from_file.data, from_slicer.data)
 
 
 def test_dki_logic_makes_maps_on_the_dwi_grid_near_the_truth(module_logic, mrml_scene, subject, tmp_path):
