@@ -623,8 +623,10 @@ class DKIModel:
         fit.dropouts = dropouts
         return fit
 
-    def _fit_chunk(self, signal, excluded=None):
-        """Fit a batch of voxels (rows of `signal`); `excluded` (same shape) marks measurements to leave out."""
+    def _least_squares(self, signal, excluded=None, *, reweight=True):
+        """OLS, then `n_iterations` WLS reweightings if `reweight`, of a batch of voxels (rows of `signal`), without
+        zero, negative, non-finite and `excluded` measurements. Returns x, the last normal equations (P, q; None
+        without reweighting) and the failed voxels."""
         valid = np.isfinite(signal) & (signal > 0)
         if excluded is not None:
             valid &= ~excluded
@@ -637,9 +639,15 @@ class DKIModel:
         partial = np.flatnonzero(~valid.all(axis=1))
         if partial.size:
             x[partial] = _solve(*_normal_equations(self.design, weights[partial], log_signal[partial]))
-        if self.fit_method in ("WLS", "CWLS", "robust"):
+        P = q = None
+        if reweight:
             for _ in range(self.n_iterations):
                 x, P, q = self._reweighted(x, valid, failed, log_signal)
+        return x, P, q, failed
+
+    def _fit_chunk(self, signal, excluded=None):
+        """Fit a batch of voxels (rows of `signal`); `excluded` (same shape) marks measurements to leave out."""
+        x, P, q, failed = self._least_squares(signal, excluded, reweight=self.fit_method != "OLS")
         violation = np.zeros(len(x))
         if self.fit_method in ("CWLS", "robust"):
             cx = x @ self.constraints.T
@@ -709,14 +717,9 @@ class DKIModel:
         for start in range(0, len(index), chunk_size):
             rows = slice(start, start + chunk_size)
             signal = flat[index[rows]].astype(np.float64)
-            valid = np.isfinite(signal) & (signal > 0)
-            log_signal = np.log(np.where(valid, signal, 1.0))
-            used = valid & ~excluded[slices[rows]]
-            failed = used.sum(axis=1) < self.n_params + 1
-            x = _solve(*_normal_equations(self.design, np.where(failed[:, None], 1.0, used), log_signal))
-            for _ in range(self.n_iterations):
-                x, _, _ = self._reweighted(x, used, failed, log_signal)
+            x, _, _, failed = self._least_squares(signal, excluded[slices[rows]])
             predicted = np.exp(np.clip(self.design @ x.T, -50, 50).T)
+            valid = np.isfinite(signal) & (signal > 0)
             relative[rows] = np.where(valid & ~failed[:, None], signal / predicted - 1.0, np.nan)
         medians = np.full((n_slices, flat.shape[1]), np.nan)
         for k in range(n_slices):
