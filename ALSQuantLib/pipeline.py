@@ -299,6 +299,8 @@ def _run_stages(inputs, out_dir, options, group):
         gre_magnitude=inputs.gre_magnitude[0] if inputs.gre_magnitude else qsm_dir / "magnitude.nii.gz",
         tissue_mask=inputs.tissue_mask,
         subject=inputs.subject,
+        # the brain stage's registrations, made with the same FA, GRE and options: one registration a subject
+        registrations=out_dir / "brain" / workflows.REGISTRATION_RECORD if brain_result else None,
     )
     rows = io.read_table(out_dir / "label" / "roi_stats.csv")
     quality = io.read_json(out_dir / "label" / "quality.json")

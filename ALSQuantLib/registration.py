@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import geometry
+from . import geometry, outputs
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,46 @@ class Registration:
     """Subject → template registration: ANTs transform files, and quality figures."""
 
     forward: list
+    """Transform file paths (str, as ANTs takes them)."""
     inverse: list
     similarity: float
-    workdir: Path
+    workdir: Path = None
+    """The temporary folder holding the files, removed by `cleanup`; None for files kept elsewhere (`kept`)."""
 
     def cleanup(self):
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def kept(self, folder, prefix):
+        """The transform files copied into `folder`, each name prefixed: (the same `Registration` reading them
+        there, which `cleanup` leaves alone; the files written). ANTs names the files of every registration alike
+        (``reg_0GenericAffine.mat``, ...), hence the prefix."""
+        copies = {}
+        for path in dict.fromkeys([*self.forward, *self.inverse]):
+            copies[path] = Path(folder) / f"{prefix}{Path(path).name}"
+            with outputs.atomic_path(copies[path]) as tmp:
+                shutil.copyfile(path, tmp)
+        kept = Registration(
+            [str(copies[p]) for p in self.forward], [str(copies[p]) for p in self.inverse], self.similarity
+        )
+        return kept, list(copies.values())
+
+    def as_dict(self):
+        """File names (within one folder) and the similarity: what `from_dict` reads back."""
+        return {
+            "forward": [Path(p).name for p in self.forward],
+            "inverse": [Path(p).name for p in self.inverse],
+            "similarity": self.similarity,
+        }
+
+    @classmethod
+    def from_dict(cls, entry, folder):
+        """A `Registration` written by `kept` and `as_dict` into `folder`."""
+        return cls(
+            [str(Path(folder) / n) for n in entry["forward"]],
+            [str(Path(folder) / n) for n in entry["inverse"]],
+            float(entry["similarity"]),
+        )
 
 
 def register(

@@ -22,6 +22,7 @@ import numpy as np
 from . import atlas as atlas_lib
 from . import dki, geometry, io, motion, outputs, provenance, qsm, report
 from .errors import InputError
+from .registration import Registration
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +267,22 @@ def qsm_step(
     return run_step("qsm", out_dir, options, inputs, compute, arguments=arguments, planned=planned)
 
 
+REGISTRATION_RECORD = "registration.json"
+"""The brain stage's registrations (file names and similarity, `Registration.as_dict`), which the labelling of the
+same subject reuses (`label_step`'s ``registrations``)."""
+
+
+def _first_echo(path, what):
+    """A GRE image (3D, or 4D with echoes last): its first echo and affine."""
+    data, affine = io.load_image(path, ndim=(3, 4), what=what)
+    return (data[..., 0] if data.ndim == 4 else data), affine
+
+
 def brain_step(reference, out_dir, options=None, *, magnitude=None, real=None, imaginary=None, progress=None):
     """The atlas template's brain on the GRE's grid (`atlas.template_brain_mask`), written as ``brain_gre.nii.gz``:
     a brain mask for the QSM that the scalp and neck around a real brain cannot mislead, as the magnitude's own
-    threshold is.
+    threshold is. The registrations it needs (the reference to the template, the GRE to the reference) are kept in
+    the folder with ``registration.json``, for the labelling (`label_step`'s ``registrations``).
 
     Parameters
     ----------
@@ -285,24 +298,39 @@ def brain_step(reference, out_dir, options=None, *, magnitude=None, real=None, i
     if magnitude is None and (real is None or imaginary is None):
         raise InputError("brain mask from the template: give the GRE magnitude, or its real and imaginary parts")
 
-    def first_echo(path, what):
-        data, affine = io.load_image(path, ndim=(3, 4), what=what)
-        return (data[..., 0] if data.ndim == 4 else data), affine
-
     def compute(folder):
         fa, fa_affine = io.load_image(reference, ndim=3, what="reference")
         if magnitude is not None:
-            gre, gre_affine = first_echo(magnitude, "GRE magnitude")
+            gre, gre_affine = _first_echo(magnitude, "GRE magnitude")
         else:
-            (re, gre_affine), (im, _) = first_echo(real, "GRE real part"), first_echo(imaginary, "GRE imaginary part")
+            (re, gre_affine), (im, _) = _first_echo(real, "GRE real part"), _first_echo(imaginary, "GRE imaginary part")
             gre = np.hypot(re, im)
-        mask = atlas_lib.template_brain_mask(fa, fa_affine, gre, gre_affine, atlas, options, progress=progress)
-        path = folder / "brain_gre.nii.gz"
+        made = atlas_lib.register_subject(
+            fa, fa_affine, atlas, options, gre=(gre, gre_affine), workdir=folder, progress=progress
+        )
+        try:
+            kept = [made[0].kept(folder, "template_"), made[1].kept(folder, "link_")]
+        finally:
+            for registration in made:
+                registration.cleanup()
+        mask = atlas_lib.template_brain_mask(gre.shape, gre_affine, atlas, [k for k, _ in kept], options)
+        path, record = folder / "brain_gre.nii.gz", folder / REGISTRATION_RECORD
         io.save_image(path, mask, gre_affine, dtype=np.uint8)
-        return [path], {"brain_voxels": int(mask.sum())}
+        io.write_json(record, {"template": kept[0][0].as_dict(), "link": kept[1][0].as_dict()})
+        return [path, record, *kept[0][1], *kept[1][1]], {"brain_voxels": int(mask.sum())}
 
     inputs = {"reference": reference, "magnitude": magnitude, "real": real, "imaginary": imaginary}
-    return run_step("brain", out_dir, options, inputs, compute, planned=["brain_gre.nii.gz", RECORD])
+    planned = ["brain_gre.nii.gz", REGISTRATION_RECORD, RECORD]
+    return run_step("brain", out_dir, options, inputs, compute, planned=planned)
+
+
+def _registrations(record):
+    """The registrations a brain stage kept (`brain_step`), from its ``registration.json``: (template, link), and
+    the files they read (name → path), which become the labelling's inputs."""
+    entries = io.read_json(record)
+    made = [Registration.from_dict(entries[key], Path(record).parent) for key in ("template", "link")]
+    files = {f"registration_{Path(p).name}": p for r in made for p in dict.fromkeys([*r.forward, *r.inverse])}
+    return made, files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,6 +409,7 @@ def label_step(
     tissue_mask=None,
     subject="",
     keep_transforms=False,
+    registrations=None,
     progress=None,
 ):
     """Label a subject with an atlas and measure maps in its regions (`atlas.label_subject`); write the labels,
@@ -401,6 +430,9 @@ def label_step(
         Grey-matter mask on either grid (default: segmented from the GRE magnitude).
     keep_transforms : bool
         Keep the ANTs transforms (subject → atlas) in ``out_dir/transforms``.
+    registrations : path, optional
+        A brain stage's ``registration.json`` (`brain_step`, same reference, GRE magnitude and options): its
+        registrations are used instead of registering again.
     """
     options = options or atlas_lib.LabelingOptions()
     maps, map_masks = dict(maps or {}), dict(map_masks or {})
@@ -409,6 +441,7 @@ def label_step(
         raise InputError(f"map masks {', '.join(unknown)}: no such map")
     atlas = atlas_lib.atlas_for(options)
     _check_grids(reference, gre_magnitude, maps, map_masks, tissue_mask)
+    made, registration_files = _registrations(registrations) if registrations else (None, {})
 
     def compute(folder):
         valid = {
@@ -420,8 +453,7 @@ def label_step(
             loaded[name] = (np.where(valid[name], data, np.nan) if name in valid else data, affine)
         images = {"reference": io.load_image(reference, ndim=3, what="reference")}
         if gre_magnitude:
-            data, affine = io.load_image(gre_magnitude, ndim=(3, 4), what="GRE magnitude")
-            images["gre"] = (data[..., 0] if data.ndim == 4 else data, affine)
+            images["gre"] = _first_echo(gre_magnitude, "GRE magnitude")
         labeling = atlas_lib.label_subject(
             *images["reference"],
             atlas,
@@ -431,6 +463,7 @@ def label_step(
             tissue_mask=io.load_image(tissue_mask, ndim=3, what="tissue mask") if tissue_mask else None,
             subject=subject,
             keep_transforms=folder / "transforms" if keep_transforms else None,
+            registrations=made,
             workdir=folder,
             progress=progress,
         )
@@ -442,6 +475,7 @@ def label_step(
     inputs.update({f"mask_{name}": path for name, path in map_masks.items()})
     inputs.update({f"atlas_{name}": path for name, path in atlas.files().items()})
     inputs["atlas_regions"] = options.regions_json
+    inputs.update(registration_files, **({"registrations": registrations} if registrations else {}))
     arguments = {"subject": subject, "keep_transforms": bool(keep_transforms)}
     planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [
         f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")

@@ -65,6 +65,10 @@ def _m1_ms_error(out, subject):
     return measured - truth, 100 * (measured / truth - 1)
 
 
+def _seconds(record):
+    return io.read_json(record)["results"]["seconds"] if record.exists() else 0.0
+
+
 def _figures(out, subject, margin_mm):
     """Accuracy and quality figures of one labelled subject."""
     labels = io.load_image(out / "label" / "labels_reference.nii.gz")[0]
@@ -88,7 +92,8 @@ def _figures(out, subject, margin_mm):
         "m1_ms_error_%": m1_error[1],
         "ms_outside_brain": quality["outside_brain"].get("ms", np.nan),
         "qsm_corr_brain": _qsm_correlation(out, subject),
-        "labelling_s": record["results"]["seconds"],
+        # the brain stage registers (the labelling reuses it): both count
+        "labelling_s": record["results"]["seconds"] + _seconds(out / "brain" / "provenance.json"),
         "flags": len(quality["flags"]),
     }
     contrast = quality["contrast_fingerprint"]

@@ -32,6 +32,7 @@ from .labeling import (
     atlas_for,
     automatic_atlas,
     label_subject,
+    register_subject,
     template_brain_mask,
 )
 from .measure import (
@@ -78,6 +79,7 @@ __all__ = [
     "from_ants",
     "label_json_regions",
     "label_subject",
+    "register_subject",
     "load_regions_json",
     "official_sources",
     "outside_brain_shares",

@@ -3,14 +3,13 @@ propagate the labels, restrict cortex regions, measure, and judge the registrati
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from .. import geometry, io, masks, outputs
+from .. import geometry, io, masks
 from ..errors import InputError
 from ..options import check_choices, option
 from ..progress import report as report_progress
@@ -162,7 +161,8 @@ class Labeling:
     ``label_images``: space ("reference", "gre") → (label image, affine), split-hemisphere regions' right halves as
     value + 1000; ``table``: the label table naming those values; ``rows``: `roi_statistics` rows with ``space`` and
     ``qc_passed``; ``ratios``: (region, side) → volume / template volume; ``flags``: quality warnings;
-    ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, then SyN warps), if asked;
+    ``transforms``: the kept ANTs transform files (subject → template: affine ``.mat``, SyN warp and its inverse),
+    if asked;
     ``grey_matter``: space → (mask, affine) of the grey matter that cortex regions were restricted to; ``contrast``:
     `contrast_fingerprint` of an FA reference and of its template; ``in_view``: (region, side) → the fraction of
     the template's region inside the reference's field of view (a partial DWI slab holds part of M1);
@@ -323,26 +323,32 @@ def _template_brain(template, template_affine, margin_mm, shape, affine, registr
     return propagate_labels(brain.astype(np.int32), template_affine, shape, affine, registration, link=link) > 0
 
 
-def template_brain_mask(
-    reference, reference_affine, gre, gre_affine, atlas, options=None, *, margin_mm=0.0, workdir=None, progress=None
-):
-    """The atlas template's brain on the GRE's grid: the reference registered to the template as `label_subject`
-    does, the GRE magnitude linked to the reference, the template's non-zero voxels grown by `margin_mm` (shrunk if
-    negative) brought back. A brain mask that a head around the brain cannot mislead, for the QSM (the magnitude's
-    own threshold keeps the scalp and the neck)."""
+def register_subject(reference, reference_affine, atlas, options=None, *, gre=None, workdir=None, progress=None):
+    """The reference registered to the atlas's template (rigid, affine, SyN) and, given `gre` (image, affine: the
+    GRE magnitude), the GRE linked rigidly to the reference: (registration, link or None). The caller removes their
+    files (`Registration.cleanup`) or keeps them (`Registration.kept`); `template_brain_mask` and `label_subject`
+    take them as they are, so that one registration serves both."""
     options = options or LabelingOptions()
     template, template_affine, use_fa, _ = _atlas_template(atlas, options)
     registration = _register_to_template(
         reference, reference_affine, atlas, template, template_affine, use_fa, options, workdir, progress
     )
-    link = None
+    if gre is None:
+        return registration, None
     try:
-        link = _link_gre(gre, gre_affine, reference, reference_affine, options, workdir, progress)
-        return _template_brain(template, template_affine, margin_mm, gre.shape, gre_affine, registration, link)
-    finally:
+        return registration, _link_gre(*gre, reference, reference_affine, options, workdir, progress)
+    except BaseException:
         registration.cleanup()
-        if link is not None:
-            link.cleanup()
+        raise
+
+
+def template_brain_mask(gre_shape, gre_affine, atlas, registrations, options=None, *, margin_mm=0.0):
+    """The atlas template's brain on the GRE's grid, through `registrations` (`register_subject` with the GRE):
+    the template's non-zero voxels grown by `margin_mm` (shrunk if negative) brought back. A brain mask that a head
+    around the brain cannot mislead, for the QSM (the magnitude's own threshold keeps the scalp and the neck)."""
+    template, template_affine, _, _ = _atlas_template(atlas, options or LabelingOptions())
+    registration, link = registrations
+    return _template_brain(template, template_affine, margin_mm, gre_shape, gre_affine, registration, link)
 
 
 def _register_and_propagate(
@@ -356,44 +362,51 @@ def _register_and_propagate(
     gre,
     gre_affine,
     keep_transforms,
+    registrations,
     workdir,
     progress,
 ):
-    """Register the reference to the template, bring the labels to the reference's (and the GRE's) grid; return
-    (space → (labels, affine), template correlation, kept transform files, `contrast_fingerprint` of an FA reference
-    and its template, each template region's fraction inside the reference's field of view (`_in_view`), and, with
-    a GRE, the template's brain (non-zero voxels) widened by `BRAIN_MARGIN_MM` on the GRE grid, else None)."""
+    """Register the reference to the template (unless `registrations` (registration, link) are given), bring the
+    labels to the reference's (and the GRE's) grid; return (space → (labels, affine), template correlation, kept
+    transform files, `contrast_fingerprint` of an FA reference and its template, each template region's fraction
+    inside the reference's field of view (`_in_view`), and, with a GRE, the template's brain (non-zero voxels)
+    widened by `BRAIN_MARGIN_MM` on the GRE grid, else None)."""
     template, template_affine, use_fa, fingerprint = _atlas_template(atlas, options)
     contrast = {}
     if fingerprint is not None:
         contrast = {"reference": contrast_fingerprint(reference), "template": fingerprint}
-    registration = _register_to_template(
-        reference, reference_affine, atlas, template, template_affine, use_fa, options, workdir, progress
-    )
-    link = brain = None
+    given = registrations is not None
+    if not given:
+        registrations = register_subject(
+            reference,
+            reference_affine,
+            atlas,
+            options,
+            gre=(gre, gre_affine) if gre is not None else None,
+            workdir=workdir,
+            progress=progress,
+        )
+    registration, link = registrations
     try:
+        if gre is not None and link is None:
+            raise ValueError("registrations given without the GRE's link, and a GRE to label")
         propagated = propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration)
         label_images = {"reference": (propagated, reference_affine)}
         in_view = _in_view(template_masks, labels_affine, reference.shape, reference_affine, registration)
+        brain = None
         if gre is not None:
-            link = _link_gre(gre, gre_affine, reference, reference_affine, options, workdir, progress)
             propagated = propagate_labels(labels, labels_affine, gre.shape, gre_affine, registration, link=link)
             label_images["gre"] = (propagated, gre_affine)
             brain = _template_brain(
                 template, template_affine, BRAIN_MARGIN_MM, gre.shape, gre_affine, registration, link
             )
-        kept = []
-        if keep_transforms is not None:
-            Path(keep_transforms).mkdir(parents=True, exist_ok=True)
-            for path in registration.forward:
-                kept.append(Path(keep_transforms) / Path(path).name)
-                with outputs.atomic_path(kept[-1]) as tmp:
-                    shutil.copyfile(path, tmp)
+        kept = registration.kept(keep_transforms, "")[1] if keep_transforms is not None else []
         return label_images, registration.similarity, kept, contrast, in_view, brain
     finally:
-        registration.cleanup()
-        if link is not None:
-            link.cleanup()
+        if not given:
+            registration.cleanup()
+            if link is not None:
+                link.cleanup()
 
 
 def _label_table(atlas, labels):
@@ -433,6 +446,7 @@ def label_subject(
     tissue_mask=None,
     subject="",
     keep_transforms=None,
+    registrations=None,
     workdir=None,
     progress=None,
 ):
@@ -460,6 +474,9 @@ def label_subject(
         only farther than ``options.cortex_margin_mm`` from the grey matter around them (`cortex_core`).
     keep_transforms : path, optional
         Folder to copy the registration's transform files into (else they are deleted).
+    registrations : (Registration, Registration or None), optional
+        The reference's registration to the template and the GRE's link, made already (`register_subject`, with
+        the same reference, GRE magnitude and options): used as they are, and left in place.
     workdir : path, optional
         Folder for the registration's temporary files (default: the system's temporary folder).
 
@@ -486,6 +503,7 @@ def label_subject(
         gre,
         gre_affine,
         keep_transforms,
+        registrations,
         workdir,
         progress,
     )

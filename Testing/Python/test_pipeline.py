@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import child_processes
 
-from ALSQuantLib import cli, io, phantom, pipeline, provenance
+from ALSQuantLib import cli, io, phantom, pipeline, provenance, registration, workflows
 from ALSQuantLib.atlas import LabelingOptions
 from ALSQuantLib.qsm import QSMOptions
 
@@ -88,7 +88,23 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     _, gre_affine = io.load_image(inputs.gre_magnitude[0])
     np.testing.assert_allclose(chi_affine, gre_affine, atol=1e-5)
     assert not list(out.rglob("*.tmp*"))  # every atomic write finished
+    assert not list(out.rglob(f"{registration.WORKDIR_PREFIX}*"))  # no ANTs work folder left
     assert _checksums(folder / "sub-01") == before  # inputs untouched
+    # One registration a subject: the labelling used the brain stage's (recorded among its inputs), and labels
+    # exactly as it does when it registers again itself (ANTs single-threaded repeats bit for bit).
+    kept = io.read_json(out / "brain" / workflows.REGISTRATION_RECORD)
+    label_record = io.read_json(out / "label" / "provenance.json")
+    assert "registrations" in label_record["inputs"]
+    assert io.read_json(out / "label" / "quality.json")["template_correlation"] == kept["template"]["similarity"]
+    again = workflows.label_step(
+        out / "dki" / "fa.nii.gz",
+        tmp_path / "registered-again",
+        _options(folder).labeling,
+        gre_magnitude=inputs.gre_magnitude[0],
+    )
+    for space in ("reference", "gre"):
+        reused = io.load_image(out / "label" / f"labels_{space}.nii.gz")[0]
+        np.testing.assert_array_equal(io.load_image(again.folder / f"labels_{space}.nii.gz")[0], reused)
 
     assert cli.main(args) == 0
     assert "stages run: none" in capsys.readouterr().out
