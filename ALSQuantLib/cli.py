@@ -10,6 +10,7 @@ from .atlas.labeling import LabelingOptions
 from .dki import DKI_MAPS, DKIOptions
 from .errors import InputError
 from .qsm import QSMOptions
+from .stats import PENALTIES, QC_COLUMN, SUBJECT_COLUMN
 
 log = logging.getLogger("alsquant")
 
@@ -276,10 +277,35 @@ def _add_roc(subparsers):
     p.add_argument("cohort", type=Path, help="cohort table (CSV or TSV): subject, group and marker columns")
     p.add_argument("--group-column", default="group")
     p.add_argument("--positive", default="ALS", help="label of the positive group (default ALS)")
-    p.add_argument("--subject-column", default="subject")
+    p.add_argument(
+        "--groups",
+        type=lambda text: [g.strip() for g in text.split(",") if g.strip()],
+        help="the two groups to compare, e.g. ALS,control (default: the table's, which must be two)",
+    )
+    p.add_argument("--subject-column", default=SUBJECT_COLUMN, help=f"(default {SUBJECT_COLUMN}, as run-cohort writes)")
+    p.add_argument(
+        "--exclude-failed-qc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"leave out subjects whose {QC_COLUMN} column says the quality check failed (default: yes; said how many)",
+    )
     p.add_argument("--markers", nargs="+", required=True, help="marker columns")
+    p.add_argument(
+        "--covariates",
+        nargs="+",
+        default=[],
+        help="also adjust the markers for these columns (e.g. age sex), fitted in the controls; the saved model is "
+        "then adjusted too, and classify needs them",
+    )
     p.add_argument("--combine", nargs="*", default=[], help="combinations such as mk+ms")
     p.add_argument("--bootstrap", type=int, default=0, help="stratified bootstrap resamples for an extra AUC CI")
+    p.add_argument(
+        "--penalty",
+        choices=PENALTIES,
+        default="none",
+        help="combined markers and the saved model: 'none', maximum likelihood as R's glm (default); 'l2', "
+        "L2-penalised (C = 1 on standardised markers), finite when the groups are separated",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--save-model", type=Path, help="save a diagnostic model (JSON) of the first combination, else of all markers"
@@ -297,17 +323,31 @@ def _run_roc(args):
         group_column=args.group_column,
         positive=args.positive,
         subject_column=args.subject_column,
+        groups=args.groups,
+        exclude_failed_qc=args.exclude_failed_qc,
+        covariates=args.covariates,
     )
-    results, rocs, comparison = stats.analyze(cohort, args.combine, bootstrap=args.bootstrap, random_seed=args.seed)
+    left_out = stats.excluded_text(cohort)
+    if left_out:
+        print(f"left out: {left_out}")
+    results, rocs, comparison = stats.analyze(
+        cohort, args.combine, penalty=args.penalty, bootstrap=args.bootstrap, random_seed=args.seed
+    )
     model_markers = args.combine[0].split("+") if args.combine else args.markers
-    model = stats.diagnostic_model(cohort, model_markers, random_seed=args.seed) if args.save_model else None
+    model = None
+    if args.save_model:
+        model = stats.diagnostic_model(cohort, model_markers, penalty=args.penalty, adjust=bool(args.covariates))
     page = report.write_roc_outputs(args.out, cohort, results, rocs, comparison)
     for marker, r in results["markers"].items():
         print(
             f"{marker}: {stats.auc_text(r, 3)}, sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
         )
     for combination, r in results["combinations"].items():
-        print(f"{combination}: {stats.auc_text(r, 3)}")
+        separated = " (groups separated: no finite maximum-likelihood fit; see --penalty l2)" if r["separated"] else ""
+        print(f"{combination}: {stats.auc_text(r, 3)}{separated}")
+    adjusted = results.get("adjusted", {})
+    for name, r in {**adjusted.get("markers", {}), **adjusted.get("combinations", {})}.items():
+        print(f"{name} adjusted for {', '.join(adjusted['covariates'])}: {stats.auc_text(r, 3)}")
     if model:
         stats.save_model(model, args.save_model)
         print(f"model of {'+'.join(model_markers)} saved to {args.save_model}")
@@ -319,26 +359,33 @@ def _add_classify(subparsers):
     p = subparsers.add_parser("classify", help="diagnose subjects with a saved model")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("subjects", type=Path, help="table (CSV/TSV) with the model's marker columns, one subject per row")
-    p.add_argument("--subject-column", default="subject")
+    p.add_argument("--subject-column", default=SUBJECT_COLUMN, help=f"(default {SUBJECT_COLUMN}, as run-cohort writes)")
     p.add_argument("--out", type=Path, help="write the results here (CSV); default: beside the table, *_diagnosis.csv")
     p.set_defaults(run=_run_classify)
 
 
 def _run_classify(args):
-    from . import io, stats
+    from . import io, report, stats
 
     model = stats.load_model(args.model)
-    rows = []
-    for n, row in enumerate(io.read_table(args.subjects), 1):
-        subject = row.get(args.subject_column, str(n))
+    covariates = model.get("adjustment", {}).get("covariates", [])
+    rows, table = [], io.read_table(args.subjects)
+    if table and args.subject_column not in table[0]:
+        raise InputError(
+            f"{args.subjects}: no subject column {args.subject_column!r}; columns are {', '.join(table[0])} "
+            "(name one with --subject-column)"
+        )
+    for row in table:
+        subject = row[args.subject_column]
         try:
             values = {m: float(row[m]) for m in model["markers"] if row.get(m, "") != ""}
+            values.update({c: row[c] for c in covariates if row.get(c, "") != ""})
         except ValueError:
             raise InputError(f"{args.subjects}: subject {subject} has a non-numeric marker value") from None
         result = stats.classify(model, values)
         rows.append(
             {
-                "subject": subject,
+                SUBJECT_COLUMN: subject,
                 "probability": result["probability"],
                 "decision": result["decision"],
                 **{f"z_{m}": z for m, z in result["z_scores"].items()},
@@ -353,6 +400,7 @@ def _run_classify(args):
         raise InputError(f"output {out} would overwrite an input; choose another --out")
     io.write_table(out, rows)
     print(f"written to {out}")
+    print(report.RESEARCH_USE)
     return 0
 
 

@@ -107,7 +107,7 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
             }
         )
     io.write_table(out_dir / "markers.csv", measured)
-    cohort = stats.read_cohort(measured, markers=list(pipeline.MARKERS), subject_column="participant_id")
+    cohort = stats.read_cohort(measured, markers=list(pipeline.MARKERS))
     results, rocs, comparison = stats.analyze(cohort, list(COMBINATIONS), random_seed=seed)
     page = report.write_roc_outputs(out_dir / "roc", cohort, results, rocs, comparison)
     roc_lines = [

@@ -137,8 +137,8 @@ def group_figure(cohort, stem):
     return path
 
 
-def _table(rows, columns=None):
-    columns = columns or list(rows[0]) if rows else []
+def _table(rows):
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's, as `io.write_table`
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
 
     def cell(value):
@@ -174,28 +174,40 @@ def html_report(path, *, title, summary, tables, figures, notes=()):
     return Path(path)
 
 
+RESEARCH_USE = (
+    "For research use only: ALSQuant's markers, ROC analyses and diagnoses are not validated for clinical diagnosis "
+    "and must not guide the care of a patient."
+)
+
+
+def _flat(result):
+    """A result's figures as table columns: an interval (``sensitivity_ci``) as ``*_low`` and ``*_high``, each
+    DeLong p against a single marker as ``delong_p_vs_<marker>``."""
+    row = {}
+    for key, value in result.items():
+        if isinstance(value, (list, tuple)):
+            row.update({f"{key}_low": value[0], f"{key}_high": value[1]})
+        elif isinstance(value, dict):
+            row.update({f"{key}_{name}": v for name, v in value.items()})
+        else:
+            row[key] = value
+    return row
+
+
 def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
     """results.json, the tables as CSV, ROC and group figures (PNG + SVG) and report.html in `out_dir`."""
     out_dir = outputs.prepare_folder(out_dir, "report folder")
     io.write_json(out_dir / "results.json", results)
     io.write_table(out_dir / "group_comparison.csv", comparison)
-    marker_rows = [
-        {"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, dict))}}
-        for m, r in results["markers"].items()
-    ]
+    marker_rows = [{"marker": m, **_flat(r)} for m, r in results["markers"].items()]
     io.write_table(out_dir / "roc_markers.csv", marker_rows)
-    combination_rows = [
-        {
-            "combination": c,
-            **{k: v for k, v in r.items() if k != "delong_p_vs"},
-            **{f"delong_p_vs_{m}": p for m, p in r["delong_p_vs"].items()},
-        }
-        for c, r in results["combinations"].items()
-    ]
+    combination_rows = [{"combination": c, **_flat(r)} for c, r in results["combinations"].items()]
     if combination_rows:
         io.write_table(out_dir / "roc_combinations.csv", combination_rows)
     figures = [roc_figure(rocs, out_dir / "roc_curves"), group_figure(cohort, out_dir / "groups")]
     summary = [f"{cohort.n_positive} {cohort.positive_label}, {cohort.n_negative} {cohort.negative_label}"]
+    left_out = stats.excluded_text(cohort)
+    summary += [f"left out: {left_out}"] if left_out else []
     summary += [
         f"{m}: {stats.auc_text(r, 3)} (DeLong), direction {r['direction']}, "
         f"cut-off {r['threshold']:.4g}: sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
@@ -204,13 +216,41 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
     summary += [f"{c}: {stats.auc_text(r, 3)}" for c, r in results["combinations"].items()]
     notes = [
         "AUC CIs by DeLong's method (Sun & Xu fast algorithm); cut-offs maximise Youden's J; sensitivity and "
-        "specificity CIs are Wilson intervals; p-values are two-sided Mann-Whitney U with Holm correction.",
-        "Combined markers: logistic regression on standardised markers; the apparent AUC is optimistic, the "
-        "cross-validated AUC (repeated stratified k-fold) is not.",
+        "specificity CIs are Wilson intervals; p-values are two-sided Mann-Whitney U as R's wilcox.test computes "
+        "them (exact below 50 a group without ties, else the normal approximation with continuity correction), "
+        "with Holm correction.",
+        "Combined markers: logistic regression ("
+        + ("maximum likelihood, as R's glm" if results["penalty"] == "none" else "L2-penalised, C = 1")
+        + "); the apparent AUC is optimistic, the cross-validated AUC (repeated stratified k-fold) is not.",
     ]
     tables = {"Group comparison": comparison, "Single markers": marker_rows}
     if combination_rows:
         tables["Combined markers"] = combination_rows
+    adjusted = results.get("adjusted")
+    if adjusted:
+        covariates = ", ".join(adjusted["covariates"])
+        summary += [
+            f"{name} adjusted for {covariates}: {stats.auc_text(r, 3)}"
+            for name, r in {**adjusted["markers"], **adjusted["combinations"]}.items()
+        ]
+        notes.append(
+            f"Adjusted for {covariates}: each marker regressed on them in the {cohort.negative_label} group "
+            "(ordinary least squares, as R's lm), every subject's value a z-score against that prediction, (value - "
+            "prediction) / residual SD; the adjusted AUCs are those of the z-scores."
+        )
+        tables[f"Single markers, adjusted for {covariates}"] = [
+            {"marker": m, **_flat(r)} for m, r in adjusted["markers"].items()
+        ]
+        fits = [
+            {
+                "marker": m,
+                **dict(zip(["intercept", *adjusted["covariates"]], adjusted["coefficients"][m])),
+                "residual_sd": adjusted["sd"][m],
+            }
+            for m in adjusted["markers"]
+        ]
+        tables[f"Fits in the {cohort.negative_label} group"] = fits
+    notes.append(RESEARCH_USE)
     return html_report(
         out_dir / "report.html",
         title="ALSQuant ROC analysis",

@@ -9,6 +9,10 @@ Conventions follow R's pROC so results can be checked against it:
   the CI is AUC ± z₀.₉₇₅ √var, clipped to [0, 1] (pROC's ``ci.auc(method="delong")``).
 * The Youden-optimal cut-off maximises sensitivity + specificity (pROC's ``coords(best.method="youden")``).
 
+and R's ``stats``: the Mann–Whitney test is ``wilcox.test``'s (exact below 50 a group without ties, else the normal
+approximation with continuity and tie corrections), and markers are combined by unpenalised logistic regression, the
+maximum-likelihood fit of ``glm(family = binomial)`` (an L2-penalised fit, `PENALTIES`, as an option).
+
 References
 ----------
 DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two or more correlated receiver operating
@@ -21,13 +25,19 @@ Wilson EB. Probable inference, the law of succession, and statistical inference.
 Holm S. A simple sequentially rejective multiple test procedure. Scand J Stat 1979;6:65-70.
 """
 
+import dataclasses
+import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 
 from . import __version__, io
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 MIN_PER_GROUP = 3
 
@@ -44,6 +54,10 @@ class Cohort:
     markers: dict
     positive_label: str
     negative_label: str
+    excluded: dict = field(default_factory=dict)
+    """Reason (``failed_qc``, ``other_group``) → the subjects `read_cohort` left out."""
+    covariates: dict = field(default_factory=dict)
+    """Covariate name → values (numbers, or two categories as strings), for `fit_adjustment`."""
 
     @property
     def n_positive(self):
@@ -54,7 +68,28 @@ class Cohort:
         return int((~self.positive).sum())
 
 
-def read_cohort(table, *, markers, group_column="group", positive="ALS", subject_column="subject"):
+SUBJECT_COLUMN = "participant_id"
+"""The subject column everywhere (BIDS's name, as ``run-cohort`` writes ``cohort.csv``)."""
+
+QC_COLUMN = "qc_passed"
+"""The column ``run-cohort`` writes the quality check's verdict in (`read_cohort` leaves failed subjects out)."""
+
+
+def _false(value):
+    return str(value).strip().lower() in ("false", "0", "no", "failed")
+
+
+def read_cohort(
+    table,
+    *,
+    markers,
+    group_column="group",
+    positive="ALS",
+    subject_column=SUBJECT_COLUMN,
+    groups=None,
+    exclude_failed_qc=True,
+    covariates=(),
+):
     """Validate a cohort table.
 
     Parameters
@@ -63,11 +98,19 @@ def read_cohort(table, *, markers, group_column="group", positive="ALS", subject
     markers : sequence of str
         Marker columns.
     group_column, positive, subject_column : str
-        The positive group's label (e.g. ``"ALS"``); every other label must be one single negative group.
+        The positive group's label (e.g. ``"ALS"``); every other label kept must be one single negative group.
+    groups : sequence of str, optional
+        The groups to compare (e.g. ``["ALS", "control"]`` from an ALS/PLS/control cohort); subjects of other
+        groups are left out.
+    exclude_failed_qc : bool
+        Leave out subjects whose `QC_COLUMN` (when the table has one) says the quality check failed.
+    covariates : sequence of str
+        Columns to adjust the markers for (`fit_adjustment`), e.g. ``["age", "sex"]``: numbers, or two categories.
 
     Returns
     -------
     Cohort
+        With ``excluded``: reason → the subjects left out (``failed_qc``, ``other_group``).
     """
     if hasattr(table, "to_dict"):
         rows = table.to_dict("records")
@@ -78,23 +121,43 @@ def read_cohort(table, *, markers, group_column="group", positive="ALS", subject
     if not rows:
         raise InputError("cohort table: it has no rows")
     columns = set(rows[0])
-    for column in [group_column, *markers]:
+    for column in [subject_column, group_column, *markers, *covariates]:
         if column not in columns:
             raise InputError(f"cohort table: no column {column!r}; columns are {', '.join(sorted(map(str, columns)))}")
-    subjects = [str(r.get(subject_column, i + 1)) for i, r in enumerate(rows)]
-    groups = [str(r.get(group_column) or "").strip() for r in rows]
-    missing = [s for s, g in zip(subjects, groups) if not g or g.lower() == "nan"]
+    subjects = [str(r[subject_column]) for r in rows]
+    groups_read = [str(r.get(group_column) or "").strip() for r in rows]
+    missing = [s for s, g in zip(subjects, groups_read) if not g or g.lower() == "nan"]
     if missing:
         raise InputError(f"cohort table: no {group_column} for subject(s) {', '.join(missing)}")
-    labels = sorted(set(groups))
+    if groups is not None:
+        unknown = sorted(set(groups) - set(groups_read))
+        if unknown or positive not in groups:
+            raise InputError(
+                f"cohort table: groups {', '.join(groups)} asked for, with the positive group {positive!r} among "
+                f"them; the table has {', '.join(sorted(set(groups_read)))}"
+            )
+    excluded = {"failed_qc": [], "other_group": []}
+    kept = []
+    for subject, group, row in zip(subjects, groups_read, rows):
+        if groups is not None and group not in groups:
+            excluded["other_group"].append(subject)
+        elif exclude_failed_qc and QC_COLUMN in row and _false(row[QC_COLUMN]):
+            excluded["failed_qc"].append(subject)
+        else:
+            kept.append((subject, group, row))
+    if not kept:
+        raise InputError(f"cohort table: no subject left ({_excluded_text(excluded)})")
+    subjects, groups_read, rows = (list(column) for column in zip(*kept))
+    labels = sorted(set(groups_read))
     if positive not in labels:
         raise InputError(f"cohort table: no subject in the positive group {positive!r}; groups are {', '.join(labels)}")
     negatives = [g for g in labels if g != positive]
     if len(negatives) != 1:
         raise InputError(
-            f"cohort table: expected {positive!r} and one other group, found {', '.join(labels) or 'none'}"
+            f"cohort table: expected {positive!r} and one other group, found {', '.join(labels) or 'none'}; "
+            "choose two with --groups"
         )
-    is_positive = np.array([g == positive for g in groups])
+    is_positive = np.array([g == positive for g in groups_read])
     for label, count in ((positive, is_positive.sum()), (negatives[0], (~is_positive).sum())):
         if count < MIN_PER_GROUP:
             raise InputError(
@@ -116,7 +179,25 @@ def read_cohort(table, *, markers, group_column="group", positive="ALS", subject
                 f"cohort table: marker {marker!r} is missing or not numeric for subject(s) {', '.join(bad)}"
             )
         values[marker] = np.array(column)
-    return Cohort(subjects, is_positive, values, positive, negatives[0])
+    covariate_values = {}
+    for name in covariates:
+        column = [row[name] for row in rows]
+        missing = [s for s, v in zip(subjects, column) if v is None or str(v).strip().lower() in ("", "nan", "n/a")]
+        if missing:
+            raise InputError(f"cohort table: covariate {name!r} is missing for subject(s) {', '.join(missing)}")
+        covariate_values[name] = _coded(name, column)[0]
+    left_out = {k: v for k, v in excluded.items() if v}
+    return Cohort(subjects, is_positive, values, positive, negatives[0], left_out, covariate_values)
+
+
+def _excluded_text(excluded):
+    reasons = {"failed_qc": "whose quality check failed", "other_group": "of other groups"}
+    return "; ".join(f"{len(ids)} {reasons[k]}: {', '.join(ids)}" for k, ids in excluded.items() if ids) or "none"
+
+
+def excluded_text(cohort):
+    """The subjects `read_cohort` left out, in words ("2 whose quality check failed: sub-03, sub-07"), or None."""
+    return _excluded_text(cohort.excluded) if cohort.excluded else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,17 +391,31 @@ def holm(p_values):
     return adjusted
 
 
+def mann_whitney(cases, controls):
+    """The Mann–Whitney test as R's ``wilcox.test(cases, controls)`` computes it: U (R's W, the cases' rank sum minus
+    n(n + 1)/2), the two-sided p-value, and how it was found: exactly when both groups hold fewer than 50 values and
+    no value repeats (R's rule), else by the normal approximation with continuity and tie corrections."""
+    values = np.concatenate([cases, controls])
+    exact = cases.size < 50 and controls.size < 50 and np.unique(values).size == values.size
+    test = sps.mannwhitneyu(
+        cases, controls, alternative="two-sided", method="exact" if exact else "asymptotic", use_continuity=True
+    )
+    return float(test.statistic), float(test.pvalue), "exact" if exact else "normal approximation"
+
+
 def group_comparison(cohort):
-    """Per marker: n, median [min–max] per group, Mann–Whitney U two-sided p, Cliff's delta, Holm-adjusted p."""
+    """Per marker: n, median [min–max] per group, Mann–Whitney U two-sided p (`mann_whitney`), Cliff's delta,
+    Holm-adjusted p."""
     rows = []
     for marker, values in cohort.markers.items():
         cases, controls = values[cohort.positive], values[~cohort.positive]
-        test = sps.mannwhitneyu(cases, controls, alternative="two-sided")
-        delta = 2 * test.statistic / (cases.size * controls.size) - 1  # Cliff's delta = rank-biserial r
+        u, p, method = mann_whitney(cases, controls)
+        delta = 2 * u / (cases.size * controls.size) - 1  # Cliff's delta = rank-biserial r
         row = {
             "marker": marker,
-            "mannwhitney_u": float(test.statistic),
-            "mannwhitney_p": float(test.pvalue),
+            "mannwhitney_u": u,
+            "mannwhitney_p": p,
+            "mannwhitney_method": method,
             "cliffs_delta": float(delta),
         }
         for label, group in ((cohort.positive_label, cases), (cohort.negative_label, controls)):
@@ -341,36 +436,71 @@ def group_comparison(cohort):
 # ----------------------------------------------------------------------------------------------------------------
 # Combined markers and the diagnostic model
 # ----------------------------------------------------------------------------------------------------------------
-def _fit_logistic(X, y, random_seed):
+PENALTIES = ("none", "l2")
+"""How markers are combined: ``none``, the maximum-likelihood logistic regression (R's ``glm``, what clinical papers
+report; the default); ``l2``, L2-penalised with C = 1 on standardised markers (shrinks the coefficients, and stays
+finite when the groups are separated)."""
+
+SEPARATION_EPS = 10 * np.finfo(float).eps
+"""A fitted probability within this of 0 or 1 means the groups are (quasi-)separated and maximum likelihood has no
+finite solution: R's ``glm`` warns "fitted probabilities numerically 0 or 1 occurred" at the same bound."""
+
+
+def _fit_logistic(X, y, penalty="none"):
+    """Logistic regression on standardised markers (which leaves the unpenalised fit's scores unchanged): (scaler,
+    model, whether the fitted probabilities reach 0 or 1, `SEPARATION_EPS`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    if penalty not in PENALTIES:
+        raise InputError(f"logistic regression: penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
     scaler = StandardScaler().fit(X)
-    model = LogisticRegression(C=1.0, random_state=random_seed).fit(scaler.transform(X), y)
-    return scaler, model
+    # Newton's method, as glm's IRLS, to a tolerance far below what any figure shows
+    model = LogisticRegression(
+        C=np.inf if penalty == "none" else 1.0, solver="newton-cholesky", tol=1e-12, max_iter=100
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # separation: told below, as glm does
+        model.fit(scaler.transform(X), y)
+    probability = model.predict_proba(scaler.transform(X))[:, 1]
+    separated = bool(np.any((probability < SEPARATION_EPS) | (probability > 1 - SEPARATION_EPS)))
+    return scaler, model, separated
 
 
-def combine(cohort, markers, *, cv_splits=5, cv_repeats=20, random_seed=0):
-    """Logistic regression on standardised markers (L2, C = 1): apparent AUC with DeLong CI, cross-validated AUC
-    (repeated stratified k-fold, the mean over repeats of the AUC of pooled out-of-fold scores), and DeLong tests of
-    the combined score against each single marker.
+def raw_coefficients(scaler, model):
+    """The logistic model on the markers' own scale: (intercept, coefficients), as ``coef(glm(...))`` gives them."""
+    coefficients = model.coef_[0] / scaler.scale_
+    return float(model.intercept_[0] - coefficients @ scaler.mean_), coefficients
+
+
+def combine(cohort, markers, *, penalty="none", cv_splits=5, cv_repeats=20, random_seed=0):
+    """Logistic regression on the markers (`PENALTIES`; default maximum likelihood, as R's ``glm``): apparent AUC
+    with DeLong CI, cross-validated AUC (repeated stratified k-fold, the mean over repeats of the AUC of pooled
+    out-of-fold scores), and DeLong tests of the combined score against each single marker.
 
     Returns
     -------
-    dict with ``scores`` (apparent), ``roc`` (MarkerROC), ``auc_cv``, ``auc_cv_sd``, ``delong_p_vs``, ``model``.
+    dict with ``scores`` (apparent), ``roc`` (MarkerROC), ``auc_cv``, ``auc_cv_sd``, ``delong_p_vs``, ``model``
+    (scaler, fitted model), ``separated`` (the groups separated: no finite maximum-likelihood fit).
     """
     from sklearn.model_selection import RepeatedStratifiedKFold
 
     X = np.column_stack([cohort.markers[m] for m in markers])
     y = cohort.positive.astype(int)
-    scaler, model = _fit_logistic(X, y, random_seed)
+    scaler, model, separated = _fit_logistic(X, y, penalty)
+    if separated:
+        log.warning(
+            "%s: the groups are separated, fitted probabilities reach 0 or 1 and the maximum-likelihood fit has no "
+            "finite solution; its AUC is 1 on these subjects only (see the cross-validated AUC, or --penalty l2)",
+            "+".join(markers),
+        )
     scores = model.decision_function(scaler.transform(X))
     roc = roc_analysis(scores, cohort.positive, name="+".join(markers), direction="<")
     folds = min(cv_splits, cohort.n_positive, cohort.n_negative)
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=cv_repeats, random_state=random_seed)
     out_of_fold = np.zeros((cv_repeats, len(y)))
     for k, (train, test) in enumerate(splitter.split(X, y)):
-        s, m = _fit_logistic(X[train], y[train], random_seed)
+        s, m, _ = _fit_logistic(X[train], y[train], penalty)
         out_of_fold[k // folds, test] = m.decision_function(s.transform(X[test]))
     cv_aucs = [float(delong(row, cohort.positive)[0][0]) for row in out_of_fold]
     delong_p = {}
@@ -384,13 +514,17 @@ def combine(cohort, markers, *, cv_splits=5, cv_repeats=20, random_seed=0):
         "auc_cv_sd": float(np.std(cv_aucs)),
         "delong_p_vs": delong_p,
         "model": (scaler, model),
+        "separated": separated,
     }
 
 
-def diagnostic_model(cohort, markers, *, random_seed=0):
+def diagnostic_model(cohort, markers, *, penalty="none", adjust=False):
     """A fitted diagnostic model as a JSON-ready dict (never pickle).
 
-    It holds the markers, the scaler (mean, scale), the logistic coefficients and intercept, the Youden cut-off on
+    It holds the markers, the penalty (`PENALTIES`), the scaler (mean, scale), the logistic coefficients and
+    intercept (on the standardised markers), whether the groups were separated, with `adjust`, the `Adjustment`
+    for the cohort's covariates (the model then works on adjusted z-scores, and classifying needs the covariates),
+    the Youden cut-off on
     the probability scale, the training summary (group sizes, apparent AUC, marker ranges, control mean and SD per
     marker for z-scores) and the software versions.
     """
@@ -398,6 +532,8 @@ def diagnostic_model(cohort, markers, *, random_seed=0):
 
     if isinstance(markers, str) or not all(m in cohort.markers for m in markers):
         raise InputError(f"diagnostic model: markers must be a list of the cohort's markers, got {markers!r}")
+    adjustment = fit_adjustment(cohort) if adjust else None
+    cohort = adjusted(cohort, adjustment) if adjust else cohort
     controls = ~cohort.positive
     constant = [m for m in markers if np.ptp(cohort.markers[m][controls]) == 0]
     if constant:
@@ -406,17 +542,23 @@ def diagnostic_model(cohort, markers, *, random_seed=0):
             f"{cohort.negative_label} subject; a model needs markers that vary"
         )
     X = np.column_stack([cohort.markers[m] for m in markers])
-    scaler, model = _fit_logistic(X, cohort.positive.astype(int), random_seed)
+    scaler, model, separated = _fit_logistic(X, cohort.positive.astype(int), penalty)
+    intercept, coefficients = raw_coefficients(scaler, model)
     probability = model.predict_proba(scaler.transform(X))[:, 1]
     roc = roc_analysis(probability, cohort.positive, direction="<")
     return {
         "format": MODEL_FORMAT,
         "markers": list(markers),
+        "penalty": penalty,
+        "separated": separated,
+        **({"adjustment": adjustment.as_dict()} if adjust else {}),
         "positive": cohort.positive_label,
         "negative": cohort.negative_label,
         "scaler": {"mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist()},
         "coefficients": model.coef_[0].tolist(),
         "intercept": float(model.intercept_[0]),
+        # the same model on the markers' own scale, as R's coef(glm(...)) gives it
+        "on_marker_scale": dict(zip(["(Intercept)", *markers], [intercept, *coefficients.tolist()])),
         "cutoff": roc.threshold,
         "training": {
             "n": {cohort.positive_label: cohort.n_positive, cohort.negative_label: cohort.n_negative},
@@ -498,7 +640,33 @@ def validate_model(model, where="model"):
             raise InputError(f"{where}: field training.range.{marker} must be [low, high], got {[low, high]}")
         _finite_number(training["control_mean"][marker], where, f"training.control_mean.{marker}")
         _finite_number(training["control_sd"][marker], where, f"training.control_sd.{marker}", positive=True)
+    if "adjustment" in model:
+        _validate_adjustment(model["adjustment"], markers, where)
     return model
+
+
+def _validate_adjustment(adjustment, markers, where):
+    fields = {"covariates", "levels", "coefficients", "sd", "ranges"}
+    if not isinstance(adjustment, dict) or set(adjustment) != fields:
+        raise InputError(f"{where}: field adjustment must hold {', '.join(sorted(fields))}")
+    covariates = adjustment["covariates"]
+    if not isinstance(covariates, list) or not covariates or not all(isinstance(c, str) and c for c in covariates):
+        raise InputError(f"{where}: field adjustment.covariates must be a list of column names, got {covariates!r}")
+    levels, ranges = adjustment["levels"], adjustment["ranges"]
+    if not isinstance(levels, dict) or not set(levels) <= set(covariates) or not all(map(str, levels.values())):
+        raise InputError(f"{where}: field adjustment.levels must give the level coded 1 of categorical covariates")
+    if not isinstance(ranges, dict) or set(ranges) != set(covariates) - set(levels):
+        raise InputError(f"{where}: field adjustment.ranges must give [min, max] of each numeric covariate")
+    for name, bounds in ranges.items():
+        _finite_list(bounds, 2, where, f"adjustment.ranges.{name}")
+    for summary in ("coefficients", "sd"):
+        if not isinstance(adjustment[summary], dict) or not set(markers) <= set(adjustment[summary]):
+            raise InputError(f"{where}: field adjustment.{summary} must give a value for each of {', '.join(markers)}")
+    for marker in markers:
+        _finite_list(
+            adjustment["coefficients"][marker], 1 + len(covariates), where, f"adjustment.coefficients.{marker}"
+        )
+        _finite_number(adjustment["sd"][marker], where, f"adjustment.sd.{marker}", positive=True)
 
 
 def save_model(model, path):
@@ -520,11 +688,13 @@ def classify(model, values):
     ----------
     model : dict (`diagnostic_model` or `load_model`)
     values : dict marker → value
+        With an adjusted model (``adjustment``), the covariates' values too (e.g. ``age``, ``sex``).
 
     Returns
     -------
-    dict with ``probability`` (of the positive group), ``decision``, ``z_scores`` against the training controls,
-    and ``out_of_range`` (markers outside the training range: extrapolation, trust less).
+    dict with ``probability`` (of the positive group), ``decision``, ``z_scores`` against the training controls
+    (adjusted for the covariates when the model is), and ``out_of_range`` (markers, or covariates, outside the
+    training range: extrapolation, trust less).
     """
     validate_model(model)
     missing = [m for m in model["markers"] if m not in values]
@@ -533,72 +703,207 @@ def classify(model, values):
     x = np.array([float(values[m]) for m in model["markers"]])
     if not np.all(np.isfinite(x)):
         raise InputError(f"subject: marker values must be finite numbers, got {dict(zip(model['markers'], x))}")
-    z = (x - np.array(model["scaler"]["mean"])) / np.array(model["scaler"]["scale"])
-    logit = float(np.dot(model["coefficients"], z) + model["intercept"])
-    probability = 1.0 / (1.0 + np.exp(-logit))
-    training = model["training"]
+    training, out_of_range = model["training"], []
+    if "adjustment" in model:
+        adjustment = Adjustment(**model["adjustment"])
+        absent = [c for c in adjustment.covariates if values.get(c) in (None, "")]
+        if absent:
+            raise InputError(f"subject: no value for covariate(s) {', '.join(absent)}, which the model adjusts for")
+        covariates = {c: values[c] for c in adjustment.covariates}
+        z = adjustment.z_scores(dict(zip(model["markers"], x)), covariates)
+        x = np.array([float(z[m][0]) for m in model["markers"]])
+        z_scores = dict(zip(model["markers"], x.tolist()))
+        out_of_range = [c for c, (low, high) in adjustment.ranges.items() if not low <= float(values[c]) <= high]
+    else:
+        z_scores = {
+            m: (v - training["control_mean"][m]) / training["control_sd"][m] for m, v in zip(model["markers"], x)
+        }
+    standardised = (x - np.array(model["scaler"]["mean"])) / np.array(model["scaler"]["scale"])
+    logit = float(np.dot(model["coefficients"], standardised) + model["intercept"])
+    probability = float(special.expit(logit))  # no overflow for a subject far out
+    out_of_range = [
+        m for m, v in zip(model["markers"], x) if not training["range"][m][0] <= v <= training["range"][m][1]
+    ] + out_of_range
     return {
         "probability": probability,
         "decision": model["positive"] if probability > model["cutoff"] else model["negative"],
         "cutoff": model["cutoff"],
-        "z_scores": {
-            m: (float(values[m]) - training["control_mean"][m]) / training["control_sd"][m] for m in model["markers"]
-        },
-        "out_of_range": [
-            m for m in model["markers"] if not training["range"][m][0] <= float(values[m]) <= training["range"][m][1]
-        ],
+        "z_scores": z_scores,
+        "out_of_range": out_of_range,
     }
 
 
-def analyze(cohort, combinations=(), *, bootstrap=0, random_seed=0, cv_repeats=20):
-    """The whole analysis, as in ``alsquant roc``.
+def _analysis(cohort, combinations, penalty, bootstrap, random_seed, cv_repeats):
+    """Group comparison, ROC per marker and per combination: (markers, combinations, rocs, comparison)."""
+    comparison = group_comparison(cohort)
+    by_marker = {row["marker"]: row for row in comparison}
+    markers, combined_results, rocs = {}, {}, []
+    for marker, values in cohort.markers.items():
+        roc = roc_analysis(values, cohort.positive, name=marker, bootstrap=bootstrap, random_seed=random_seed)
+        rocs.append(roc)
+        markers[marker] = {
+            **roc.summary(),
+            **{k: by_marker[marker][k] for k in ("mannwhitney_p", "mannwhitney_method", "holm_p", "cliffs_delta")},
+        }
+    for combination in combinations:
+        parts = combination.split("+")
+        unknown = [m for m in parts if m not in cohort.markers]
+        if unknown or len(parts) < 2:
+            raise InputError(
+                f"combination {combination!r}: expected two or more of the markers {', '.join(cohort.markers)} "
+                f"joined by '+'"
+            )
+        combined = combine(cohort, parts, penalty=penalty, random_seed=random_seed, cv_repeats=cv_repeats)
+        roc = combined["roc"]
+        rocs.append(roc)
+        combined_results[combination] = {
+            "auc_apparent": roc.auc,
+            "ci_low": roc.ci_low,
+            "ci_high": roc.ci_high,
+            "auc_cv": combined["auc_cv"],
+            "auc_cv_sd": combined["auc_cv_sd"],
+            "delong_p_vs": combined["delong_p_vs"],
+            "sensitivity": roc.sensitivity,
+            "specificity": roc.specificity,
+            "sensitivity_ci": list(roc.sensitivity_ci),
+            "specificity_ci": list(roc.specificity_ci),
+            "separated": combined["separated"],
+        }
+    return markers, combined_results, rocs, comparison
+
+
+def analyze(cohort, combinations=(), *, penalty="none", bootstrap=0, random_seed=0, cv_repeats=20):
+    """The whole analysis, as in ``alsquant roc``; with covariates (`read_cohort`'s ``covariates``), once more on
+    the markers adjusted for them (`fit_adjustment`).
 
     Returns
     -------
     results : dict
         ``markers`` (per marker: auc, ci_low, ci_high, direction, threshold, sensitivity, specificity,
-        mannwhitney_p, ...), ``combinations`` (per "A+B": auc_apparent, ci_low, ci_high, auc_cv, delong_p_vs),
-        ``groups`` (counts).
+        mannwhitney_p, ...), ``combinations`` (per "A+B": auc_apparent, ci_low, ci_high, auc_cv, delong_p_vs,
+        separated), ``groups`` (counts), ``excluded`` (`Cohort.excluded`), ``penalty``; with covariates,
+        ``adjusted``: the `Adjustment` (covariates, levels, coefficients, sd, ranges) with ``markers`` and
+        ``combinations`` as above, of the adjusted z-scores.
     rocs : list of MarkerROC
-        Single markers, then combinations.
+        Single markers, then combinations (unadjusted).
     comparison : list of dict
-        `group_comparison` rows.
+        `group_comparison` rows (unadjusted).
     """
-    comparison = group_comparison(cohort)
-    by_marker = {row["marker"]: row for row in comparison}
+    arguments = (combinations, penalty, bootstrap, random_seed, cv_repeats)
+    markers, combined, rocs, comparison = _analysis(cohort, *arguments)
     results = {
-        "markers": {},
-        "combinations": {},
+        "markers": markers,
+        "combinations": combined,
         "groups": {cohort.positive_label: cohort.n_positive, cohort.negative_label: cohort.n_negative},
+        "excluded": cohort.excluded,
+        "penalty": penalty,
     }
-    rocs = []
-    for marker, values in cohort.markers.items():
-        roc = roc_analysis(values, cohort.positive, name=marker, bootstrap=bootstrap, random_seed=random_seed)
-        rocs.append(roc)
-        results["markers"][marker] = {
-            **roc.summary(),
-            "mannwhitney_p": by_marker[marker]["mannwhitney_p"],
-            "holm_p": by_marker[marker]["holm_p"],
-            "cliffs_delta": by_marker[marker]["cliffs_delta"],
-        }
-    for combination in combinations:
-        markers = combination.split("+")
-        unknown = [m for m in markers if m not in cohort.markers]
-        if unknown or len(markers) < 2:
-            raise InputError(
-                f"combination {combination!r}: expected two or more of the markers {', '.join(cohort.markers)} "
-                f"joined by '+'"
-            )
-        combined = combine(cohort, markers, random_seed=random_seed, cv_repeats=cv_repeats)
-        rocs.append(combined["roc"])
-        results["combinations"][combination] = {
-            "auc_apparent": combined["roc"].auc,
-            "ci_low": combined["roc"].ci_low,
-            "ci_high": combined["roc"].ci_high,
-            "auc_cv": combined["auc_cv"],
-            "auc_cv_sd": combined["auc_cv_sd"],
-            "delong_p_vs": combined["delong_p_vs"],
-            "sensitivity": combined["roc"].sensitivity,
-            "specificity": combined["roc"].specificity,
-        }
+    if cohort.covariates:
+        adjustment = fit_adjustment(cohort)
+        markers, combined, _, _ = _analysis(adjusted(cohort, adjustment), *arguments)
+        results["adjusted"] = {**adjustment.as_dict(), "markers": markers, "combinations": combined}
     return results, rocs, comparison
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adjustment for age (and sex)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Adjustment:
+    """Markers adjusted for covariates (age, sex), as normative modelling does: each marker regressed on the
+    covariates in the negative group (the controls; ordinary least squares, R's ``lm``), and every subject's value
+    turned into a z-score against the controls' prediction for its covariates, (value − prediction) / residual SD.
+    ALS patients are older than typical controls, and MK, FA and χ change with age: without it, age passes for
+    disease."""
+
+    covariates: list
+    """Covariate columns, in the order of the coefficients."""
+    levels: dict
+    """Categorical covariate → the level coded 1 (the other is 0), e.g. ``{"sex": "M"}``."""
+    coefficients: dict
+    """Marker → [intercept, one per covariate]."""
+    sd: dict
+    """Marker → residual standard deviation (n − 1 − number of covariates degrees of freedom, as ``lm``'s sigma)."""
+    ranges: dict
+    """Numeric covariate → [min, max] in the controls: a subject beyond it is extrapolated."""
+
+    def design(self, covariates, where="subject"):
+        """The design matrix (a column of ones, then the covariates coded as numbers) for covariate values:
+        name → array (or one value each)."""
+        columns = [np.ones(np.size(covariates[self.covariates[0]]) if self.covariates else 1)]
+        for name in self.covariates:
+            values = np.atleast_1d(covariates[name])
+            if name in self.levels:
+                columns.append((values.astype(str) == self.levels[name]).astype(float))
+            else:
+                try:
+                    columns.append(values.astype(float))
+                except ValueError:
+                    raise InputError(f"{where}: covariate {name!r} must be a number, got {values.tolist()}") from None
+        return np.column_stack(columns)
+
+    def z_scores(self, markers, covariates, where="subject"):
+        """Marker → adjusted z-scores, for values (marker → array or value) and their subjects' covariates."""
+        design = self.design(covariates, where)
+        return {
+            m: (np.asarray(values, float) - design @ np.asarray(self.coefficients[m])) / self.sd[m]
+            for m, values in markers.items()
+        }
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _coded(name, values):
+    """A covariate column as numbers, or, if not numeric, a two-level category: (values, the level coded 1 or
+    None)."""
+    try:
+        return np.array([float(v) for v in values]), None
+    except (TypeError, ValueError):
+        pass
+    levels = sorted({str(v).strip() for v in values})
+    if len(levels) != 2:
+        raise InputError(
+            f"cohort table: covariate {name!r} must be numeric or take two values (e.g. sex M/F), got "
+            f"{', '.join(levels)}"
+        )
+    return np.array([str(v).strip() for v in values]), levels[1]
+
+
+def fit_adjustment(cohort):
+    """Fit `Adjustment` on the cohort's negative group for its covariates (`read_cohort`'s ``covariates``)."""
+    names = list(cohort.covariates)
+    controls = ~cohort.positive
+    levels = {}
+    for name in names:
+        coded, level = _coded(name, cohort.covariates[name])
+        if level is not None:
+            levels[name] = level
+    n, p = int(controls.sum()), 1 + len(names)
+    if n < p + 3:
+        raise InputError(
+            f"adjustment for {', '.join(names)}: {n} {cohort.negative_label} subjects fit {p} coefficients a marker; "
+            f"at least {p + 3} are needed"
+        )
+    adjustment = Adjustment(names, levels, {}, {}, {})
+    design = adjustment.design({k: np.asarray(v)[controls] for k, v in cohort.covariates.items()}, "cohort table")
+    if np.linalg.matrix_rank(design) < p:
+        raise InputError(
+            f"adjustment for {', '.join(names)}: the {cohort.negative_label} subjects' covariates do not vary "
+            "independently (e.g. one sex only); adjust for fewer"
+        )
+    for marker, values in cohort.markers.items():
+        beta, *_ = np.linalg.lstsq(design, values[controls], rcond=None)
+        residual = values[controls] - design @ beta
+        adjustment.coefficients[marker] = beta.tolist()
+        adjustment.sd[marker] = float(np.sqrt(residual @ residual / (n - p)))
+    for name in names:
+        if name not in levels:
+            column = np.asarray(cohort.covariates[name], float)[controls]
+            adjustment.ranges[name] = [float(column.min()), float(column.max())]
+    return adjustment
+
+
+def adjusted(cohort, adjustment):
+    """The cohort with each marker replaced by its adjusted z-score (`Adjustment.z_scores`)."""
+    return dataclasses.replace(cohort, markers=adjustment.z_scores(cohort.markers, cohort.covariates, "cohort table"))

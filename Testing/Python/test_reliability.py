@@ -309,7 +309,7 @@ def _cohort_rows(seed=0):
     rng = np.random.default_rng(seed)
     return [
         {
-            "subject": f"sub-{i + 1:02d}",
+            "participant_id": f"sub-{i + 1:02d}",
             "group": "ALS" if i < 12 else "control",
             "mk": rng.normal(1.045 if i < 12 else 1.09, 0.035),
             "ms": rng.normal(0.23 if i < 12 else 0.14, 0.06),
@@ -348,7 +348,7 @@ def test_a_tampered_model_is_refused_naming_the_file_and_field(tmp_path, capsys,
     path.write_text(json.dumps(model))  # as a hand edit would (Python writes inf as Infinity)
     with pytest.raises(InputError, match=rf"model {path}: (field )?.*{field.split('.')[0]}"):
         stats.load_model(path)
-    io.write_table(tmp_path / "new.csv", [{"subject": "a", "mk": 1.0, "ms": 0.3}])
+    io.write_table(tmp_path / "new.csv", [{"participant_id": "a", "mk": 1.0, "ms": 0.3}])
     code = cli.main(["classify", "--model", str(path), str(tmp_path / "new.csv")])
     _assert_clear_error(code, capsys.readouterr().err, str(path), field)
     assert not (tmp_path / "new_diagnosis.csv").exists()
@@ -356,7 +356,7 @@ def test_a_tampered_model_is_refused_naming_the_file_and_field(tmp_path, capsys,
 
 def test_roc_refuses_a_degenerate_model_and_writes_standard_json(tmp_path, capsys):
     io.write_table(tmp_path / "cohort.csv", _cohort_rows())
-    common = ["roc", str(tmp_path / "cohort.csv"), "--subject-column", "subject"]
+    common = ["roc", str(tmp_path / "cohort.csv")]
     code = cli.main(
         [*common, "--markers", "flat", "--save-model", str(tmp_path / "m.json"), "--out", str(tmp_path / "a")]
     )

@@ -282,6 +282,18 @@ def test_classification_logic_curves_model_and_diagnosis(module_logic, mrml_scen
     assert result["decision"] == "ALS" and result["probability"] > 0.9
     assert nodes.rowsFromTable(result["table"])[0]["marker"] == "cst_mk"
     assert logic.classify(model_path, {"cst_mk": 1.11, "m1_ms": 0.08})["decision"] == "control"
+    # Atlas Labeling's ROI statistics table straight in: each marker is the voxel-weighted mean of left and right
+    # (CST MK (0.97 x 300 + 1.00 x 100) / 400 = 0.9775; M1 MS (0.30 x 50 + 0.36 x 150) / 200 = 0.345)
+    roi_rows = [
+        {"region": "CST", "side": "left", "map": "mk", "space": "reference", "n": 300, "mean": 0.97},
+        {"region": "CST", "side": "right", "map": "mk", "space": "reference", "n": 100, "mean": 1.00},
+        {"region": "M1", "side": "left", "map": "ms", "space": "gre", "n": 50, "mean": 0.30},
+        {"region": "M1", "side": "right", "map": "ms", "space": "gre", "n": 150, "mean": 0.36},
+        {"region": "M1", "side": "left", "map": "ms", "space": "reference", "n": 9, "mean": 5.0},  # not this grid's
+    ]
+    from_labels = logic.classify(model_path, nodes.tableFromRows(mrml_scene, roi_rows, "roi_statistics"))
+    by_hand = logic.classify(model_path, {"cst_mk": 0.9775, "m1_ms": 0.345})
+    assert from_labels["probability"] == pytest.approx(by_hand["probability"], rel=1e-12)
 
 
 def test_sample_subject_is_built_offline_into_nodes(module_logic, mrml_scene):

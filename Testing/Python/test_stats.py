@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from ALSQuantLib import stats
 from ALSQuantLib.errors import InputError
@@ -18,7 +19,7 @@ def cohort_rows(seed=0, n_als=20, n_controls=15):
         als = i < n_als
         rows.append(
             {
-                "subject": f"sub-{i + 1:02d}",
+                "participant_id": f"sub-{i + 1:02d}",
                 "group": "ALS" if als else "control",
                 "mk": rng.normal(1.045 if als else 1.09, 0.035),
                 "ms": rng.normal(0.23 if als else 0.14, 0.06),
@@ -72,6 +73,39 @@ def test_cohort_errors_name_the_rows():
         stats.read_cohort(cohort_rows(n_als=2), markers=["mk"])
     with pytest.raises(InputError, match="no column 'md'"):
         stats.read_cohort(cohort_rows(), markers=["md"])
+
+    with pytest.raises(InputError, match="no column 'participant_id'"):
+        stats.read_cohort([{**{"subject": r.pop("participant_id")}, **r} for r in cohort_rows()], markers=["mk"])
+
+
+def test_a_three_group_cohort_with_failed_qc_is_reduced_and_says_so(tmp_path, capsys):
+    """An ALS/PLS/control cohort as run-cohort writes it (qc_passed column): --groups picks two, failed QC is left
+    out by default, both are said; the statistics are those of the reduced table."""
+    from ALSQuantLib import cli, io
+
+    rows = cohort_rows(seed=10, n_als=12, n_controls=10)
+    rows += [{**r, "participant_id": f"pls-{k}", "group": "PLS"} for k, r in enumerate(cohort_rows(seed=11)[:4])]
+    for k, row in enumerate(rows):
+        row["qc_passed"] = k not in (2, 15)  # sub-03 (ALS) and sub-16 (control) failed
+    with pytest.raises(InputError, match="expected 'ALS' and one other group, found ALS, PLS, control"):
+        stats.read_cohort(rows, markers=["mk"])
+    cohort = stats.read_cohort(rows, markers=["mk"], groups=["ALS", "control"])
+    assert (cohort.n_positive, cohort.n_negative) == (11, 9)
+    assert cohort.excluded == {"failed_qc": ["sub-03", "sub-16"], "other_group": [f"pls-{k}" for k in range(4)]}
+    kept = [r for k, r in enumerate(rows) if r["group"] != "PLS" and k not in (2, 15)]
+    expected = stats.read_cohort(kept, markers=["mk"])
+    np.testing.assert_array_equal(cohort.markers["mk"], expected.markers["mk"])
+    everyone = stats.read_cohort(rows, markers=["mk"], groups=["ALS", "control"], exclude_failed_qc=False)
+    assert (everyone.n_positive, everyone.n_negative) == (12, 10)
+    with pytest.raises(InputError, match="groups ALS, MND asked for"):
+        stats.read_cohort(rows, markers=["mk"], groups=["ALS", "MND"])
+    io.write_table(tmp_path / "cohort.csv", rows)
+    args = ["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--groups", "ALS,control", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "left out: 2 whose quality check failed: sub-03, sub-16; 4 of other groups" in capsys.readouterr().out
+    results = io.read_json(tmp_path / "results.json")
+    assert results["groups"] == {"ALS": 11, "control": 9} and results["excluded"]["failed_qc"] == ["sub-03", "sub-16"]
+    assert "left out: 2 whose quality check failed" in (tmp_path / "report.html").read_text()
 
 
 def test_group_comparison_follows_the_simulated_pattern():
@@ -135,7 +169,8 @@ cat("{", paste(out, collapse = ", "), "}\n")
 """
 
 
-def test_agrees_with_proc(tmp_path):
+def _run_r(script, table, folder):
+    """`script` run by Rscript on `table` (rows, written as CSV); its JSON output. Skips without R and pROC."""
     if shutil.which("Rscript") is None:
         pytest.skip("Rscript not installed (Debian: r-cran-proc)")
     from ALSQuantLib import io
@@ -143,13 +178,16 @@ def test_agrees_with_proc(tmp_path):
     check = subprocess.run(["Rscript", "-e", "library(pROC)"], capture_output=True)
     if check.returncode != 0:
         pytest.skip("R package pROC not installed (Debian: r-cran-proc)")
-    rows = cohort_rows(seed=4)
-    io.write_table(tmp_path / "cohort.csv", rows)
-    (tmp_path / "check.R").write_text(R_SCRIPT)
+    io.write_table(folder / "cohort.csv", table)
+    (folder / "check.R").write_text(script)
     output = subprocess.run(
-        ["Rscript", str(tmp_path / "check.R"), str(tmp_path / "cohort.csv")], capture_output=True, text=True, check=True
+        ["Rscript", str(folder / "check.R"), str(folder / "cohort.csv")], capture_output=True, text=True, check=True
     )
-    reference = json.loads(output.stdout)
+    return json.loads(output.stdout)
+
+
+def test_agrees_with_proc(tmp_path):
+    reference = _run_r(R_SCRIPT, cohort_rows(seed=4), tmp_path)
     cohort = stats.read_cohort(tmp_path / "cohort.csv", markers=["mk", "ms"])
     for marker in ("mk", "ms"):
         ours = stats.roc_analysis(cohort.markers[marker], cohort.positive).summary()
@@ -162,6 +200,74 @@ def test_agrees_with_proc(tmp_path):
     z, p = stats.delong_test(mk, ms, cohort.positive)
     assert z == pytest.approx(reference["test"]["z"], abs=1e-6)
     assert p == pytest.approx(reference["test"]["p"], abs=1e-6)
+
+
+R_STATS_SCRIPT = r"""
+suppressMessages(library(pROC))
+d <- read.csv(commandArgs(TRUE)[1])
+d$y <- factor(d$group, levels = c("control", "ALS"))
+out <- c()
+for (m in c("mk", "ms", "mk_rounded")) {
+  w <- suppressWarnings(wilcox.test(d[[m]][d$y == "ALS"], d[[m]][d$y == "control"]))
+  out <- c(out, sprintf('"%s": {"w": %.12f, "p": %.17g}', m, w$statistic, w$p.value))
+}
+fit <- glm(y ~ mk + ms, family = binomial, data = d)
+r <- roc(d$y, predict(fit), levels = c("control", "ALS"), direction = "<", quiet = TRUE)
+ci <- ci.auc(r, method = "delong")
+out <- c(out, sprintf('"glm": {"coef": [%s], "auc": %.12f, "ci_low": %.12f, "ci_high": %.12f}',
+                      paste(sprintf("%.17g", coef(fit)), collapse = ", "), as.numeric(r$auc), ci[1], ci[3]))
+f <- lm(mk ~ age + sex, data = d[d$y == "control", ])
+out <- c(out, sprintf('"lm": {"coef": [%s], "sigma": %.17g}',
+                      paste(sprintf("%.17g", coef(f)), collapse = ", "), summary(f)$sigma))
+cat("{", paste(out, collapse = ", "), "}\n")
+"""
+
+
+@pytest.mark.parametrize("n_als, n_controls", [(20, 15), (55, 52)])
+def test_mann_whitney_and_the_combined_marker_agree_with_r(tmp_path, n_als, n_controls):
+    """R's wilcox.test (exact below 50 a group without ties, else the normal approximation with continuity and tie
+    corrections: both branches, the tied column being MK rounded to 0.01) and glm's maximum-likelihood logistic
+    regression, with pROC's AUC of its linear predictor; the age and sex adjustment's least-squares fit, lm's."""
+    rows = cohort_rows(seed=8, n_als=n_als, n_controls=n_controls)
+    rng = np.random.default_rng(8)
+    for row in rows:
+        row.update(mk_rounded=round(row["mk"], 2), age=round(rng.uniform(30, 80), 1), sex=rng.choice(["F", "M"]))
+    reference = _run_r(R_STATS_SCRIPT, rows, tmp_path)
+    cohort = stats.read_cohort(rows, markers=["mk", "ms", "mk_rounded"])
+    comparison = {row["marker"]: row for row in stats.group_comparison(cohort)}
+    for marker in ("mk", "ms", "mk_rounded"):
+        ours, theirs = comparison[marker], reference[marker]
+        assert ours["mannwhitney_u"] == theirs["w"], marker
+        assert ours["mannwhitney_p"] == pytest.approx(theirs["p"], rel=1e-6, abs=1e-300), marker
+        exact = n_als < 50 and n_controls < 50 and marker != "mk_rounded"
+        assert ours["mannwhitney_method"] == ("exact" if exact else "normal approximation")
+    combined = stats.combine(cohort, ["mk", "ms"], cv_repeats=2)
+    assert not combined["separated"]
+    intercept, coefficients = stats.raw_coefficients(*combined["model"])
+    np.testing.assert_allclose([intercept, *coefficients], reference["glm"]["coef"], rtol=1e-6)
+    for key, value in (("auc", combined["roc"].auc), ("ci_low", combined["roc"].ci_low)):
+        assert value == pytest.approx(reference["glm"][key], abs=1e-6), key
+    assert combined["roc"].ci_high == pytest.approx(reference["glm"]["ci_high"], abs=1e-6)
+    # the age and sex adjustment's fit in the controls is lm's
+    adjustment = stats.fit_adjustment(stats.read_cohort(rows, markers=["mk"], covariates=["age", "sex"]))
+    np.testing.assert_allclose(adjustment.coefficients["mk"], reference["lm"]["coef"], rtol=1e-9)
+    assert adjustment.sd["mk"] == pytest.approx(reference["lm"]["sigma"], rel=1e-9)
+
+
+def test_separated_groups_are_told_and_the_penalised_fit_stays_finite():
+    """Groups that one marker separates: maximum likelihood has no finite fit (R's glm warns "fitted probabilities
+    numerically 0 or 1"); this is said, and the L2 fit gives finite coefficients and probabilities inside (0, 1)."""
+    rows = cohort_rows(seed=9)
+    for row in rows:
+        row["ms"] = row["ms"] + (1.0 if row["group"] == "ALS" else 0.0)
+    cohort = stats.read_cohort(rows, markers=["mk", "ms"])
+    assert stats.combine(cohort, ["mk", "ms"], cv_repeats=1)["separated"]
+    penalised = stats.combine(cohort, ["mk", "ms"], penalty="l2", cv_repeats=1)
+    assert not penalised["separated"] and penalised["roc"].auc == 1.0
+    model = stats.diagnostic_model(cohort, ["mk", "ms"], penalty="l2")
+    assert model["penalty"] == "l2" and not model["separated"] and max(map(abs, model["coefficients"])) < 10
+    with pytest.raises(InputError, match="penalty must be one of none, l2"):
+        stats.combine(cohort, ["mk", "ms"], penalty="lasso")
 
 
 def test_roc_and_classify_commands(tmp_path, capsys):
@@ -205,14 +311,28 @@ def test_roc_and_classify_commands(tmp_path, capsys):
     ):
         assert (out / name).is_file()
     page = (out / "report.html").read_text()
-    assert "data:image/png;base64," in page and "mk+ms" in page
+    assert "data:image/png;base64," in page and "mk+ms" in page and "For research use only" in page
+    assert "maximum likelihood, as R" in page and results["penalty"] == "none"
+    # every computed figure reaches the tables: both ends of each interval, every DeLong p
+    marker_row = io.read_table(out / "roc_markers.csv")[0]
+    combination_row = io.read_table(out / "roc_combinations.csv")[0]
+    for key in ("sensitivity_ci", "specificity_ci", "bootstrap_ci"):
+        assert float(marker_row[f"{key}_low"]) <= float(marker_row[f"{key}_high"])
+    assert {"delong_p_vs_mk", "delong_p_vs_ms", "sensitivity_ci_low", "specificity_ci_high"} <= set(combination_row)
+    for column in ("delong_p_vs_ms", "sensitivity_ci_low", "bootstrap_ci_high"):
+        assert f"<th>{column}</th>" in page
     io.write_table(
         tmp_path / "new.csv",
-        [{"subject": "new-1", "mk": 1.00, "ms": 0.32}, {"subject": "new-2", "mk": 1.11, "ms": 0.09}],
+        [{"participant_id": "new-1", "mk": 1.00, "ms": 0.32}, {"participant_id": "new-2", "mk": 1.11, "ms": 0.09}],
     )
     assert cli.main(["classify", "--model", str(tmp_path / "model.json"), str(tmp_path / "new.csv")]) == 0
     diagnosis = io.read_table(tmp_path / "new_diagnosis.csv")
     assert [d["decision"] for d in diagnosis] == ["ALS", "control"]
+    assert [d["participant_id"] for d in diagnosis] == ["new-1", "new-2"]
+    assert "For research use only" in capsys.readouterr().out
+    io.write_table(tmp_path / "unnamed.csv", [{"mk": 1.00, "ms": 0.32}])
+    assert cli.main(["classify", "--model", str(tmp_path / "model.json"), str(tmp_path / "unnamed.csv")]) == 2
+    assert "no subject column 'participant_id'; columns are mk, ms" in capsys.readouterr().err
     assert (
         cli.main(
             ["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--combine", "mk+md", "--out", str(tmp_path / "x")]
@@ -237,3 +357,78 @@ def test_cohort_from_a_dataframe_matches_the_csv(tmp_path):
     frame.loc[2, "ms"] = np.nan
     with pytest.raises(InputError, match="sub-03"):
         stats.read_cohort(frame, markers=["ms"])
+
+
+def _aging_cohort(seed, n, disease_effect):
+    """Controls aged 50 ± 10 and ALS 62 ± 8 years; MK falls 0.004 a year from 1.10 (SD 0.02 about that line),
+    women 0.01 higher, and ALS lowers it by `disease_effect`: the truth an age adjustment must recover."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(2 * n):
+        als = k < n
+        age = rng.normal(62 if als else 50, 8 if als else 10)
+        sex = "F" if rng.random() < 0.5 else "M"
+        mk = 1.10 - 0.004 * (age - 50) + (0.01 if sex == "F" else 0.0) + rng.normal(0, 0.02)
+        rows.append(
+            {
+                "participant_id": f"sub-{k:03d}",
+                "group": "ALS" if als else "control",
+                "age": age,
+                "sex": sex,
+                "mk": mk - (disease_effect if als else 0.0),
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize("disease_effect, true_auc", [(0.0, 0.5), (0.03, float(sps.norm.cdf(0.03 / (0.02 * 2**0.5))))])
+def test_age_adjustment_recovers_the_disease_effect_from_an_older_patient_group(disease_effect, true_auc):
+    """With 1000 a group, the adjusted AUC (ALS lower) is the disease effect's own, Φ(δ / (σ√2)) for two normal
+    groups of SD σ (0.5 without effect, 0.856 with δ = 0.03, σ = 0.02; its standard error here about 0.013), while
+    the raw AUC takes the age difference for disease; the fitted slope and sex step are the simulated ones."""
+    cohort = stats.read_cohort(_aging_cohort(12, 1000, disease_effect), markers=["mk"], covariates=["age", "sex"])
+    adjustment = stats.fit_adjustment(cohort)
+    intercept, age_slope, male_step = adjustment.coefficients["mk"]
+    assert adjustment.levels == {"sex": "M"}
+    assert age_slope == pytest.approx(-0.004, abs=0.0003) and male_step == pytest.approx(-0.01, abs=0.004)
+    assert adjustment.sd["mk"] == pytest.approx(0.02, rel=0.1)
+    raw = stats.roc_analysis(cohort.markers["mk"], cohort.positive, direction=">").auc
+    z = stats.adjusted(cohort, adjustment).markers["mk"]
+    adjusted = stats.roc_analysis(z, cohort.positive, direction=">").auc
+    print(f"effect {disease_effect}: raw AUC {raw:.3f}, adjusted {adjusted:.3f}, true {true_auc:.3f}")
+    assert adjusted == pytest.approx(true_auc, abs=0.04)
+    # The raw AUC takes the age difference for disease: the groups differ by 0.004 x 12 years + δ, with variances
+    # 0.02² + (0.004 x SD of age)² + 0.01² / 4 (sex): Φ(0.078 / 0.0589) = 0.907 with the effect, 0.793 without.
+    spread = (2 * 0.02**2 + 0.004**2 * (10**2 + 8**2) + 2 * 0.01**2 / 4) ** 0.5
+    assert raw == pytest.approx(sps.norm.cdf((0.004 * 12 + disease_effect) / spread), abs=0.04)
+
+
+def test_age_adjustment_reaches_the_report_and_the_model(tmp_path, capsys):
+    from ALSQuantLib import cli, io
+
+    io.write_table(tmp_path / "cohort.csv", _aging_cohort(13, 30, 0.03))
+    out, model_path = tmp_path / "roc", tmp_path / "model.json"
+    args = ["roc", str(tmp_path / "cohort.csv"), "--markers", "mk", "--covariates", "age", "sex"]
+    assert cli.main([*args, "--save-model", str(model_path), "--out", str(out)]) == 0
+    results = io.read_json(out / "results.json")
+    adjusted = results["adjusted"]
+    assert (
+        adjusted["covariates"] == ["age", "sex"] and adjusted["markers"]["mk"]["auc"] < results["markers"]["mk"]["auc"]
+    )
+    assert "adjusted for age, sex" in (out / "report.html").read_text()
+    model = stats.load_model(model_path)
+    assert model["adjustment"]["covariates"] == ["age", "sex"]
+    # a man whose MK is what the controls' fit predicts for his age: adjusted z = 0, not ALS-like; 0.06 lower, ALS
+    intercept, slope, male = model["adjustment"]["coefficients"]["mk"]
+    typical = intercept + slope * 70 + male
+    typical_subject = stats.classify(model, {"mk": typical, "age": 70, "sex": "M"})
+    assert typical_subject["z_scores"]["mk"] == pytest.approx(0, abs=1e-9) and typical_subject["decision"] == "control"
+    assert stats.classify(model, {"mk": typical - 0.06, "age": 70, "sex": "M"})["decision"] == "ALS"
+    old = stats.classify(model, {"mk": intercept + slope * 95 + male, "age": 95, "sex": "M"})
+    assert old["out_of_range"] == ["age"]  # older than any control: extrapolated
+    with pytest.raises(InputError, match="no value for covariate.*age"):
+        stats.classify(model, {"mk": typical})
+    with pytest.raises(InputError, match="covariate 'sex' must be numeric or take two values"):
+        rows = _aging_cohort(13, 30, 0.03)
+        rows[0]["sex"] = "X"
+        stats.fit_adjustment(stats.read_cohort(rows, markers=["mk"], covariates=["sex"]))

@@ -6,7 +6,7 @@ import slicer
 
 from ALSQuantCommonLib import nodes
 from ALSQuantCommonLib.logic import ScriptedLoadableModuleLogic
-from ALSQuantLib import io, stats
+from ALSQuantLib import io, pipeline, stats
 
 STUDY_MARKERS = ("cst_mk", "cst_md", "cst_fa", "m1_ms")
 
@@ -42,9 +42,10 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         positive="ALS",
         groupColumn="group",
         subjectColumn="participant_id",
+        penalty="none",
         seed=0,
     ):
-        """Run the analysis and make its nodes.
+        """Run the analysis and make its nodes (`penalty`: how markers are combined, `stats.PENALTIES`).
 
         Returns
         -------
@@ -54,7 +55,7 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
             per ROC curve).
         """
         table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn)
-        results, rocs, _ = stats.analyze(table, list(combinations), random_seed=seed)
+        results, rocs, _ = stats.analyze(table, list(combinations), penalty=penalty, random_seed=seed)
         markerRows = [
             {"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple))}}
             for m, r in results["markers"].items()
@@ -95,20 +96,32 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         return out
 
     def saveModel(
-        self, cohort, markers, path, *, positive="ALS", groupColumn="group", subjectColumn="participant_id", seed=0
+        self,
+        cohort,
+        markers,
+        path,
+        *,
+        positive="ALS",
+        groupColumn="group",
+        subjectColumn="participant_id",
+        penalty="none",
     ):
-        """Fit the diagnostic model of `markers` on the cohort and save it as JSON; return the model."""
+        """Fit the diagnostic model of `markers` on the cohort (`penalty`: `stats.PENALTIES`) and save it as JSON;
+        return the model."""
         table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn)
-        model = stats.diagnostic_model(table, list(markers), random_seed=seed)
+        model = stats.diagnostic_model(table, list(markers), penalty=penalty)
         stats.save_model(model, path)
         return model
 
     def classify(self, modelPath, values):
-        """Diagnose one subject from a saved model. `values`: marker → value, or a table node whose first row holds
-        them (e.g. Atlas Labeling's output reduced to markers). Returns `stats.classify`'s result with a table node."""
+        """Diagnose one subject from a saved model. `values`: marker → value; or a table node, either Atlas
+        Labeling's ROI statistics (a ``region`` column: reduced to the study's markers as ``run-subject`` does,
+        `pipeline.markers_from_rows`) or one whose first row holds the markers. Returns `stats.classify`'s result
+        with a table node."""
         model = stats.load_model(modelPath)
         if hasattr(values, "GetTable"):
-            row = nodes.rowsFromTable(values)[0]
+            rows = nodes.rowsFromTable(values)
+            row = pipeline.markers_from_rows(rows) if rows and "region" in rows[0] else rows[0]
             values = {m: float(row[m]) for m in model["markers"] if row.get(m, "") != ""}
         result = stats.classify(model, values)
         rows = [{"marker": m, "value": float(values[m]), "z_score": float(z)} for m, z in result["z_scores"].items()]
