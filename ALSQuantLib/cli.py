@@ -27,6 +27,29 @@ def _print_warnings(step):
 # ----------------------------------------------------------------------------------------------------------------
 # simulate
 # ----------------------------------------------------------------------------------------------------------------
+def _add_import(subparsers):
+    p = subparsers.add_parser("import", help="a subject's DICOM folder converted (dcm2niix) into a BIDS dataset")
+    p.add_argument("dicom", type=Path, help="folder holding the subject's DICOM files (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="the BIDS dataset (made if needed)")
+    p.add_argument("--subject", required=True, help="BIDS label, e.g. sub-01")
+    p.add_argument("--session", help="BIDS session, e.g. ses-01 (longitudinal studies)")
+    p.add_argument("--group", help="the subject's group for participants.tsv (e.g. ALS, control)")
+    p.set_defaults(run=_run_import)
+
+
+def _run_import(args):
+    from . import dicom
+
+    logging.getLogger("ALSQuantLib").setLevel(logging.INFO)
+    result = dicom.import_dicom(args.dicom, args.out, args.subject, session=args.session, group=args.group)
+    for path in result["written"]:
+        print(f"wrote {path}")
+    for name in result["left_out"]:
+        print(f"left out: {name} (neither a DWI nor a GRE with phase)")
+    print(f"next: alsquant run-cohort {args.out} --out {args.out / 'derivatives' / 'alsquant'}")
+    return 0
+
+
 def _add_simulate(subparsers):
     p = subparsers.add_parser("simulate", help="simulate an ALS/control cohort as a BIDS-like dataset")
     p.add_argument("--subjects", type=int, default=10, help="number of subjects (default 10)")
@@ -315,7 +338,7 @@ def _add_roc(subparsers):
 
 
 def _run_roc(args):
-    from . import report, stats
+    from . import provenance, report, stats
 
     cohort = stats.read_cohort(
         args.cohort,
@@ -337,7 +360,13 @@ def _run_roc(args):
     model = None
     if args.save_model:
         model = stats.diagnostic_model(cohort, model_markers, penalty=args.penalty, adjust=bool(args.covariates))
-    page = report.write_roc_outputs(args.out, cohort, results, rocs, comparison)
+    run = {
+        "cohort": str(args.cohort.resolve()),
+        "cohort_sha256": provenance.file_sha256(args.cohort),
+        **{k: getattr(args, k) for k in ("markers", "combine", "groups", "positive", "covariates", "penalty")},
+        **{k: getattr(args, k) for k in ("exclude_failed_qc", "bootstrap", "seed")},
+    }
+    page = report.write_roc_outputs(args.out, cohort, results, rocs, comparison, run)
     for marker, r in results["markers"].items():
         print(
             f"{marker}: {stats.auc_text(r, 3)}, sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
@@ -479,10 +508,14 @@ def _add_run_cohort(subparsers):
     p.add_argument("--workers", type=int, help="parallel local processes (default: the cores available)")
     p.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:port) to run the subjects on")
     p.add_argument("--subjects", nargs="+", help="only these participants")
+    p.add_argument("--session", help="the BIDS session to use when subjects have several (e.g. ses-01 or 01)")
+    p.add_argument("--dwi-run", help="the DWI's run-N to use when a subject has several")
+    p.add_argument("--gre-run", help="the GRE's run-N to use when a subject has several")
     _add_pipeline_options(p)
     p.epilog = (
         "Masks named as BIDS derivatives beside a subject's images are used: dwi/<sub>*_desc-brain_mask.nii.gz, "
-        "anat/<sub>*_desc-brain_mask.nii.gz (GRE), anat/<sub>*_label-GM_mask.nii.gz."
+        "anat/<sub>*_desc-brain_mask.nii.gz (GRE), anat/<sub>*_label-GM_mask.nii.gz. The GRE may carry BIDS "
+        "part-mag/phase/real/imag names or dcm2niix's (*_ph, *_real, *_imaginary; echoes _eN)."
     )
     p.set_defaults(run=_run_run_cohort)
 
@@ -496,12 +529,10 @@ def _run_run_cohort(args):
         workers=args.workers,
         scheduler=args.scheduler,
         subjects=args.subjects,
+        selection=pipeline.Selection(args.session, args.dwi_run, args.gre_run),
     )
     if result.rows:
-        print(
-            f"next: alsquant roc {result.table} --subject-column participant_id --markers "
-            f"{' '.join(pipeline.MARKERS)} --out ROC_DIR"
-        )
+        print(f"next: alsquant roc {result.table} --markers {' '.join(pipeline.MARKERS)} --out ROC_DIR")
     return 1 if result.failures else 0
 
 
@@ -514,6 +545,7 @@ def build_parser():
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
+        _add_import,
         _add_simulate,
         _add_dki,
         _add_qsm,

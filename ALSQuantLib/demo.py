@@ -109,7 +109,8 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
     io.write_table(out_dir / "markers.csv", measured)
     cohort = stats.read_cohort(measured, markers=list(pipeline.MARKERS))
     results, rocs, comparison = stats.analyze(cohort, list(COMBINATIONS), random_seed=seed)
-    page = report.write_roc_outputs(out_dir / "roc", cohort, results, rocs, comparison)
+    run = {"cohort": "the demo's simulated cohort", "combine": list(COMBINATIONS), "seed": seed}
+    page = report.write_roc_outputs(out_dir / "roc", cohort, results, rocs, comparison, run)
     roc_lines = [
         f"    {m}: {stats.auc_text(r)}, Mann-Whitney p {r['mannwhitney_p']:.2g}" for m, r in results["markers"].items()
     ] + [f"    {c}: {stats.auc_text(r)}" for c, r in results["combinations"].items()]

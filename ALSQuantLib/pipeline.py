@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dipole, geometry, io, outputs, workflows
+from . import dipole, geometry, io, outputs, report, workflows
 from .atlas import LabelingOptions, atlas_for
 from .dki import DKIOptions
 from .errors import InputError
@@ -44,6 +44,8 @@ STAGES = ("dki", "brain", "qsm", "label")
 GRE_BRAIN_CHOICES = ("template", "magnitude")
 COHORT_TABLE = "cohort.csv"
 FAILURES = "failures.json"
+SUBJECT_PAGE = "subject.html"
+COHORT_PAGE = "index.html"
 
 
 @dataclass(frozen=True)
@@ -100,43 +102,143 @@ class SubjectInputs:
 # ----------------------------------------------------------------------------------------------------------------
 # Finding a subject's files
 # ----------------------------------------------------------------------------------------------------------------
-def _one(folder, pattern, what):
-    found = sorted(folder.glob(pattern)) if folder.is_dir() else []
-    if len(found) != 1:
-        raise InputError(f"{what}: expected one file {folder / pattern}, found {len(found)}")
-    return found[0]
+@dataclass(frozen=True)
+class Selection:
+    """Which of a subject's acquisitions to use when a dataset holds several: a BIDS session (``ses-01`` or ``01``;
+    a cohort's ROC analysis takes one measurement a subject) and the ``run-N`` of the DWI and of the GRE."""
+
+    session: str = None
+    dwi_run: str = None
+    gre_run: str = None
 
 
-def find_subject(dataset, subject):
-    """A subject's DWI (with FSL bval/bvec) and GRE magnitude/phase in a BIDS-like dataset.
+def _entity(path, key):
+    """The value of a BIDS entity (``run-2`` → "2") in a file name, or None."""
+    for part in Path(path).name.split(".")[0].split("_"):
+        if part.startswith(f"{key}-"):
+            return part[len(key) + 1 :]
+    return None
 
-    ``<subject>/dwi/<subject>*_dwi.nii.gz`` (or ``.nrrd``/``.nhdr``), and ``<subject>/anat/*_part-mag_*`` and
-    ``*_part-phase_*`` NIfTI files, or (without a phase) ``*_part-real_*`` and ``*_part-imag_*`` (several echoes
-    sorted by their ``echo-N`` entity). Masks named as BIDS
-    derivatives are used when present: ``dwi/<subject>*_desc-brain_mask.nii*`` (DKI),
-    ``anat/<subject>*_desc-brain_mask.nii*`` (QSM) and ``anat/<subject>*_label-GM_mask.nii*`` (cortex regions).
-    """
+
+def _same_label(a, b):
+    """Labels equal as BIDS means them: "01" and "1" name the same run."""
+    a, b = str(a), str(b)
+    return a == b or (a.isdigit() and b.isdigit() and int(a) == int(b))
+
+
+def _subject_folder(dataset, subject, session):
+    """The folder holding a subject's ``dwi`` and ``anat``: the subject's, or one of its sessions' (``ses-*``)."""
     folder = Path(dataset) / subject
     if not folder.is_dir():
         raise InputError(f"subject {subject}: no folder {folder}")
+    sessions = sorted(p.name for p in folder.glob("ses-*") if p.is_dir())
+    if session is not None:
+        chosen = [s for s in sessions if _same_label(s[4:], str(session).removeprefix("ses-"))]
+        if not chosen:
+            raise InputError(f"subject {subject}: no session {session}; it has {', '.join(sessions) or 'none'}")
+        return folder / chosen[0]
+    if sessions and not (folder / "dwi").is_dir():
+        if len(sessions) > 1:
+            raise InputError(
+                f"subject {subject}: sessions {', '.join(sessions)}; choose one with --session (a cohort's "
+                "analysis takes one measurement a subject)"
+            )
+        return folder / sessions[0]
+    return folder
+
+
+def _choose_run(paths, run, what, flag):
+    """`paths` of one acquisition kind narrowed to ``run-<run>``; several left is an error naming them and `flag`."""
+    if run is not None:
+        paths = [p for p in paths if _entity(p, "run") is not None and _same_label(_entity(p, "run"), run)]
+    runs = sorted({_entity(p, "run") for p in paths}, key=str)
+    if len(runs) > 1:
+        names = ", ".join(p.name for p in paths)
+        raise InputError(f"{what}: several runs ({names}); choose one with {flag}")
+    return paths
+
+
+def _echo_number(path):
+    """A GRE file's echo: BIDS ``echo-N``, or dcm2niix's ``_eN``; 0 when neither."""
+    echo = _entity(path, "echo")
+    if echo is not None and echo.isdigit():
+        return int(echo)
+    for part in Path(path).name.split(".")[0].split("_"):
+        if len(part) > 1 and part[0] == "e" and part[1:].isdigit():
+            return int(part[1:])
+    return 0
+
+
+DCM2NIIX_PARTS = {"phase": "_ph", "real": "_real", "imag": "_imaginary"}
+"""The suffixes dcm2niix gives a GRE's phase, real and imaginary images (the magnitude has none)."""
+
+
+def _gre_files(anat, subject, run):
+    """The GRE's files in `anat`, part → paths in echo order: BIDS ``part-mag/phase/real/imag``, else dcm2niix's
+    names (``*_ph``, ``*_real``, ``*_imaginary``; the magnitude without a suffix; echoes ``_eN``)."""
+    if not anat.is_dir():
+        return {}
+
+    def ordered(paths):
+        return tuple(sorted(paths, key=_echo_number))
+
+    what = f"subject {subject} GRE"
+    bids = {
+        part: _choose_run(sorted(anat.glob(f"{subject}*_part-{part}_*.nii*")), run, what, "--gre-run")
+        for part in ("mag", "phase", "real", "imag")
+    }
+    if bids["phase"] or bids["real"]:
+        return {part: ordered(paths) for part, paths in bids.items()}
+    found = {}
+    for part, suffix in DCM2NIIX_PARTS.items():
+        found[part] = _choose_run(
+            [p for p in sorted(anat.glob(f"*{suffix}.nii*")) if p.name.split(".")[0].endswith(suffix)],
+            run,
+            what,
+            "--gre-run",
+        )
+    magnitudes = []
+    for phase in found["phase"]:
+        stem = phase.name.split(".")[0]
+        magnitude = phase.with_name(stem[: -len("_ph")] + phase.name[len(stem) :])
+        if not magnitude.is_file():
+            raise InputError(f"{what}: phase {phase} has no magnitude {magnitude} beside it")
+        magnitudes.append(magnitude)
+    return {"mag": ordered(magnitudes), **{part: ordered(paths) for part, paths in found.items()}}
+
+
+def find_subject(dataset, subject, selection=None):
+    """A subject's DWI (with FSL bval/bvec) and GRE magnitude/phase in a BIDS-like dataset.
+
+    ``<subject>[/ses-*]/dwi/<subject>*_dwi.nii.gz`` (or ``.nrrd``/``.nhdr``), and in ``anat`` the GRE: BIDS
+    ``*_part-mag_*`` and ``*_part-phase_*`` NIfTI files, or (without a phase) ``*_part-real_*`` and ``*_part-imag_*``
+    (several echoes sorted by their ``echo-N`` entity), or dcm2niix's names (`DCM2NIIX_PARTS`). A subject with
+    several sessions or runs needs a `Selection`. Masks named as BIDS derivatives are used when present:
+    ``dwi/<subject>*_desc-brain_mask.nii*`` (DKI), ``anat/<subject>*_desc-brain_mask.nii*`` (QSM) and
+    ``anat/<subject>*_label-GM_mask.nii*`` (cortex regions).
+    """
+    selection = selection or Selection()
+    folder = _subject_folder(dataset, subject, selection.session)
     dwi_dir = folder / "dwi"
-    nrrd = sorted(dwi_dir.glob(f"{subject}*_dwi.nrrd")) + sorted(dwi_dir.glob(f"{subject}*_dwi.nhdr"))
-    if nrrd:
-        dwi, bval, bvec = nrrd[0], None, None
-    else:
-        dwi = _one(dwi_dir, f"{subject}*_dwi.nii*", f"subject {subject} DWI")
+    found = sorted(dwi_dir.glob(f"{subject}*_dwi.nii*")) if dwi_dir.is_dir() else []
+    found += sorted(dwi_dir.glob(f"{subject}*_dwi.nrrd")) + sorted(dwi_dir.glob(f"{subject}*_dwi.nhdr"))
+    found = _choose_run(found, selection.dwi_run, f"subject {subject} DWI", "--dwi-run")
+    if len(found) != 1:
+        raise InputError(
+            f"subject {subject} DWI: expected one file {dwi_dir / (subject + '*_dwi.nii.gz')} (or .nrrd), found "
+            f"{len(found)}"
+        )
+    dwi, bval, bvec = found[0], None, None
+    if not dwi.name.endswith(io.NRRD_SUFFIXES):
         stem = io.strip_image_suffix(dwi)
         bval, bvec = stem.with_suffix(".bval"), stem.with_suffix(".bvec")
     anat = folder / "anat"
-
-    def echoes(part):
-        return tuple(sorted(anat.glob(f"{subject}*_part-{part}_*.nii*"), key=_echo_number)) if anat.is_dir() else ()
-
-    polar = echoes("phase")
-    if not polar and not echoes("real"):
+    gre = _gre_files(anat, subject, selection.gre_run)
+    polar = gre.get("phase", ())
+    if not polar and not gre.get("real"):
         raise InputError(
             f"subject {subject} GRE: no {anat}/{subject}*_part-phase_*.nii.gz (with part-mag), nor part-real and "
-            "part-imag files"
+            "part-imag files, nor dcm2niix's *_ph.nii.gz (with the magnitude)"
         )
 
     def optional(sub, pattern, what):
@@ -148,23 +250,16 @@ def find_subject(dataset, subject):
     return SubjectInputs(
         subject,
         dwi,
-        echoes("mag") if polar else (),
+        gre["mag"] if polar else (),
         polar,
         bval,
         bvec,
         dwi_mask=optional("dwi", f"{subject}*_desc-brain_mask.nii*", "DWI brain mask"),
         gre_mask=optional("anat", f"{subject}*_desc-brain_mask.nii*", "GRE brain mask"),
         tissue_mask=optional("anat", f"{subject}*_label-GM_mask.nii*", "grey-matter mask"),
-        gre_real=() if polar else echoes("real"),
-        gre_imaginary=() if polar else echoes("imag"),
+        gre_real=() if polar else gre["real"],
+        gre_imaginary=() if polar else gre["imag"],
     )
-
-
-def _echo_number(path):
-    for entity in path.name.split("_"):
-        if entity.startswith("echo-") and entity[5:].isdigit():
-            return int(entity[5:])
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +412,12 @@ def _run_stages(inputs, out_dir, options, group):
         unchanged = False
     if not unchanged:  # a finished subject is not rewritten: a rerun on a full disk still succeeds
         io.write_json(markers_path, result)
+    pictures = [
+        out_dir / "label" / workflows.LABEL_PICTURE,
+        out_dir / "label" / workflows.MAPS_PICTURE,
+        out_dir / "dki" / workflows.MOTION_PICTURE,
+    ]
+    report.subject_page(out_dir / SUBJECT_PAGE, result, quality, pictures)
     ran = [r.step for r in (dki_result, brain_result, qsm_result, label_result) if r is not None and r.ran]
     return {**result, "stages_run": ran}
 
@@ -357,7 +458,7 @@ class _SubjectLog(logging.FileHandler):
             sys.stderr.write(f"log {self.baseFilename} cannot be written ({reason}); logging to it stops\n")
 
 
-def _subject_job(dataset, subject, group, out_dir, options, threads):
+def _subject_job(dataset, subject, group, out_dir, options, threads, selection=None):
     """Run one subject in a worker; log to ``logs/<subject>.log``; return (subject, result or None, error or None)."""
     if threads:
         os.environ["ALSQUANT_THREADS"] = str(threads)
@@ -375,7 +476,8 @@ def _subject_job(dataset, subject, group, out_dir, options, threads):
     propagate, package_log.propagate = package_log.propagate, False  # the details go to the log, not the console
     try:
         log.info("%s (%s): start", subject, group)
-        result = run_subject(find_subject(dataset, subject), Path(out_dir) / "subjects" / subject, options, group=group)
+        inputs = find_subject(dataset, subject, selection)
+        result = run_subject(inputs, Path(out_dir) / "subjects" / subject, options, group=group)
         log.info("%s: finished; stages run: %s", subject, ", ".join(result["stages_run"]) or "none")
         return subject, result, None
     except Exception as error:  # one subject's failure must not stop the cohort: it is logged and reported
@@ -499,7 +601,9 @@ def _bar(done, total, width=30):
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
-def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, subjects=None, echo=print):
+def run_cohort(
+    dataset, out_dir, options=None, *, workers=None, scheduler=None, subjects=None, selection=None, echo=print
+):
     """Every subject of `dataset`, in parallel; the cohort table ``cohort.csv`` (for `stats.read_cohort`) at the end.
 
     Parameters
@@ -510,6 +614,8 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
         Address of a Dask distributed scheduler (``tcp://host:8786``): the subjects run on its workers instead.
     subjects : sequence of str, optional
         Only these participants.
+    selection : Selection, optional
+        The session and runs to use where subjects have several.
     echo : callable(str)
         Progress lines (a bar per finished subject).
 
@@ -540,10 +646,10 @@ def run_cohort(dataset, out_dir, options=None, *, workers=None, scheduler=None, 
     for roi in options.labeling.rois:
         atlas.region(roi)
     with outputs.locked(out_dir, "cohort output folder"):
-        return _run_cohort(dataset, out_dir, options, participants, workers, scheduler, echo)
+        return _run_cohort(dataset, out_dir, options, participants, workers, scheduler, selection, echo)
 
 
-def _run_cohort(dataset, out_dir, options, participants, workers, scheduler, echo):
+def _run_cohort(dataset, out_dir, options, participants, workers, scheduler, selection, echo):
     cores = dipole.fft_workers()
     workers = max(1, min(workers or cores, len(participants)))
     threads = max(1, cores // workers)
@@ -563,7 +669,9 @@ def _run_cohort(dataset, out_dir, options, participants, workers, scheduler, ech
         status = f"FAILED ({error})" if error else ("done" if result["stages_run"] else "already done")
         echo(f"{_bar(done, len(participants))} {subject} {status} ({time.perf_counter() - start:.0f} s)")
 
-    jobs = [(str(dataset), subject, group, str(out_dir), options, threads) for subject, group in participants]
+    jobs = [
+        (str(dataset), subject, group, str(out_dir), options, threads, selection) for subject, group in participants
+    ]
     if scheduler:
         from dask.distributed import Client, as_completed
 
@@ -581,6 +689,8 @@ def _run_cohort(dataset, out_dir, options, participants, workers, scheduler, ech
     # Replaced atomically, even when empty: a table from an earlier run must not pass for this one's.
     io.write_table(table, rows, ["participant_id", "group", *MARKERS, "qc_passed"])
     io.write_json(out_dir / FAILURES, failures)
+    pages = {row["participant_id"]: f"subjects/{row['participant_id']}/{SUBJECT_PAGE}" for row in rows}
+    report.cohort_page(out_dir / COHORT_PAGE, rows, failures, pages)
     echo(f"{len(rows)} subjects measured, {len(failures)} failed; cohort table {table}")
     for subject, error in failures.items():
         echo(f"  {subject}: {error} (log: {out_dir / 'logs' / (subject + '.log')})")

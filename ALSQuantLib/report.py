@@ -2,12 +2,13 @@
 analysis."""
 
 import base64
+import datetime
 import html
 from pathlib import Path
 
 import numpy as np
 
-from . import geometry, io, outputs, stats
+from . import __version__, geometry, io, outputs, stats
 
 
 def _pyplot():
@@ -47,12 +48,18 @@ def labels_figure(path, panels, title=""):
         centre = found.mean(axis=0).astype(int) if len(found) else np.array(image.shape) // 2
         finite = image[np.isfinite(image)]
         top = np.percentile(finite, 99.5) if finite.size else 1.0
+        bottom = min(0.0, np.percentile(finite, 0.5)) if finite.size else 0.0  # a χ map has negative values
         colours = np.where(labels > 0, (labels - 1) % 20 + 1, 0).astype(float)
         for ax, axis, plane in zip(row, (2, 1, 0), ("axial", "coronal", "sagittal")):
             across, up = (a for a in range(3) if a != axis)
             extent = (0, image.shape[across] * sizes[across], 0, image.shape[up] * sizes[up])
             ax.imshow(
-                np.take(image, centre[axis], axis).T, cmap="gray", origin="lower", vmin=0, vmax=top, extent=extent
+                np.take(image, centre[axis], axis).T,
+                cmap="gray",
+                origin="lower",
+                vmin=bottom,
+                vmax=top,
+                extent=extent,
             )
             overlay = np.ma.masked_equal(np.take(colours, centre[axis], axis).T, 0)
             ax.imshow(
@@ -98,16 +105,19 @@ def motion_figure(path, table):
     return Path(path)
 
 
-def roc_figure(rocs, stem, title="ROC curves"):
-    """ROC curves of single and combined markers, each labelled with its AUC and DeLong 95 % CI."""
+def roc_figure(rocs, stem, title="ROC curves", combinations=None):
+    """ROC curves of single and combined markers, each labelled with its plain name (`marker_name`), its AUC and
+    DeLong 95 % CI; a combination's (`combinations`: name → `stats.analyze` result) also with its cross-validated
+    AUC."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 5))
+    fig, ax = plt.subplots(figsize=(7, 6))
     for roc in rocs:
+        result = (combinations or {}).get(roc.name, roc.summary())
         ax.plot(
             1 - roc.curve["specificity"],
             roc.curve["sensitivity"],
             lw=2,
-            label=f"{roc.name}: {stats.auc_text(roc.summary())}",
+            label=f"{marker_name(roc.name)}: {stats.auc_text(result)}",
         )
     ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
@@ -121,32 +131,70 @@ def group_figure(cohort, stem):
     """Box and strip plots per marker and group (like the study's figure)."""
     plt = _pyplot()
     markers = list(cohort.markers)
-    fig, axes = plt.subplots(1, len(markers), figsize=(2.6 * len(markers), 3.6), squeeze=False)
+    columns = min(len(markers), 2)
+    rows = -(-len(markers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(markers) :]:
+        ax.set_axis_off()
     rng = np.random.default_rng(0)
-    for ax, marker in zip(axes[0], markers):
+    for ax, marker in zip(axes.flat, markers):
         values = cohort.markers[marker]
         groups = [values[~cohort.positive], values[cohort.positive]]
         ax.boxplot(groups, widths=0.5, showfliers=False)
         for k, group in enumerate(groups, 1):
             ax.scatter(k + rng.uniform(-0.12, 0.12, group.size), group, s=12, alpha=0.7, color="C0" if k == 1 else "C3")
         ax.set_xticks([1, 2], [cohort.negative_label, cohort.positive_label])
-        ax.set_title(marker)
+        ax.set_title(marker_name(marker), fontsize=9)
     fig.tight_layout()
     path = _save(fig, stem)
     plt.close(fig)
     return path
 
 
+MARKER_NAMES = {
+    "cst_mk": "CST mean kurtosis",
+    "cst_md": "CST mean diffusivity (mm²/s)",
+    "cst_fa": "CST fractional anisotropy",
+    "m1_ms": "M1 magnetic susceptibility (ppm)",
+}
+"""Plain names, with units, of the study's markers (`pipeline.MARKERS`) in reports and figures."""
+
+
+def marker_name(marker):
+    """A marker's plain name (`MARKER_NAMES`; a combination's parts joined by " + "; else the column's own)."""
+    return " + ".join(MARKER_NAMES.get(part, part) for part in str(marker).split("+"))
+
+
+def format_p(p):
+    """A p-value as papers print it: "<0.001" below 0.001, else three decimals below 0.01 and two above.
+
+    >>> [format_p(p) for p in (1.584e-05, 0.00432, 0.0468, 0.5)]
+    ['<0.001', '0.004', '0.05', '0.50']
+    """
+    if p is None or not np.isfinite(p):
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+
+
+def _is_p(column):
+    column = str(column)
+    return column == "p" or column.endswith("_p") or "_p_" in column
+
+
 def _table(rows):
     columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's, as `io.write_table`
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
 
-    def cell(value):
+    def cell(column, value):
+        if _is_p(column) and isinstance(value, (float, int)) and not isinstance(value, bool):
+            return html.escape(format_p(value))
+        if isinstance(value, Link):
+            return f'<a href="{html.escape(value.href)}">{html.escape(str(value))}</a>'
         if isinstance(value, float):
             return f"{value:.4g}"
         return html.escape(str(value))
 
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c, r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -154,24 +202,88 @@ def _embed(png):
     return f'<img alt="{png.name}" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
 
 
-def html_report(path, *, title, summary, tables, figures, notes=()):
-    """A self-contained HTML page: summary lines, tables (title → rows), figures embedded as base64 PNG."""
+class Link(str):
+    """A table cell that links to `href` (relative to the page)."""
+
+    def __new__(cls, text, href):
+        cell = super().__new__(cls, text)
+        cell.href = str(href)
+        return cell
+
+
+def html_report(path, *, title, summary, tables, figures, notes=(), only_if_changed=False):
+    """A self-contained HTML page: summary lines, tables (title → rows; p-value columns as `format_p`, `Link`
+    cells as links), figures embedded as base64 PNG, each the page's width. With `only_if_changed`, a page already
+    there with the same content is not rewritten (a rerun on a full disk still succeeds)."""
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}img{max-width:48%}</style>",
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+        "img{max-width:100%;display:block;margin:1em 0}</style>",
         f"</head><body><h1>{html.escape(title)}</h1>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>",
     ]
     for heading, rows in tables.items():
         parts += [f"<h2>{html.escape(heading)}</h2>", _table(rows)]
-    parts += ["<h2>Figures</h2>", "".join(_embed(Path(f)) for f in figures)]
+    if figures:
+        parts += ["<h2>Figures</h2>", "".join(_embed(Path(f)) for f in figures)]
     if notes:
         parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
     parts.append("</body></html>")
-    io.write_text(path, "\n".join(parts))
-    return Path(path)
+    text = "\n".join(parts)
+    path = Path(path)
+    if not (only_if_changed and path.is_file() and path.read_text() == text):
+        io.write_text(path, text)
+    return path
+
+
+def subject_page(path, result, quality, pictures):
+    """One subject's page (``subject.html``), to check its result by eye: the quality check's verdict and flags,
+    the markers by their plain names, the pictures (the labels over FA and the GRE magnitude, the maps with the
+    labels, the head motion) embedded. Rewritten only when its content changes."""
+    flags = quality.get("flags", [])
+    summary = [
+        f"group: {result.get('group') or 'not given'}",
+        "quality check: passed" if not flags else f"quality check: FLAGGED ({len(flags)})",
+        *[f"flag: {flag}" for flag in flags],
+    ]
+    markers = [
+        {"marker": marker_name(k), "value": v}
+        for k, v in result.items()
+        if k not in ("participant_id", "group", "qc_passed", "stages_run")
+    ]
+    figures = [p for p in pictures if Path(p).is_file()]
+    notes = [
+        "Files beside this page: markers.json; label/roi_stats.csv and quality.json; each stage's provenance.json.",
+        RESEARCH_USE,
+    ]
+    title = f"ALSQuant: {result['participant_id']}"
+    tables = {"Markers": markers}
+    return html_report(
+        path, title=title, summary=summary, tables=tables, figures=figures, notes=notes, only_if_changed=True
+    )
+
+
+def cohort_page(path, rows, failures, subject_pages):
+    """The cohort's page (``index.html``): every measured subject with its markers, its quality verdict and a link to
+    its page (`subject_page`; `subject_pages`: subject → path relative to `path`), and the failed subjects."""
+    table = [
+        {
+            "subject": Link(r["participant_id"], subject_pages[r["participant_id"]]),
+            "group": r["group"],
+            **{marker_name(k): v for k, v in r.items() if k not in ("participant_id", "group", "qc_passed")},
+            "quality check": "passed" if r["qc_passed"] else "FLAGGED",
+        }
+        for r in rows
+    ]
+    flagged = sum(not r["qc_passed"] for r in rows)
+    summary = [f"{len(rows)} subjects measured ({flagged} flagged by the quality check), {len(failures)} failed"]
+    tables = {"Subjects": table}
+    if failures:
+        tables["Failed"] = [{"subject": s, "error": e} for s, e in failures.items()]
+    notes = ["roc leaves the flagged subjects out by default (--no-exclude-failed-qc keeps them).", RESEARCH_USE]
+    return html_report(path, title="ALSQuant cohort", summary=summary, tables=tables, figures=[], notes=notes)
 
 
 RESEARCH_USE = (
@@ -194,26 +306,48 @@ def _flat(result):
     return row
 
 
-def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
-    """results.json, the tables as CSV, ROC and group figures (PNG + SVG) and report.html in `out_dir`."""
+def _direction(result, cohort):
+    """pROC's direction in words: "<" means the positive group (ALS) has the higher values."""
+    higher = result["direction"] == "<"
+    return f"{'higher' if higher else 'lower'} in {cohort.positive_label}"
+
+
+def write_roc_outputs(out_dir, cohort, results, rocs, comparison, run=None):
+    """results.json, the tables as CSV (with ``table_one.csv``, `stats.table_one`), ROC and group figures (PNG +
+    SVG) and report.html in `out_dir`. `run`: the inputs and parameters (name → value) to record, with the
+    version and the date added."""
     out_dir = outputs.prepare_folder(out_dir, "report folder")
+    run = {
+        "alsquant": __version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **(run or {}),
+    }
+    results = {**results, "run": run}
     io.write_json(out_dir / "results.json", results)
+    demographics = stats.table_one(cohort)
+    if demographics:
+        io.write_table(out_dir / "table_one.csv", demographics)
     io.write_table(out_dir / "group_comparison.csv", comparison)
     marker_rows = [{"marker": m, **_flat(r)} for m, r in results["markers"].items()]
     io.write_table(out_dir / "roc_markers.csv", marker_rows)
     combination_rows = [{"combination": c, **_flat(r)} for c, r in results["combinations"].items()]
     if combination_rows:
         io.write_table(out_dir / "roc_combinations.csv", combination_rows)
-    figures = [roc_figure(rocs, out_dir / "roc_curves"), group_figure(cohort, out_dir / "groups")]
+    figures = [
+        roc_figure(rocs, out_dir / "roc_curves", combinations=results["combinations"]),
+        group_figure(cohort, out_dir / "groups"),
+    ]
     summary = [f"{cohort.n_positive} {cohort.positive_label}, {cohort.n_negative} {cohort.negative_label}"]
     left_out = stats.excluded_text(cohort)
     summary += [f"left out: {left_out}"] if left_out else []
     summary += [
-        f"{m}: {stats.auc_text(r, 3)} (DeLong), direction {r['direction']}, "
-        f"cut-off {r['threshold']:.4g}: sensitivity {r['sensitivity']:.2f}, specificity {r['specificity']:.2f}"
+        f"{marker_name(m)}: {_direction(r, cohort)}; {stats.auc_text(r, 3)} (DeLong 95 % CI); cut-off "
+        f"{r['threshold']:.4g}: sensitivity {r['sensitivity']:.2f} [{r['sensitivity_ci'][0]:.2f}-"
+        f"{r['sensitivity_ci'][1]:.2f}], specificity {r['specificity']:.2f} [{r['specificity_ci'][0]:.2f}-"
+        f"{r['specificity_ci'][1]:.2f}]; Mann-Whitney p {format_p(r['mannwhitney_p'])}"
         for m, r in results["markers"].items()
     ]
-    summary += [f"{c}: {stats.auc_text(r, 3)}" for c, r in results["combinations"].items()]
+    summary += [f"{marker_name(c)}: {stats.auc_text(r, 3)}" for c, r in results["combinations"].items()]
     notes = [
         "AUC CIs by DeLong's method (Sun & Xu fast algorithm); cut-offs maximise Youden's J; sensitivity and "
         "specificity CIs are Wilson intervals; p-values are two-sided Mann-Whitney U as R's wilcox.test computes "
@@ -223,14 +357,15 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
         + ("maximum likelihood, as R's glm" if results["penalty"] == "none" else "L2-penalised, C = 1")
         + "); the apparent AUC is optimistic, the cross-validated AUC (repeated stratified k-fold) is not.",
     ]
-    tables = {"Group comparison": comparison, "Single markers": marker_rows}
+    tables = {"Table 1: the groups": demographics} if demographics else {}
+    tables.update({"Group comparison": comparison, "Single markers": marker_rows})
     if combination_rows:
         tables["Combined markers"] = combination_rows
     adjusted = results.get("adjusted")
     if adjusted:
         covariates = ", ".join(adjusted["covariates"])
         summary += [
-            f"{name} adjusted for {covariates}: {stats.auc_text(r, 3)}"
+            f"{marker_name(name)} adjusted for {covariates}: {stats.auc_text(r, 3)}"
             for name, r in {**adjusted["markers"], **adjusted["combinations"]}.items()
         ]
         notes.append(
@@ -250,6 +385,13 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison):
             for m in adjusted["markers"]
         ]
         tables[f"Fits in the {cohort.negative_label} group"] = fits
+    notes.append(
+        "Direction: pROC's convention; '<' means the "
+        f"{cohort.positive_label} group has the higher values, '>' the lower. Markers: "
+        + "; ".join(f"{m} = {marker_name(m)}" for m in results["markers"])
+        + "."
+    )
+    tables["Run"] = [{"item": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else v} for k, v in run.items()]
     notes.append(RESEARCH_USE)
     return html_report(
         out_dir / "report.html",

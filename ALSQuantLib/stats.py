@@ -58,6 +58,8 @@ class Cohort:
     """Reason (``failed_qc``, ``other_group``) → the subjects `read_cohort` left out."""
     covariates: dict = field(default_factory=dict)
     """Covariate name → values (numbers, or two categories as strings), for `fit_adjustment`."""
+    table: list = field(default_factory=list)
+    """The kept subjects' rows as read (every column), for `table_one`."""
 
     @property
     def n_positive(self):
@@ -187,7 +189,7 @@ def read_cohort(
             raise InputError(f"cohort table: covariate {name!r} is missing for subject(s) {', '.join(missing)}")
         covariate_values[name] = _coded(name, column)[0]
     left_out = {k: v for k, v in excluded.items() if v}
-    return Cohort(subjects, is_positive, values, positive, negatives[0], left_out, covariate_values)
+    return Cohort(subjects, is_positive, values, positive, negatives[0], left_out, covariate_values, rows)
 
 
 def _excluded_text(excluded):
@@ -430,6 +432,59 @@ def group_comparison(cohort):
         rows.append(row)
     for row, adjusted in zip(rows, holm([r["mannwhitney_p"] for r in rows])):
         row["holm_p"] = float(adjusted)
+    return rows
+
+
+DEMOGRAPHICS = ("age", "sex", "handedness", "onset", "disease_duration", "alsfrs", "fvc", "edss")
+"""Columns `table_one` describes: those whose lower-case name starts with one of these (``age``, ``sex``,
+``disease_duration_months``, ``alsfrs_r``, ``onset`` (bulbar/spinal), ...), in the table's order."""
+
+
+def _blank(value):
+    return value is None or str(value).strip().lower() in ("", "nan", "n/a", "na")
+
+
+def table_one(cohort):
+    """The cohort's "Table 1": per demographic column it has (`DEMOGRAPHICS`), per group the subjects with a value
+    and, for numbers, median [interquartile range] with the Mann–Whitney p (`mann_whitney`), for categories n (%)
+    per level with Fisher's exact p (two levels) or the χ² test's (more). A group without values (ALSFRS-R in
+    controls) shows none, and no p."""
+    if not cohort.table:
+        return []
+    groups = ((cohort.positive_label, cohort.positive), (cohort.negative_label, ~cohort.positive))
+    columns = [c for c in cohort.table[0] if str(c).lower().startswith(DEMOGRAPHICS)]
+    rows = []
+    for column in columns:
+        raw = np.array([None if _blank(r[column]) else str(r[column]).strip() for r in cohort.table], dtype=object)
+        present = np.array([v is not None for v in raw])
+        try:
+            numbers = np.array([float(v) if v is not None else np.nan for v in raw])
+        except ValueError:
+            numbers = None
+        if numbers is not None:
+            row, samples = {"characteristic": f"{column}, median [IQR]"}, []
+            for label, members in groups:
+                values = numbers[members & present]
+                samples.append(values)
+                q1, median, q3 = np.percentile(values, [25, 50, 75]) if values.size else (np.nan,) * 3
+                row[label] = f"{median:.4g} [{q1:.4g}-{q3:.4g}] (n = {values.size})" if values.size else "-"
+            row["p"] = mann_whitney(*samples)[1] if all(len(v) >= 2 for v in samples) else None
+            row["test"] = "Mann-Whitney" if row["p"] is not None else ""
+            rows.append(row)
+            continue
+        levels = sorted({v for v in raw if v is not None})
+        counts = np.array([[np.sum((raw == level) & members) for level in levels] for _, members in groups])
+        row = {"characteristic": f"{column}, n (%)"}
+        for (label, _), line in zip(groups, counts):
+            total = line.sum()
+            row[label] = "; ".join(f"{lv} {n} ({100 * n / total:.0f} %)" for lv, n in zip(levels, line)) or "-"
+        row["p"], row["test"] = None, ""
+        if counts.sum(axis=1).all() and len(levels) >= 2:
+            if len(levels) == 2:
+                row["p"], row["test"] = float(sps.fisher_exact(counts)[1]), "Fisher's exact"
+            else:
+                row["p"], row["test"] = float(sps.chi2_contingency(counts)[1]), "chi-squared"
+        rows.append(row)
     return rows
 
 

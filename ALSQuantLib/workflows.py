@@ -30,6 +30,8 @@ RECORD = "provenance.json"
 QSM_OUTPUTS = ("susceptibility", "local_field", "mask")
 LABEL_OUTPUTS = ("labels.ctbl", "roi_stats.csv", "quality.json")
 LABEL_PICTURE = "labels.png"
+MAPS_PICTURE = "maps.png"
+MOTION_PICTURE = "motion.png"
 
 
 @dataclass
@@ -188,14 +190,14 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
             poses = np.array(details["motion_poses"])
             paths.append(folder / "motion.tsv")
             table = motion.write_table(paths[-1], poses, data.bvals, data.affine, data.data.shape[:3])
-            paths.append(report.motion_figure(folder / "motion.png", table))
+            paths.append(report.motion_figure(folder / MOTION_PICTURE, table))
         return paths, {**details, "maps": written, "not_available": [m for m in maps if m not in written]}
 
     inputs = {"dwi": dwi, "bval": bval, "bvec": bvec, "mask": mask}
     if sidecar.is_file():  # its PartialFourier decides whether Gibbs-ringing removal runs
         inputs["sidecar"] = sidecar
     planned = [f"{m}.nii.gz" for m in maps] + ["mask.nii.gz", RECORD]
-    planned += ["motion.tsv", "motion.png"] if options.motion_correction else []
+    planned += ["motion.tsv", MOTION_PICTURE] if options.motion_correction else []
     return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned)
 
 
@@ -336,10 +338,11 @@ def _registrations(record):
 # ----------------------------------------------------------------------------------------------------------------
 # Labelling
 # ----------------------------------------------------------------------------------------------------------------
-def write_labeling(out_dir, labeling, images=None):
+def write_labeling(out_dir, labeling, images=None, maps=None):
     """Write ``labels_<space>.nii.gz``, ``grey_matter_<space>.nii.gz`` (if any), ``labels.ctbl``, ``roi_stats.csv``,
     ``quality.json`` and, given `images` (space → (image, affine): the reference, the GRE magnitude), ``labels.png``
-    (the labels over them, three planes, `report.labels_figure`); return the paths."""
+    (the labels over them, three planes, `report.labels_figure`), and given `maps` (name → (image, affine), each
+    on a labelled grid), ``maps.png`` (the labels over each map); return the paths."""
     out_dir = Path(out_dir)
     written = []
     for space, (label_image, affine) in labeling.label_images.items():
@@ -374,6 +377,14 @@ def write_labeling(out_dir, labeling, images=None):
     if panels:
         verdict = "QC passed" if labeling.passed else f"QC flagged: {'; '.join(labeling.flags)}"
         written.append(report.labels_figure(out_dir / LABEL_PICTURE, panels, title=verdict))
+    map_panels = [
+        (name, image, label_image, affine)
+        for name, (image, affine) in (maps or {}).items()
+        for label_image, label_affine in labeling.label_images.values()
+        if geometry.same_grid(image.shape, affine, label_image.shape, label_affine)
+    ]
+    if map_panels:
+        written.append(report.labels_figure(out_dir / MAPS_PICTURE, map_panels, title="the maps measured, labels over"))
     return written
 
 
@@ -468,7 +479,7 @@ def label_step(
             progress=progress,
         )
         results = {"flags": labeling.flags, "passed": labeling.passed, "template_correlation": labeling.similarity}
-        return write_labeling(folder, labeling, images) + labeling.transforms, results
+        return write_labeling(folder, labeling, images, loaded) + labeling.transforms, results
 
     inputs = {"reference": reference, "gre_magnitude": gre_magnitude, "tissue_mask": tissue_mask}
     inputs.update({f"map_{name}": path for name, path in maps.items()})
@@ -480,5 +491,5 @@ def label_step(
     planned = [f"labels_{s}.nii.gz" for s in ("reference", "gre")] + [
         f"grey_matter_{s}.nii.gz" for s in ("reference", "gre")
     ]
-    planned += [*LABEL_OUTPUTS, LABEL_PICTURE, RECORD]
+    planned += [*LABEL_OUTPUTS, LABEL_PICTURE, MAPS_PICTURE, RECORD]
     return run_step("label", out_dir, options, inputs, compute, arguments=arguments, planned=planned)

@@ -118,7 +118,7 @@ LAYERS = (
     {"errors"},
     {"progress", "options", "geometry", "outputs"},
     {"io", "dipole", "metrics", "provenance", "masks"},
-    {"registration"},
+    {"registration", "dicom"},
     {"motion"},
     {"dki", "qsm", "atlas", "stats"},
     {"report"},

@@ -14,6 +14,7 @@ from conftest import child_processes
 
 from ALSQuantLib import cli, io, phantom, pipeline, provenance, registration, workflows
 from ALSQuantLib.atlas import LabelingOptions
+from ALSQuantLib.errors import InputError
 from ALSQuantLib.qsm import QSMOptions
 
 
@@ -87,6 +88,11 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     _, chi_affine = io.load_image(out / "qsm" / "susceptibility.nii.gz")
     _, gre_affine = io.load_image(inputs.gre_magnitude[0])
     np.testing.assert_allclose(chi_affine, gre_affine, atol=1e-5)
+    # One page to check the subject by eye: the verdict, the markers by name, the labels over FA and the GRE and
+    # over each measured map
+    page = (out / pipeline.SUBJECT_PAGE).read_text()
+    assert "quality check: passed" in page and "CST mean kurtosis" in page and "M1 magnetic susceptibility" in page
+    assert page.count("data:image/png;base64,") == 2 and (out / "label" / workflows.MAPS_PICTURE).is_file()
     assert not list(out.rglob("*.tmp*"))  # every atomic write finished
     assert not list(out.rglob(f"{registration.WORKDIR_PREFIX}*"))  # no ANTs work folder left
     assert _checksums(folder / "sub-01") == before  # inputs untouched
@@ -173,6 +179,12 @@ def test_run_cohort_resumes_after_a_kill_and_reports_a_failing_subject(cohort, t
     for row in rows:
         assert float(row["cst_mk"]) == pytest.approx(float(truth[row["participant_id"]]["cst_mk"]), rel=0.03)
     assert "Traceback" in (out / "logs" / "sub-03.log").read_text()
+    # The cohort's page links each measured subject's page and names the failed one
+    index = (out / pipeline.COHORT_PAGE).read_text()
+    for row in rows:
+        page = f"subjects/{row['participant_id']}/{pipeline.SUBJECT_PAGE}"
+        assert f'<a href="{page}">{row["participant_id"]}</a>' in index and (out / page).is_file()
+    assert "sub-03" in index.split("<h2>Failed</h2>")[1]
 
 
 def test_run_cohort_on_a_dask_cluster_gives_the_local_results(cohort, tmp_path):
@@ -323,3 +335,66 @@ def test_a_gre_exported_as_real_and_imaginary_parts_runs_through_the_pipeline(co
     np.testing.assert_allclose(
         io.load_image(out / "qsm" / "magnitude.nii.gz")[0], io.load_image(polar.gre_magnitude[0])[0], rtol=1e-4
     )
+
+
+def _dcm2niix_echoes(magnitude_path, phase_path, anat, stem):
+    """A 4D magnitude/phase pair written one file per echo as dcm2niix names them (``<stem>_e<N>`` and
+    ``<stem>_e<N>_ph``), each with its sidecar's EchoTime."""
+    sidecar = io.read_json(io.sidecar_path(phase_path))
+    for source, suffix in ((magnitude_path, ""), (phase_path, "_ph")):
+        data, affine = io.load_image(source)
+        volumes = data[..., None] if data.ndim == 3 else data
+        for echo, te in enumerate(np.atleast_1d(sidecar["EchoTime"]), 1):
+            path = anat / f"{stem}_e{echo}{suffix}.nii.gz"
+            io.save_image(path, volumes[..., echo - 1], affine)
+            io.write_json(io.sidecar_path(path), {**sidecar, "EchoTime": float(te)})
+
+
+def test_sessions_runs_and_dcm2niix_names_are_found_or_asked_for(cohort, tmp_path, capsys):
+    """A longitudinal dataset: sub-01 with two sessions, the second holding two DWI runs and a GRE named as
+    dcm2niix names it (one file per echo, ``_ph`` for phase). Each choice is asked for by name when ambiguous, and
+    the chosen files are the ones found; run-cohort passes the choice on."""
+    folder, _ = cohort
+    source = pipeline.find_subject(folder, "sub-01")
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    shutil.copyfile(folder / "participants.tsv", dataset / "participants.tsv")
+    for session in ("ses-01", "ses-02"):
+        shutil.copytree(folder / "sub-01" / "anat", dataset / "sub-01" / session / "anat")
+        shutil.copytree(folder / "sub-01" / "dwi", dataset / "sub-01" / session / "dwi")
+    second = dataset / "sub-01" / "ses-02"
+    for path in sorted((second / "anat").iterdir()):
+        path.unlink()
+    _dcm2niix_echoes(source.gre_magnitude[0], source.gre_phase[0], second / "anat", "sub-01_ses-02_T2starw")
+    for path in sorted((second / "dwi").iterdir()):
+        for run in (1, 2):
+            shutil.copyfile(path, second / "dwi" / path.name.replace("sub-01_", f"sub-01_ses-02_run-{run}_"))
+        path.unlink()
+
+    with pytest.raises(InputError, match="sessions ses-01, ses-02; choose one with --session"):
+        pipeline.find_subject(dataset, "sub-01")
+    first = pipeline.find_subject(dataset, "sub-01", pipeline.Selection(session="01"))
+    assert first.dwi == dataset / "sub-01" / "ses-01" / "dwi" / "sub-01_dwi.nii.gz"
+    with pytest.raises(InputError, match="several runs .*; choose one with --dwi-run"):
+        pipeline.find_subject(dataset, "sub-01", pipeline.Selection(session="ses-02"))
+    chosen = pipeline.find_subject(dataset, "sub-01", pipeline.Selection("ses-02", dwi_run="2"))
+    assert chosen.dwi.name == "sub-01_ses-02_run-2_dwi.nii.gz" and chosen.bval.name == "sub-01_ses-02_run-2_dwi.bval"
+    echoes = len(phantom.PhantomConfig().echo_times)
+    assert [p.name for p in chosen.gre_phase] == [f"sub-01_ses-02_T2starw_e{k}_ph.nii.gz" for k in range(1, echoes + 1)]
+    assert [p.name for p in chosen.gre_magnitude] == [
+        f"sub-01_ses-02_T2starw_e{k}.nii.gz" for k in range(1, echoes + 1)
+    ]
+    # read in echo order with their sidecars' echo times: the very GRE of the 4D original
+    split = io.read_gre(chosen.gre_magnitude, chosen.gre_phase)
+    original = io.read_gre(source.gre_magnitude, source.gre_phase)
+    np.testing.assert_array_equal(split.phase, original.phase)
+    np.testing.assert_array_equal(split.magnitude, original.magnitude)
+    np.testing.assert_allclose(split.echo_times, original.echo_times)
+
+    # run-cohort: the choice reaches every subject (an absent session fails each subject by name, fast)
+    out = tmp_path / "out"
+    atlas = ["--atlas", "phantom", "--atlas-dir", str(folder / phantom.TRUTH_DIR / "template")]
+    code = cli.main(
+        ["run-cohort", str(dataset), "--subjects", "sub-01", "--session", "ses-09", *atlas, "--out", str(out)]
+    )
+    assert code == 1 and "no session ses-09; it has ses-01, ses-02" in io.read_json(out / "failures.json")["sub-01"]

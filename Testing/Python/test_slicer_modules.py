@@ -17,6 +17,7 @@ from conftest import MODULE_NAMES, MODULES_DIR, PROJECT_ROOT, random_rotation, w
 from ALSQuantLib import io, phantom, stats
 from ALSQuantLib.atlas import LabelingOptions
 from ALSQuantLib.dki import DKIOptions
+from ALSQuantLib.errors import InputError
 from ALSQuantLib.qsm import QSMOptions
 
 PANELS = MODULE_NAMES[1:]
@@ -294,6 +295,20 @@ def test_classification_logic_curves_model_and_diagnosis(module_logic, mrml_scen
     from_labels = logic.classify(model_path, nodes.tableFromRows(mrml_scene, roi_rows, "roi_statistics"))
     by_hand = logic.classify(model_path, {"cst_mk": 0.9775, "m1_ms": 0.345})
     assert from_labels["probability"] == pytest.approx(by_hand["probability"], rel=1e-12)
+    # Adjusted for age: the same figures as the library's, and a model that needs the subject's age
+    for n, row in enumerate(rows):
+        row["age"] = 45 + (n * 7) % 30
+    aged = nodes.tableFromRows(mrml_scene, rows, "cohort_aged")
+    adjusted = logic.analyze(aged, ["cst_mk", "m1_ms"], covariates=["age"])["results"]["adjusted"]
+    library = stats.analyze(stats.read_cohort(rows, markers=["cst_mk", "m1_ms"], covariates=["age"]))[0]["adjusted"]
+    assert adjusted["markers"]["cst_mk"]["auc"] == library["markers"]["cst_mk"]["auc"]
+    logic.saveModel(aged, ["cst_mk", "m1_ms"], tmp_path / "aged.json", covariates=["age"])
+    with pytest.raises(InputError, match="no value for covariate"):
+        logic.classify(tmp_path / "aged.json", {"cst_mk": 1.0, "m1_ms": 0.2})
+    assert logic.classify(tmp_path / "aged.json", {"cst_mk": 1.0, "m1_ms": 0.2, "age": 60})["decision"] in (
+        "ALS",
+        "control",
+    )
 
 
 def test_sample_subject_is_built_offline_into_nodes(module_logic, mrml_scene):

@@ -216,6 +216,9 @@ r <- roc(d$y, predict(fit), levels = c("control", "ALS"), direction = "<", quiet
 ci <- ci.auc(r, method = "delong")
 out <- c(out, sprintf('"glm": {"coef": [%s], "auc": %.12f, "ci_low": %.12f, "ci_high": %.12f}',
                       paste(sprintf("%.17g", coef(fit)), collapse = ", "), as.numeric(r$auc), ci[1], ci[3]))
+out <- c(out, sprintf('"table_one": {"age_p": %.17g, "sex_p": %.17g}',
+                      wilcox.test(d$age[d$y == "ALS"], d$age[d$y == "control"])$p.value,
+                      fisher.test(table(d$y, d$sex))$p.value))
 f <- lm(mk ~ age + sex, data = d[d$y == "control", ])
 out <- c(out, sprintf('"lm": {"coef": [%s], "sigma": %.17g}',
                       paste(sprintf("%.17g", coef(f)), collapse = ", "), summary(f)$sigma))
@@ -227,7 +230,8 @@ cat("{", paste(out, collapse = ", "), "}\n")
 def test_mann_whitney_and_the_combined_marker_agree_with_r(tmp_path, n_als, n_controls):
     """R's wilcox.test (exact below 50 a group without ties, else the normal approximation with continuity and tie
     corrections: both branches, the tied column being MK rounded to 0.01) and glm's maximum-likelihood logistic
-    regression, with pROC's AUC of its linear predictor; the age and sex adjustment's least-squares fit, lm's."""
+    regression, with pROC's AUC of its linear predictor; the age and sex adjustment's least-squares fit, lm's;
+    Table 1's tests, wilcox.test and fisher.test."""
     rows = cohort_rows(seed=8, n_als=n_als, n_controls=n_controls)
     rng = np.random.default_rng(8)
     for row in rows:
@@ -248,6 +252,17 @@ def test_mann_whitney_and_the_combined_marker_agree_with_r(tmp_path, n_als, n_co
     for key, value in (("auc", combined["roc"].auc), ("ci_low", combined["roc"].ci_low)):
         assert value == pytest.approx(reference["glm"][key], abs=1e-6), key
     assert combined["roc"].ci_high == pytest.approx(reference["glm"]["ci_high"], abs=1e-6)
+    # Table 1: age by wilcox.test, sex by fisher.test, medians and quartiles as R's quantile (type 7)
+    table = {row["characteristic"]: row for row in stats.table_one(cohort)}
+    assert set(table) == {"age, median [IQR]", "sex, n (%)"}
+    assert table["age, median [IQR]"]["p"] == pytest.approx(reference["table_one"]["age_p"], rel=1e-6)
+    assert table["sex, n (%)"]["p"] == pytest.approx(reference["table_one"]["sex_p"], rel=1e-6)
+    ages = np.array([r["age"] for r in rows if r["group"] == "ALS"])
+    q1, median, q3 = np.percentile(ages, [25, 50, 75])
+    assert table["age, median [IQR]"]["ALS"] == f"{median:.4g} [{q1:.4g}-{q3:.4g}] (n = {n_als})"
+    women = sum(r["sex"] == "F" for r in rows if r["group"] == "control")
+    share = f"{100 * women / n_controls:.0f} %"
+    assert table["sex, n (%)"]["control"].startswith(f"F {women} ({share}); M {n_controls - women}")
     # the age and sex adjustment's fit in the controls is lm's
     adjustment = stats.fit_adjustment(stats.read_cohort(rows, markers=["mk"], covariates=["age", "sex"]))
     np.testing.assert_allclose(adjustment.coefficients["mk"], reference["lm"]["coef"], rtol=1e-9)
@@ -271,7 +286,7 @@ def test_separated_groups_are_told_and_the_penalised_fit_stays_finite():
 
 
 def test_roc_and_classify_commands(tmp_path, capsys):
-    from ALSQuantLib import cli, io
+    from ALSQuantLib import __version__, cli, io, provenance
 
     io.write_table(tmp_path / "cohort.csv", cohort_rows(seed=5))
     out = tmp_path / "roc"
@@ -321,6 +336,11 @@ def test_roc_and_classify_commands(tmp_path, capsys):
     assert {"delong_p_vs_mk", "delong_p_vs_ms", "sensitivity_ci_low", "specificity_ci_high"} <= set(combination_row)
     for column in ("delong_p_vs_ms", "sensitivity_ci_low", "bootstrap_ci_high"):
         assert f"<th>{column}</th>" in page
+    # p-values as papers print them, plain names, the direction in words, the run's inputs and version
+    assert "<td>&lt;0.001</td>" in page and "e-0" not in page.split("<h2>Group comparison</h2>")[1].split("</table>")[0]
+    assert "lower in ALS" in page and "higher in ALS" in page
+    assert results["run"]["cohort_sha256"] == provenance.file_sha256(tmp_path / "cohort.csv")
+    assert results["run"]["alsquant"] == __version__ and results["run"]["penalty"] == "none"
     io.write_table(
         tmp_path / "new.csv",
         [{"participant_id": "new-1", "mk": 1.00, "ms": 0.32}, {"participant_id": "new-2", "mk": 1.11, "ms": 0.09}],

@@ -19,11 +19,15 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene or slicer.mrmlScene
 
-    def readCohort(self, cohort, markers, positive, groupColumn, subjectColumn):
-        """`stats.Cohort` of `markers` from a table node or a CSV/TSV file."""
-        rows = self.cohortRows(cohort)
+    def readCohort(self, cohort, markers, positive, groupColumn, subjectColumn, covariates=()):
+        """`stats.Cohort` of `markers` (and `covariates`) from a table node or a CSV/TSV file."""
         return stats.read_cohort(
-            rows, markers=list(markers), group_column=groupColumn, positive=positive, subject_column=subjectColumn
+            self.cohortRows(cohort),
+            markers=list(markers),
+            group_column=groupColumn,
+            positive=positive,
+            subject_column=subjectColumn,
+            covariates=list(covariates),
         )
 
     @staticmethod
@@ -43,9 +47,11 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         groupColumn="group",
         subjectColumn="participant_id",
         penalty="none",
+        covariates=(),
         seed=0,
     ):
-        """Run the analysis and make its nodes (`penalty`: how markers are combined, `stats.PENALTIES`).
+        """Run the analysis and make its nodes (`penalty`: how markers are combined, `stats.PENALTIES`; with
+        `covariates`, e.g. ``("age", "sex")``, also adjusted for them: ``results["adjusted"]``).
 
         Returns
         -------
@@ -54,7 +60,7 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
             (name → table node with 1 − specificity and sensitivity), ``chart`` (plot chart node with one series
             per ROC curve).
         """
-        table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn)
+        table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn, covariates)
         results, rocs, _ = stats.analyze(table, list(combinations), penalty=penalty, random_seed=seed)
         markerRows = [
             {"marker": m, **{k: v for k, v in r.items() if not isinstance(v, (list, tuple))}}
@@ -105,11 +111,12 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         groupColumn="group",
         subjectColumn="participant_id",
         penalty="none",
+        covariates=(),
     ):
-        """Fit the diagnostic model of `markers` on the cohort (`penalty`: `stats.PENALTIES`) and save it as JSON;
-        return the model."""
-        table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn)
-        model = stats.diagnostic_model(table, list(markers), penalty=penalty)
+        """Fit the diagnostic model of `markers` on the cohort (`penalty`: `stats.PENALTIES`; adjusted for
+        `covariates` if given, and then `classify` needs them) and save it as JSON; return the model."""
+        table = self.readCohort(cohort, markers, positive, groupColumn, subjectColumn, covariates)
+        model = stats.diagnostic_model(table, list(markers), penalty=penalty, adjust=bool(covariates))
         stats.save_model(model, path)
         return model
 
@@ -122,7 +129,9 @@ class ALSClassificationLogic(ScriptedLoadableModuleLogic):
         if hasattr(values, "GetTable"):
             rows = nodes.rowsFromTable(values)
             row = pipeline.markers_from_rows(rows) if rows and "region" in rows[0] else rows[0]
+            covariates = model.get("adjustment", {}).get("covariates", [])
             values = {m: float(row[m]) for m in model["markers"] if row.get(m, "") != ""}
+            values.update({c: row[c] for c in covariates if row.get(c, "") != ""})
         result = stats.classify(model, values)
         rows = [{"marker": m, "value": float(values[m]), "z_score": float(z)} for m, z in result["z_scores"].items()]
         result["table"] = nodes.tableFromRows(self.scene, rows, "ALSQuant_diagnosis")
