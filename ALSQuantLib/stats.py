@@ -435,7 +435,7 @@ def group_comparison(cohort):
     return rows
 
 
-DEMOGRAPHICS = ("age", "sex", "handedness", "onset", "disease_duration", "alsfrs", "fvc", "edss")
+DEMOGRAPHICS = ("age", "sex", "gender", "handedness", "onset", "disease_duration", "alsfrs", "fvc", "edss")
 """Columns `table_one` describes: those whose lower-case name starts with one of these (``age``, ``sex``,
 ``disease_duration_months``, ``alsfrs_r``, ``onset`` (bulbar/spinal), ...), in the table's order."""
 
