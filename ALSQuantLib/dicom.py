@@ -90,8 +90,8 @@ def _name(subject, session, run, runs, *entities):
 
 
 def _file(source, target, written):
-    """Copy `source` (and its sidecar-like companions) to `target`, atomically; an existing different file is an
-    error (nothing is overwritten)."""
+    """Copy `source` to `target` atomically and add it to `written`; the same file already there is left as it is,
+    a different one is an error (nothing is overwritten)."""
     if target.exists():
         if target.read_bytes() != source.read_bytes():
             raise InputError(f"{target}: exists and differs; import into another session or remove it first")
