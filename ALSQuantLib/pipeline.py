@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dipole, geometry, io, outputs, report, workflows
+from . import derivatives, dipole, geometry, io, outputs, report, workflows
 from .atlas import LabelingOptions, atlas_for
 from .dki import DKIOptions
 from .errors import InputError
@@ -317,10 +317,12 @@ def check_subject(inputs, options):
         atlas.region(roi)
 
 
-def run_subject(inputs, out_dir, options=None, *, group=""):
+def run_subject(inputs, out_dir, options=None, *, group="", bids_root=None, dataset=None):
     """Run DKI, the template's brain on the GRE (with ``options.gre_brain`` "template" and no GRE mask), QSM and
     labelling for one subject into `out_dir` (`ALSQuantLib.workflows`; current stages are skipped), then write
-    ``markers.json`` (only when its content changes).
+    ``markers.json`` (only when its content changes), the subject's page, and the results under BIDS-derivative
+    names in the derivative dataset `bids_root` (default `out_dir`; `ALSQuantLib.derivatives`), whose source is
+    `dataset` when given.
 
     The inputs are checked first (`check_subject`), and `out_dir` is locked for the run: a second run on the same
     folder is refused while this one holds it.
@@ -346,7 +348,12 @@ def run_subject(inputs, out_dir, options=None, *, group=""):
             )
     check_subject(inputs, options)
     with outputs.locked(out_dir, f"subject {inputs.subject} output folder"):
-        return _run_stages(inputs, out_dir, options, group)
+        result = _run_stages(inputs, out_dir, options, group)
+        root = Path(bids_root or out_dir)
+        derivatives.write_description(root, dataset)
+        session = _entity(inputs.dwi, "ses")
+        derivatives.export_subject(out_dir, root, inputs.subject, session, list(inputs.files().values()))
+        return result
 
 
 def _run_stages(inputs, out_dir, options, group):
@@ -477,7 +484,8 @@ def _subject_job(dataset, subject, group, out_dir, options, threads, selection=N
     try:
         log.info("%s (%s): start", subject, group)
         inputs = find_subject(dataset, subject, selection)
-        result = run_subject(inputs, Path(out_dir) / "subjects" / subject, options, group=group)
+        subject_dir = Path(out_dir) / "subjects" / subject
+        result = run_subject(inputs, subject_dir, options, group=group, bids_root=out_dir, dataset=dataset)
         log.info("%s: finished; stages run: %s", subject, ", ".join(result["stages_run"]) or "none")
         return subject, result, None
     except Exception as error:  # one subject's failure must not stop the cohort: it is logged and reported

@@ -108,17 +108,20 @@ def motion_figure(path, table):
 def roc_figure(rocs, stem, title="ROC curves", combinations=None):
     """ROC curves of single and combined markers, each labelled with its plain name (`marker_name`), its AUC and
     DeLong 95 % CI; a combination's (`combinations`: name → `stats.analyze` result) also with its cross-validated
-    AUC."""
+    AUC; each curve's confidence band (`stats.sensitivity_band`) shaded, when computed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for roc in rocs:
         result = (combinations or {}).get(roc.name, roc.summary())
-        ax.plot(
+        (line,) = ax.plot(
             1 - roc.curve["specificity"],
             roc.curve["sensitivity"],
             lw=2,
             label=f"{marker_name(roc.name)}: {stats.auc_text(result)}",
         )
+        if roc.band is not None:
+            band = roc.band
+            ax.fill_between(1 - band["specificity"], band["low"], band["high"], color=line.get_color(), alpha=0.12)
     ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
@@ -333,6 +336,14 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison, run=None):
     combination_rows = [{"combination": c, **_flat(r)} for c, r in results["combinations"].items()]
     if combination_rows:
         io.write_table(out_dir / "roc_combinations.csv", combination_rows)
+    bands = [
+        {"marker": roc.name, "specificity": sp, "sensitivity_low": low, "sensitivity_high": high}
+        for roc in rocs
+        if roc.band is not None
+        for sp, low, high in zip(roc.band["specificity"], roc.band["low"], roc.band["high"])
+    ]
+    if bands:
+        io.write_table(out_dir / "roc_bands.csv", bands)
     figures = [
         roc_figure(rocs, out_dir / "roc_curves", combinations=results["combinations"]),
         group_figure(cohort, out_dir / "groups"),
@@ -353,6 +364,8 @@ def write_roc_outputs(out_dir, cohort, results, rocs, comparison, run=None):
         "specificity CIs are Wilson intervals; p-values are two-sided Mann-Whitney U as R's wilcox.test computes "
         "them (exact below 50 a group without ties, else the normal approximation with continuity correction), "
         "with Holm correction.",
+        "Shaded around each ROC curve: the 95 % confidence band of the sensitivity at specificities 0, 0.05, ..., 1 "
+        f"(stratified bootstrap, {stats.BAND_RESAMPLES} resamples, as pROC's ci.se; roc_bands.csv).",
         "Combined markers: logistic regression ("
         + ("maximum likelihood, as R's glm" if results["penalty"] == "none" else "L2-penalised, C = 1")
         + "); the apparent AUC is optimistic, the cross-validated AUC (repeated stratified k-fold) is not.",

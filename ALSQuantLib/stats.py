@@ -294,6 +294,8 @@ class MarkerROC:
     specificity_ci: tuple
     curve: dict = field(repr=False, default_factory=dict)
     bootstrap_ci: tuple = None
+    band: dict = field(repr=False, default=None)
+    """The curve's confidence band (`sensitivity_band`), when computed."""
 
     def summary(self):
         return {
@@ -366,6 +368,49 @@ def bootstrap_auc_ci(oriented, positive, n_resamples, random_seed, level=0.95):
         aucs[b] = greater
     tail = (1 - level) / 2 * 100
     return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
+BAND_SPECIFICITIES = np.arange(21) / 20
+"""Specificities at which `sensitivity_band` gives the sensitivity's CI (0, 0.05, ..., 1)."""
+BAND_RESAMPLES = 2000
+
+
+def sensitivity_at(sensitivity, specificity, at):
+    """Sensitivity at the specificities `at` along a ROC curve (`roc_curve`'s points, specificity rising), as
+    pROC's ``coords(input = "specificity")``: the highest sensitivity where the curve reaches a specificity, linear
+    between its points elsewhere."""
+    sensitivity, specificity, at = (np.asarray(a, dtype=float) for a in (sensitivity, specificity, at))
+    after = np.clip(np.searchsorted(specificity, at, side="right"), 1, specificity.size - 1)
+    before = after - 1
+    span = specificity[after] - specificity[before]
+    share = np.divide(at - specificity[before], span, out=np.zeros_like(at), where=span > 0)
+    between = sensitivity[before] + share * (sensitivity[after] - sensitivity[before])
+    reached = np.abs(specificity[None, :] - at[:, None]) <= 1e-12
+    highest = np.where(reached, sensitivity[None, :], -np.inf).max(axis=1)
+    return np.where(reached.any(axis=1), highest, between)
+
+
+def sensitivity_band(values, positive, direction, *, n_resamples=BAND_RESAMPLES, random_seed=0, level=0.95):
+    """Confidence band of a ROC curve: at each of `BAND_SPECIFICITIES`, the stratified bootstrap percentile interval
+    of the sensitivity (cases and controls resampled separately, the direction kept), as pROC's ``ci.se``.
+
+    Returns
+    -------
+    dict
+        ``specificity``, ``low``, ``high`` (arrays).
+    """
+    values, positive = np.asarray(values, dtype=float), np.asarray(positive, dtype=bool)
+    rng = np.random.default_rng(random_seed)
+    cases, controls = values[positive], values[~positive]
+    labels = np.r_[np.ones(cases.size, bool), np.zeros(controls.size, bool)]
+    sensitivities = np.empty((n_resamples, BAND_SPECIFICITIES.size))
+    for b in range(n_resamples):
+        resample = np.r_[rng.choice(cases, cases.size), rng.choice(controls, controls.size)]
+        _, sens, spec = roc_curve(resample, labels, direction)
+        sensitivities[b] = sensitivity_at(sens, spec, BAND_SPECIFICITIES)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(sensitivities, [tail, 100 - tail], axis=0)
+    return {"specificity": BAND_SPECIFICITIES, "low": low, "high": high}
 
 
 def delong_test(scores_a, scores_b, positive):
@@ -795,6 +840,7 @@ def _analysis(cohort, combinations, penalty, bootstrap, random_seed, cv_repeats)
     markers, combined_results, rocs = {}, {}, []
     for marker, values in cohort.markers.items():
         roc = roc_analysis(values, cohort.positive, name=marker, bootstrap=bootstrap, random_seed=random_seed)
+        roc.band = sensitivity_band(values, cohort.positive, roc.direction, random_seed=random_seed)
         rocs.append(roc)
         markers[marker] = {
             **roc.summary(),
@@ -810,6 +856,7 @@ def _analysis(cohort, combinations, penalty, bootstrap, random_seed, cv_repeats)
             )
         combined = combine(cohort, parts, penalty=penalty, random_seed=random_seed, cv_repeats=cv_repeats)
         roc = combined["roc"]
+        roc.band = sensitivity_band(combined["scores"], cohort.positive, roc.direction, random_seed=random_seed)
         rocs.append(roc)
         combined_results[combination] = {
             "auc_apparent": roc.auc,

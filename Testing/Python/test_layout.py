@@ -118,7 +118,7 @@ LAYERS = (
     {"errors"},
     {"progress", "options", "geometry", "outputs"},
     {"io", "dipole", "metrics", "provenance", "masks"},
-    {"registration", "dicom"},
+    {"registration", "dicom", "derivatives"},
     {"motion"},
     {"dki", "qsm", "atlas", "stats"},
     {"report"},

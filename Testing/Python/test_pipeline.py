@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import child_processes
 
-from ALSQuantLib import cli, io, phantom, pipeline, provenance, registration, workflows
+from ALSQuantLib import __version__, cli, derivatives, io, phantom, pipeline, provenance, registration, workflows
 from ALSQuantLib.atlas import LabelingOptions
 from ALSQuantLib.errors import InputError
 from ALSQuantLib.qsm import QSMOptions
@@ -93,6 +93,29 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     page = (out / pipeline.SUBJECT_PAGE).read_text()
     assert "quality check: passed" in page and "CST mean kurtosis" in page and "M1 magnetic susceptibility" in page
     assert page.count("data:image/png;base64,") == 2 and (out / "label" / workflows.MAPS_PICTURE).is_file()
+    # The results under BIDS-derivative names: the stages' own files (hard links), with sidecars and label tables
+    description = io.read_json(out / derivatives.DESCRIPTION)
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Version"] == __version__
+    bids = {
+        "dwi/sub-01_model-dki_param-mk_dwimap.nii.gz": "dki/mk.nii.gz",
+        "dwi/sub-01_model-dki_param-md_dwimap.nii.gz": "dki/md.nii.gz",
+        "dwi/sub-01_desc-brain_mask.nii.gz": "dki/mask.nii.gz",
+        "dwi/sub-01_desc-regions_dseg.nii.gz": "label/labels_reference.nii.gz",
+        "anat/sub-01_Chimap.nii.gz": "qsm/susceptibility.nii.gz",
+        "anat/sub-01_desc-regions_dseg.nii.gz": "label/labels_gre.nii.gz",
+    }
+    for name, stage_file in bids.items():
+        assert os.path.samefile(out / "sub-01" / name, out / stage_file), name
+    chi_sidecar = io.read_json(out / "sub-01" / "anat" / "sub-01_Chimap.json")
+    assert chi_sidecar["Units"] == "ppm" and chi_sidecar["ReferenceOption"] == "whole-brain"
+    assert chi_sidecar["Sources"][0] == inputs.dwi.resolve().as_uri()
+    assert io.read_json(out / "sub-01" / "dwi" / "sub-01_model-dki_param-md_dwimap.json")["Units"] == "mm^2/s"
+    dseg = io.read_table(out / "sub-01" / "anat" / "sub-01_desc-regions_dseg.tsv")
+    present = set(np.unique(io.load_image(out / "label" / "labels_gre.nii.gz")[0])) - {0}
+    assert present <= {int(row["index"]) for row in dseg} and any("M1" in row["name"] for row in dseg)
+    # a participant name that is no BIDS label, in a session
+    placed = derivatives.export_subject(out, tmp_path / "bids", "patient_7", "2", [inputs.dwi])
+    assert tmp_path / "bids/sub-patient7/ses-2/dwi/sub-patient7_ses-2_model-dki_param-fa_dwimap.nii.gz" in placed
     assert not list(out.rglob("*.tmp*"))  # every atomic write finished
     assert not list(out.rglob(f"{registration.WORKDIR_PREFIX}*"))  # no ANTs work folder left
     assert _checksums(folder / "sub-01") == before  # inputs untouched
@@ -118,6 +141,7 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     result = pipeline.run_subject(inputs, out, _options(folder, "template", inversion="tkd"))
     assert result["stages_run"] == ["qsm", "label"]
     assert result["cst_mk"] == markers["cst_mk"]
+    assert os.path.samefile(out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz", out / "qsm" / "susceptibility.nii.gz")
     # A stage whose output vanished runs again.
     (out / "dki" / "md.nii.gz").unlink()
     assert pipeline.run_subject(inputs, out, _options(folder, "template", inversion="tkd"))["stages_run"] == ["dki"]
@@ -185,6 +209,14 @@ def test_run_cohort_resumes_after_a_kill_and_reports_a_failing_subject(cohort, t
         page = f"subjects/{row['participant_id']}/{pipeline.SUBJECT_PAGE}"
         assert f'<a href="{page}">{row["participant_id"]}</a>' in index and (out / page).is_file()
     assert "sub-03" in index.split("<h2>Failed</h2>")[1]
+    # The output folder is a BIDS-derivative dataset of the source: its subjects' results under BIDS names
+    description = io.read_json(out / derivatives.DESCRIPTION)
+    assert description["SourceDatasets"] == [{"URL": broken.resolve().as_uri()}]
+    for row in rows:
+        subject = row["participant_id"]
+        named = out / subject / "dwi" / f"{subject}_model-dki_param-mk_dwimap.nii.gz"
+        assert os.path.samefile(named, out / "subjects" / subject / "dki" / "mk.nii.gz")
+    assert "subjects/" in (out / derivatives.IGNORE).read_text().split()
 
 
 def test_run_cohort_on_a_dask_cluster_gives_the_local_results(cohort, tmp_path):

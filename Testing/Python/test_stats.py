@@ -202,6 +202,33 @@ def test_agrees_with_proc(tmp_path):
     assert p == pytest.approx(reference["test"]["p"], abs=1e-6)
 
 
+R_BAND_SCRIPT = r"""
+suppressMessages(library(pROC))
+d <- read.csv(commandArgs(TRUE)[1])
+r <- roc(d$group, d$mk, levels = c("control", "ALS"), quiet = TRUE)
+set.seed(1)
+band <- ci.se(r, specificities = (0:20) / 20, boot.n = 10000, progress = "none")
+cat(sprintf('{"direction": "%s", "low": [%s], "high": [%s]}\n', r$direction,
+    paste(sprintf("%.17g", band[, 1]), collapse = ", "), paste(sprintf("%.17g", band[, 3]), collapse = ", ")))
+"""
+
+
+def test_roc_confidence_band_agrees_with_proc(tmp_path):
+    """The band of the ROC curve (sensitivity CI at fixed specificities) against pROC's ci.se. Both bootstrap with
+    their own random numbers: the sensitivities move in steps of 1/20 (20 cases), and a percentile landing on a step
+    may fall either side of it, so single points may differ by one step (measured: 1 to 4 of 42 with 10,000 or 20,000
+    resamples each), never more. Every specificity here is one the curve reaches (20 controls), so the rule at
+    vertical steps counts: the lowest sensitivity there instead of pROC's highest differs at 24 of 42."""
+    reference = _run_r(R_BAND_SCRIPT, cohort_rows(seed=4, n_controls=20), tmp_path)
+    cohort = stats.read_cohort(tmp_path / "cohort.csv", markers=["mk"])
+    roc = stats.roc_analysis(cohort.markers["mk"], cohort.positive)
+    assert roc.direction == reference["direction"]
+    band = stats.sensitivity_band(cohort.markers["mk"], cohort.positive, roc.direction, n_resamples=10000)
+    difference = np.abs(np.r_[band["low"] - reference["low"], band["high"] - reference["high"]])
+    assert difference.max() <= 1 / 20 + 1e-9 and (difference > 1e-9).sum() <= 6, difference
+    assert np.all(band["low"] <= band["high"]) and band["low"][0] == 1 and band["high"][-1] < 1
+
+
 R_STATS_SCRIPT = r"""
 suppressMessages(library(pROC))
 d <- read.csv(commandArgs(TRUE)[1])
@@ -325,6 +352,10 @@ def test_roc_and_classify_commands(tmp_path, capsys):
         "roc_markers.csv",
     ):
         assert (out / name).is_file()
+    # each curve's confidence band, combinations' too: inside [0, 1], low below high, at 21 specificities
+    bands = io.read_table(out / "roc_bands.csv")
+    assert {row["marker"] for row in bands} == {"mk", "ms", "fa", "mk+ms"} and len(bands) == 4 * 21
+    assert all(0 <= float(r["sensitivity_low"]) <= float(r["sensitivity_high"]) <= 1 for r in bands)
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "mk+ms" in page and "For research use only" in page
     assert "maximum likelihood, as R" in page and results["penalty"] == "none"
