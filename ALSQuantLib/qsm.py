@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 UNWRAP_METHODS = ("laplacian", "path")
 BACKGROUND_METHODS = ("vsharp", "pdf")
 INVERSION_METHODS = ("tkd", "cg", "tv")
+TV_WEIGHT = 5e-4
+"""α of the TV inversion for 1 mm voxels (`dipole_inversion` divides it by the mean voxel size). Measured on three
+subjects from real anatomy (`simulate --anatomy mni152`, a head around the brain, 2 mm, V-SHARP local field from the
+simulated GRE, weights 0.25-4 x this): at the simulator's SNR 40 this weight gives the best correlation with the true
+χ on all three (0.74-0.78) and an NRMSE within 3 % of the best; at SNR 15 twice it lowers the NRMSE by 8-12 % and
+raises the correlation by 0.01-0.03 with M1 within 1 %, four times lowers the NRMSE by 12-17 % but M1 by 7-14 %
+(`QSMOptions.tv_weight`)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,6 +273,48 @@ def unwrap_phase(phase, *, mask=None, method="laplacian", voxel_size=(1.0, 1.0, 
     if mask is not None:
         unwrapped = np.where(mask, unwrapped, 0.0).astype(np.float32)
     return unwrapped
+
+
+PHASE_JUMP = 2.0
+"""`unreliable_jumps`: radians between neighbours that an exactly unwrapped phase should not exceed there."""
+JUMP_EDGE_MM = 4.0
+"""`unreliable_jumps` looks this far inside the mask's edge."""
+JUMP_DARK = 0.3
+"""`unreliable_jumps`: a voxel darker than this fraction of the mask's median magnitude holds mostly noise."""
+
+
+def unreliable_jumps(unwrapped, magnitude, mask, voxel_size):
+    """Voxels of `mask` that an exact unwrapping (`unwrap_phase`'s ``path``) cannot be trusted in: those whose
+    unwrapped phase (radians) still differs from a neighbour's by more than `PHASE_JUMP` and that lie within
+    `JUMP_EDGE_MM` of the mask's edge, where air and bone make the field change faster than the grid samples it,
+    or are dark (below `JUMP_DARK` of the median magnitude: noise). A jump deep inside bright tissue is kept: it is
+    a real step of the field (a vein, a cylinder of iron), which only an exact unwrapping keeps.
+
+    Measured (V-SHARP and TV after it; three subjects from real anatomy with a head, 2 mm, their brain as the mask):
+    without this, path unwrapping left 2π errors in 0.3 % of the brain, all in its outer 2 mm, and χ correlated
+    0.57-0.63 with the truth (Laplacian 0.74-0.78); with it 0.86-0.88. With the mask 4 mm too wide: 0.16-0.18
+    without, 0.54-0.60 with (Laplacian 0.58-0.61). qsm-forward's cylinders: no voxel left out (22.5 % NRMSE either
+    way); leaving out every jump instead took out the 0.5 ppm cylinder's rim and put it at 0.21x.
+
+    >>> phase = np.zeros((30, 13, 13)); phase[10:] = 2 * np.pi; phase[20:] = 4 * np.pi  # two steps along x
+    >>> line = np.zeros(phase.shape, bool); line[:, 6, 6] = True  # a line of voxels, each 1 mm from the edge
+    >>> np.flatnonzero(unreliable_jumps(phase, np.ones(phase.shape), line, (1.0, 1, 1))[:, 6, 6]).tolist()
+    [9, 10, 19, 20]
+    >>> wide = np.zeros(phase.shape, bool); wide[1:-1, 1:-1, 1:-1] = True  # the line is 6 mm deep in it
+    >>> magnitude = np.ones(phase.shape); magnitude[20:] = 0.1  # dark from x = 20: only the step into it counts
+    >>> np.flatnonzero(unreliable_jumps(phase, magnitude, wide, (1.0, 1, 1))[:, 6, 6]).tolist()
+    [20]
+    """
+    mask = np.asarray(mask, dtype=bool)
+    jumps = np.zeros(mask.shape, dtype=bool)
+    for axis in range(3):
+        head, tail, _, _ = _axis_slices(axis)
+        jump = (np.abs(unwrapped[tail] - unwrapped[head]) > PHASE_JUMP) & mask[head] & mask[tail]
+        jumps[head] |= jump
+        jumps[tail] |= jump
+    near_edge = ndimage.distance_transform_edt(mask, sampling=voxel_size) <= JUMP_EDGE_MM
+    dark = magnitude < JUMP_DARK * np.median(magnitude[mask])
+    return jumps & (near_edge | dark)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -629,7 +678,7 @@ def _tv_admm(f, mask, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_fa
     μ = 0.1 reaches in 20 iterations the error that μ = 1 reaches in more than 40.
     """
     if alpha is None:
-        alpha = 5e-4 / float(np.mean(voxel_size))
+        alpha = TV_WEIGHT / float(np.mean(voxel_size))
     rho = np.float32(rho_factor * alpha)
     mu = np.float32(mu)
     m = np.zeros(shape, dtype=np.float32)
@@ -749,7 +798,10 @@ class QSMOptions:
     """The methods of the QSM chain (`reconstruct_qsm`) and how to read the scanner's phase."""
 
     unwrap: str = option(
-        "laplacian", "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image)", choices=UNWRAP_METHODS
+        "laplacian",
+        "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image; voxels at the mask's edge or in the dark "
+        "left with a phase jump above 2 rad leave the mask)",
+        choices=UNWRAP_METHODS,
     )
     background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)
     inversion: str = option("tv", "dipole inversion: TV (ADMM), TKD or CG", choices=INVERSION_METHODS)
@@ -767,6 +819,12 @@ class QSMOptions:
     )
     chopping: str = option(
         "auto", "find and undo phase that alternates by pi between slices (slice chopping), or off", choices=CHOPPING
+    )
+    tv_weight: float = option(
+        1.0,
+        "weight of the TV inversion's regulariser, as a multiple of the default (5e-4 per mm of voxel size): larger "
+        "for noisier phase (smoother chi, slightly lower cortex values), smaller for cleaner",
+        flag="--tv-weight",
     )
     reference: str = option(
         "whole-brain",
@@ -812,6 +870,12 @@ def reconstruct_qsm(
 
     options = options or QSMOptions()
     check_choices(options)
+    if not options.tv_weight > 0:
+        raise InputError(f"--tv-weight {options.tv_weight}: expected a positive multiple of the default TV weight")
+    voxel_size = geometry.voxel_sizes(gre.affine)
+    if options.inversion == "tv":
+        tv = {"regularization": options.tv_weight * TV_WEIGHT / float(np.mean(voxel_size))}
+        inversion_options = {**tv, **(inversion_options or {})}
     timings = {}
 
     def step(name, fraction, func):
@@ -821,7 +885,6 @@ def reconstruct_qsm(
         timings[name] = time.perf_counter() - start
         return value
 
-    voxel_size = geometry.voxel_sizes(gre.affine)
     b0 = gre.b0_direction
     phase, scaling, units_warning = step(
         "phase scaling", 0.0, lambda: scale_phase(gre.phase, gre.phase_units or options.phase_units)
@@ -858,11 +921,16 @@ def reconstruct_qsm(
             voxel_size=voxel_size,
         ),
     )
+    field_mask, jumps = mask, 0
+    if options.unwrap == "path":
+        per_ppm = 2 * np.pi * dipole.GYROMAGNETIC_RATIO_HZ_PER_T * gre.field_strength * 1e-6 * gre.echo_times[0]
+        jumped = unreliable_jumps(total * np.float32(per_ppm), gre.magnitude[..., 0], mask, voxel_size)
+        field_mask, jumps = mask & ~jumped, int(jumped.sum())
     local, local_mask = step(
         "background field removal",
         0.4,
         lambda: background_field_removal(
-            total, mask, voxel_size, b0, method=options.background, **(background_options or {})
+            total, field_mask, voxel_size, b0, method=options.background, **(background_options or {})
         ),
     )
     chi = step(
@@ -890,6 +958,7 @@ def reconstruct_qsm(
         "phase_scaling": scaling,
         "phase_sign": options.phase_sign,
         "chopping": f"undone along axes {axes}" if axes else ("none found" if options.chopping == "auto" else "off"),
+        "phase_jumps_left_out": jumps,
         "reference": referenced_to,
         "echo_times_s": gre.echo_times.tolist(),
         "field_strength_t": gre.field_strength,
