@@ -796,16 +796,15 @@ def write_subject(out_dir, subject_id, subject, config):
             suffix = "MEGRE" if multi_echo else "T2starw"
             stem = anat_dir / f"{subject_id}{entity}_part-{part}_{suffix}"
             io.save_image(stem.with_suffix(".nii.gz"), data, subject.gre.affine)
-            io.write_json(
-                stem.with_suffix(".json"),
-                {
-                    "EchoTime": te,
-                    "MagneticFieldStrength": config.field_strength,
-                    "Manufacturer": GENERATOR_NAME,
-                    "PhaseUnits": "rad" if part == "phase" else None,
-                    "PhantomSNR": config.snr_gre,
-                },
-            )
+            sidecar = {
+                "EchoTime": te,
+                "MagneticFieldStrength": config.field_strength,
+                "Manufacturer": GENERATOR_NAME,
+                "PhantomSNR": config.snr_gre,
+            }
+            if part == "phase":
+                sidecar["Units"] = "rad"  # BIDS: a phase image's sidecar says "rad" or "arbitrary"
+            io.write_json(stem.with_suffix(".json"), sidecar)
     for name, data in subject.truth_dwi.items():
         dtype = np.uint8 if name == "label" else np.float32
         io.save_image(truth_dir / f"{subject_id}_space-dwi_{name}.nii.gz", data, subject.dwi.affine, dtype=dtype)

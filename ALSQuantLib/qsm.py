@@ -82,6 +82,13 @@ def _turn(units, low):
     return next(turn for name, turn, _ in _UNITS if name == units)
 
 
+def _within_a_turn(low, high, turn):
+    """Whether [low, high] lies within ±half a turn or 0 to a turn (1 % slack)."""
+    signed = low >= -turn / 2 * 1.01 and high <= turn / 2 * 1.01
+    unsigned = low >= -0.01 * turn and high <= turn * 1.01
+    return signed or unsigned
+
+
 def _units_from_range(low, high, integers):
     """The units a stored phase range points to, and whether the reading is sure. A wrapped phase image (with its
     noisy background) spans nearly a full turn, within ±half a turn or 0 to a turn of its unit: a unit fits when
@@ -89,9 +96,7 @@ def _units_from_range(low, high, integers):
     turn. The first sure unit wins, else the first that fits."""
     fitting = []
     for units, turn, integer_only in _UNITS:
-        signed = low >= -turn / 2 * 1.01 and high <= turn / 2 * 1.01
-        unsigned = low >= -0.01 * turn and high <= turn * 1.01
-        if (signed or unsigned) and high - low > turn / 4 and (integers or not integer_only):
+        if _within_a_turn(low, high, turn) and high - low > turn / 4 and (integers or not integer_only):
             if units == "int12" and (turn == 8192.0) != (low < 0):
                 continue
             fitting.append((units, high - low >= 0.9 * turn))
@@ -101,12 +106,16 @@ def _units_from_range(low, high, integers):
     return (fitting[0][0], False) if fitting else (None, False)
 
 
-def scale_phase(phase, units="auto"):
+def scale_phase(phase, units="auto", *, sidecar_units=None):
     """Convert stored phase to radians in [−π, π) and say how.
 
     Parameters
     ----------
     phase : ndarray
+    sidecar_units : str, optional
+        The BIDS sidecar's ``Units`` (``"rad"`` or ``"arbitrary"``). With ``auto``, ``rad`` settles a range that
+        radians fit but does not span a turn (no warning then); a range radians do not fit is read by its range,
+        with a warning that the sidecar disagrees.
     units : {"auto", "radians", "degrees", "milliradians", "int12"}
         ``int12``: scanner integers of 12 bits, one turn over −4096…4095 (Siemens through dcm2niix) or 0…4095 (as
         DICOM stores it). ``auto`` reads the unit from the range (`_units_from_range`): within ±π (or 0…2π)
@@ -147,12 +156,21 @@ def scale_phase(phase, units="auto"):
             )
             radians = (phase - low) / (high - low) * (2 * np.pi) - np.pi
             return radians.astype(np.float32), f"{stored} rescaled linearly to [-pi, pi)", warning
-        if not sure:
+        says_radians = sidecar_units == "rad"
+        if says_radians and _within_a_turn(low, high, 2 * np.pi):
+            units, sure, how = "radians", True, f"radians (the sidecar's Units; {stored})"
+        else:
+            how = f"{units} (detected from the {stored})"
+        if says_radians and units != "radians":
+            warning = (
+                f"phase: its sidecar says radians, but its {stored} is not, so it was read as {units}; "
+                "if that is wrong, give --phase-units"
+            )
+        elif not sure:
             warning = (
                 f"phase: its {stored} spans less than 90 % of a turn, so its units are a guess ({units}); "
                 "if that is wrong, give --phase-units"
             )
-        how = f"{units} (detected from the {stored})"
     else:
         how = f"{units} (as given; {stored})"
     radians = wrap(phase * np.float32(2 * np.pi / _turn(units, low)))
@@ -887,7 +905,11 @@ def reconstruct_qsm(
 
     b0 = gre.b0_direction
     phase, scaling, units_warning = step(
-        "phase scaling", 0.0, lambda: scale_phase(gre.phase, gre.phase_units or options.phase_units)
+        "phase scaling",
+        0.0,
+        lambda: scale_phase(
+            gre.phase, gre.phase_units or options.phase_units, sidecar_units=(gre.metadata or {}).get("Units")
+        ),
     )
     if options.phase_sign == "-1":
         phase = wrap(-phase).astype(np.float32)

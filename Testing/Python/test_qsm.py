@@ -54,6 +54,11 @@ def test_scale_phase_recognises_every_unit_scanners_write():
     out, how, warning = qsm.scale_phase(narrow)
     assert how.startswith("radians") and "--phase-units" in warning
     np.testing.assert_allclose(qsm.scale_phase(narrow, "radians")[0], narrow, atol=1e-6)
+    out, how, warning = qsm.scale_phase(narrow, sidecar_units="rad")  # BIDS: part-phase sidecars carry Units
+    assert "sidecar" in how and warning is None and np.allclose(out, narrow, atol=1e-6)
+    out, how, warning = qsm.scale_phase(stored["milliradians"], sidecar_units="rad")  # a sidecar that is wrong
+    assert how.startswith("milliradians") and "sidecar says radians" in warning
+    assert qsm.scale_phase(narrow, sidecar_units="arbitrary")[2] is not None
     with pytest.raises(InputError, match="constant"):
         qsm.scale_phase(np.zeros((3, 3, 3)))
     with pytest.raises(InputError, match="expected one of"):
@@ -299,7 +304,8 @@ def test_qsm_command_writes_outputs_with_input_geometry(tmp_path, capsys):
         "Reference": "the mean over the brain mask",
         "ReferenceOption": "whole-brain",
     }
-    assert "phase_1_sidecar" in record["inputs"]  # echo time and field strength came from it
+    assert "phase_1_sidecar" in record["inputs"]  # echo time, field strength and units came from it
+    assert record["results"]["phase_scaling"].startswith("radians (the sidecar's Units")
     np.testing.assert_allclose(
         record["results"]["b0_direction_voxel"], [0, np.sin(np.deg2rad(10)), np.cos(np.deg2rad(10))], atol=1e-6
     )
