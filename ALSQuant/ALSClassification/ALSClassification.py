@@ -37,6 +37,7 @@ class ALSClassificationParameterNode:
     markers: str = "cst_mk,cst_md,cst_fa,m1_ms"
     combinations: str = "cst_mk+m1_ms"
     positive: str = "ALS"
+    covariates: str = ""
     modelPath: pathlib.Path
     subjectTable: vtkMRMLTableNode
 
@@ -60,12 +61,21 @@ class ALSClassificationWidget(PanelWidget):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("The ROC analysis failed."), waitCursor=True):
             out = self.logic.analyze(
-                p.cohortTable, splitList(p.markers), combinations=splitList(p.combinations), positive=p.positive
+                p.cohortTable,
+                splitList(p.markers),
+                combinations=splitList(p.combinations),
+                positive=p.positive,
+                covariates=splitList(p.covariates),
             )
             from ALSQuantLib.stats import auc_text
 
-            for name, r in (out["results"]["markers"] | out["results"]["combinations"]).items():
+            results = out["results"]
+            for name, r in (results["markers"] | results["combinations"]).items():
                 self.ui.logText.appendPlainText(f"{name}: {auc_text(r)}")
+            adjusted = results.get("adjusted", {})
+            for name, r in (adjusted.get("markers", {}) | adjusted.get("combinations", {})).items():
+                covariates = ", ".join(adjusted["covariates"])
+                self.ui.logText.appendPlainText(f"{name} adjusted for {covariates}: {auc_text(r)}")
             slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
             slicer.modules.plots.logic().ShowChartInLayout(out["chart"])
 
@@ -75,7 +85,9 @@ class ALSClassificationWidget(PanelWidget):
         markers = combinations[0].split("+") if combinations else splitList(p.markers)
         ensureDependencies()
         with slicer.util.tryWithErrorDisplay(_("Could not save the model."), waitCursor=True):
-            self.logic.saveModel(p.cohortTable, markers, p.modelPath, positive=p.positive)
+            self.logic.saveModel(
+                p.cohortTable, markers, p.modelPath, positive=p.positive, covariates=splitList(p.covariates)
+            )
             message = _("model of {markers} saved to {path}").format(markers="+".join(markers), path=p.modelPath)
             self.ui.logText.appendPlainText(message)
 
