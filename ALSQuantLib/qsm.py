@@ -299,6 +299,9 @@ JUMP_EDGE_MM = 4.0
 """`unreliable_jumps` looks this far inside the mask's edge."""
 JUMP_DARK = 0.3
 """`unreliable_jumps`: a voxel darker than this fraction of the mask's median magnitude holds mostly noise."""
+MAX_JUMPS = 0.25
+"""`reconstruct_qsm` leaves `unreliable_jumps` out of the mask unless they are more than this fraction of it (a
+phase that is noise or read in the wrong units): then it keeps them and warns."""
 
 
 def unreliable_jumps(unwrapped, magnitude, mask, voxel_size):
@@ -816,9 +819,9 @@ class QSMOptions:
     """The methods of the QSM chain (`reconstruct_qsm`) and how to read the scanner's phase."""
 
     unwrap: str = option(
-        "laplacian",
-        "phase unwrapping: Laplacian, or exact path (Herraez, scikit-image; voxels at the mask's edge or in the dark "
-        "left with a phase jump above 2 rad leave the mask)",
+        "path",
+        "phase unwrapping: exact path (Herraez, scikit-image; voxels at the mask's edge or in the dark left with a "
+        "phase jump above 2 rad leave the mask), or Laplacian (smooth; loses real steps of the field)",
         choices=UNWRAP_METHODS,
     )
     background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)
@@ -947,7 +950,16 @@ def reconstruct_qsm(
     if options.unwrap == "path":
         per_ppm = 2 * np.pi * dipole.GYROMAGNETIC_RATIO_HZ_PER_T * gre.field_strength * 1e-6 * gre.echo_times[0]
         jumped = unreliable_jumps(total * np.float32(per_ppm), gre.magnitude[..., 0], mask, voxel_size)
-        field_mask, jumps = mask & ~jumped, int(jumped.sum())
+        jumps = int(jumped.sum())
+        if jumps > MAX_JUMPS * mask.sum():
+            warnings.append(
+                f"GRE {gre.source}: the unwrapped phase jumps by more than {PHASE_JUMP:g} rad in {jumps} of the mask's "
+                f"{int(mask.sum())} voxels: a noisy or mis-scaled phase (check --phase-units) or a mask far beyond the "
+                "brain; they were kept"
+            )
+            log.warning(warnings[-1])
+        else:  # a jump inside the mask would leave a hole, which V-SHARP erodes around like an edge
+            field_mask = ndimage.binary_fill_holes(mask & ~jumped) & mask
     local, local_mask = step(
         "background field removal",
         0.4,
