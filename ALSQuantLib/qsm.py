@@ -304,6 +304,28 @@ MAX_JUMPS = 0.25
 phase that is noise or read in the wrong units): then it keeps them and warns."""
 
 
+def _without_jumps(total_field, gre, mask, voxel_size):
+    """The mask without the `unreliable_jumps` of an exactly unwrapped total field (ppm), holes filled (a jump
+    inside the mask would leave a hole, which V-SHARP erodes around like an edge): (mask, how many were left out,
+    a warning or None). More than `MAX_JUMPS` of the mask are kept, with the warning. Worked out on the mask's
+    bounding box."""
+    box = _crop_box(mask, 1)
+    per_ppm = 2 * np.pi * dipole.GYROMAGNETIC_RATIO_HZ_PER_T * gre.field_strength * 1e-6 * gre.echo_times[0]
+    inside = mask[box]
+    jumped = unreliable_jumps(total_field[box] * np.float32(per_ppm), gre.magnitude[box + (0,)], inside, voxel_size)
+    jumps = int(jumped.sum())
+    if jumps > MAX_JUMPS * inside.sum():
+        warning = (
+            f"GRE {gre.source}: the unwrapped phase jumps by more than {PHASE_JUMP:g} rad in {jumps} of the mask's "
+            f"{int(inside.sum())} voxels: a noisy or mis-scaled phase (check --phase-units) or a mask far beyond the "
+            "brain; they were kept"
+        )
+        return mask, 0, warning
+    kept = np.zeros_like(mask)
+    kept[box] = ndimage.binary_fill_holes(inside & ~jumped) & inside
+    return kept, int((mask & ~kept).sum()), None
+
+
 def unreliable_jumps(unwrapped, magnitude, mask, voxel_size):
     """Voxels of `mask` that an exact unwrapping (`unwrap_phase`'s ``path``) cannot be trusted in: those whose
     unwrapped phase (radians) still differs from a neighbour's by more than `PHASE_JUMP` and that lie within
@@ -948,18 +970,10 @@ def reconstruct_qsm(
     )
     field_mask, jumps = mask, 0
     if options.unwrap == "path":
-        per_ppm = 2 * np.pi * dipole.GYROMAGNETIC_RATIO_HZ_PER_T * gre.field_strength * 1e-6 * gre.echo_times[0]
-        jumped = unreliable_jumps(total * np.float32(per_ppm), gre.magnitude[..., 0], mask, voxel_size)
-        jumps = int(jumped.sum())
-        if jumps > MAX_JUMPS * mask.sum():
-            warnings.append(
-                f"GRE {gre.source}: the unwrapped phase jumps by more than {PHASE_JUMP:g} rad in {jumps} of the mask's "
-                f"{int(mask.sum())} voxels: a noisy or mis-scaled phase (check --phase-units) or a mask far beyond the "
-                "brain; they were kept"
-            )
-            log.warning(warnings[-1])
-        else:  # a jump inside the mask would leave a hole, which V-SHARP erodes around like an edge
-            field_mask = ndimage.binary_fill_holes(mask & ~jumped) & mask
+        field_mask, jumps, warning = step("phase jumps", 0.35, lambda: _without_jumps(total, gre, mask, voxel_size))
+        if warning:
+            warnings.append(warning)
+            log.warning(warning)
     local, local_mask = step(
         "background field removal",
         0.4,
