@@ -122,6 +122,7 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
     mk_error = column["cst_mk"] - column["true_cst_mk"]
     true_ms = column["true_m1_chi_referenced"]
     ms_slope, _ = np.polyfit(true_ms, column["m1_ms"], 1)
+    qsm_options = options.qsm
     lines = [
         f"Simulated cohort: {cohort_dir} ({n_als} ALS, {n_controls} control; seed {seed})",
         "",
@@ -133,8 +134,9 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         "  M1 susceptibility (ppm, relative to CSF)",
         *_summary(truth, "m1_chi"),
         "",
-        "Measured by ALSQuant (DKI WLS fit; single-echo QSM in the magnitude's brain mask: Laplacian unwrapping, "
-        "V-SHARP, TV; atlas labels through",
+        f"Measured by ALSQuant (DKI {options.dki.fit_method.upper()} fit; single-echo QSM in the magnitude's brain "
+        f"mask: {qsm_options.unwrap} unwrapping, {qsm_options.background.upper()}, {qsm_options.inversion.upper()}; "
+        "atlas labels through",
         "ANTs SyN of each subject's FA to the template FA, inverse transform, GRE linked rigidly):",
         "  CST mean kurtosis",
         *_summary(measured, "cst_mk"),
