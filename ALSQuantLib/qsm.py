@@ -841,9 +841,9 @@ class QSMOptions:
     """The methods of the QSM chain (`reconstruct_qsm`) and how to read the scanner's phase."""
 
     unwrap: str = option(
-        "path",
-        "phase unwrapping: exact path (Herraez, scikit-image; voxels at the mask's edge or in the dark left with a "
-        "phase jump above 2 rad leave the mask), or Laplacian (smooth; loses real steps of the field)",
+        "laplacian",
+        "phase unwrapping: Laplacian (smooth; loses real steps of the field), or exact path (Herraez, scikit-image; "
+        "voxels at the mask's edge or in the dark left with a phase jump above 2 rad leave the mask)",
         choices=UNWRAP_METHODS,
     )
     background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)

@@ -355,7 +355,7 @@ def test_brain_mask_matches_the_phantom_brain():
 
 
 def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
-    """The default chain (path unwrapping, V-SHARP, TV) on single-echo phantoms: M1 is thin cortex at the
+    """The default chain (Laplacian unwrapping, V-SHARP, TV) on single-echo phantoms: M1 is thin cortex at the
     brain's edge, where background removal takes part of its own field, so its mean comes out low; what a
     biomarker needs is that subjects keep their order, which a high correlation with the truth shows."""
     truth, measured = [], []
@@ -375,9 +375,9 @@ def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
             f"{slope:.2f}, "
             f"intercept {intercept:+.3f} ppm, mean error {np.mean(measured - truth):+.3f} ppm"
         )
-    assert correlation > 0.9  # measured 0.999 (0.995 with Laplacian unwrapping; 0.988 before the phantom had sulci)
-    # measured 0.87 (Laplacian unwrapping 0.73; 0.69 before the phantom had sulci; 0.61 with V-SHARP radii down to
-    # 4 mm only): the cortex is underestimated
+    assert correlation > 0.9  # measured 0.995 (0.999 with path unwrapping; 0.988 before the phantom had sulci)
+    # measured 0.73 (path unwrapping 0.87; 0.69 before the phantom had sulci; 0.61 with V-SHARP radii down to 4 mm
+    # only): the cortex is underestimated
     assert 0.5 < slope < 1.2
 
 
