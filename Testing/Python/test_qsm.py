@@ -197,15 +197,21 @@ def test_inversions_on_an_analytic_sphere(voxel_size, b0, capsys):
     assert scores["tv"][3] == pytest.approx(0.2, abs=0.02)
 
 
-def test_inversions_on_the_phantom_from_its_true_local_field(capsys):
-    """Dipole inversion alone, from the field of the sources inside the mask: TV must beat TKD and CG."""
-    config = phantom.with_overrides(SMALL, gre_tilt_deg=20.0)
+def true_local_field(config):
+    """A phantom subject (ALS, seed 32) and the field of its sources inside its magnitude's brain mask: (GRE,
+    subject, voxel size, mask, true χ, local field)."""
     subject = phantom.simulate_subject("ALS", 32, config)
     gre = subject.gre
     voxel_size = geometry.voxel_sizes(gre.affine)
     mask = masks.brain_mask(gre.magnitude, voxel_size)
     chi = subject.truth_gre["chi"]
     local = dipole.forward_field(np.where(mask, chi, 0), voxel_size, gre.b0_direction)
+    return gre, subject, voxel_size, mask, chi, local
+
+
+def test_inversions_on_the_phantom_from_its_true_local_field(capsys):
+    """Dipole inversion alone, from the field of the sources inside the mask: TV must beat TKD and CG."""
+    gre, subject, voxel_size, mask, chi, local = true_local_field(phantom.with_overrides(SMALL, gre_tilt_deg=20.0))
     truth = qsm.reference(chi, mask)
     m1 = np.isin(subject.truth_gre["label"], phantom.REGIONS["M1"]) & mask
     scores = {}
@@ -384,14 +390,9 @@ def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
 def test_tv_weight_trades_noise_against_detail_and_reaches_the_inversion():
     """`--tv-weight` scales the TV inversion's α: on a noise-free field a small weight is closer to the truth, on a
     noisy one a large weight (the phantom's true local field, with white noise of 0.006 ppm added: the phase noise of
-    SNR 13 at TE 15 ms, 3 T); the chain
-    passes it to the inversion and records the α used; a weight that is not positive is refused by name."""
-    subject = phantom.simulate_subject("ALS", 32, SMALL)
-    gre = subject.gre
-    voxel_size = geometry.voxel_sizes(gre.affine)
-    mask = masks.brain_mask(gre.magnitude, voxel_size)
-    chi = subject.truth_gre["chi"]
-    local = dipole.forward_field(np.where(mask, chi, 0), voxel_size, gre.b0_direction)
+    SNR 13 at TE 15 ms, 3 T); the chain passes it to the inversion and records the α used; a weight that is not
+    positive is refused by name."""
+    gre, _, voxel_size, mask, chi, local = true_local_field(SMALL)
     noisy = local + np.random.default_rng(0).normal(0.0, 0.006, local.shape).astype(np.float32)
     truth = qsm.reference(chi, mask)
     default = qsm.TV_WEIGHT / float(np.mean(voxel_size))
