@@ -134,7 +134,7 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         "  M1 susceptibility (ppm, relative to CSF)",
         *_summary(truth, "m1_chi"),
         "",
-        f"Measured by ALSQuant (DKI {options.dki.fit_method.upper()} fit; single-echo QSM in the magnitude's brain "
+        f"Measured by ALSQuant (DKI {options.dki.fit_method} fit; single-echo QSM in the magnitude's brain "
         f"mask: {qsm_options.unwrap} unwrapping, {qsm_options.background.upper()}, {qsm_options.inversion.upper()}; "
         "atlas labels through",
         "ANTs SyN of each subject's FA to the template FA, inverse transform, GRE linked rigidly):",
