@@ -45,9 +45,11 @@ def test_correction_brings_the_cst_back(moved):
     for name, (images, gradients) in {"moved": (dwi.data, dwi.bvecs), "corrected": (data, bvecs)}.items():
         fit, _, _ = dki.reconstruct(io.DWI(images, dwi.affine, dwi.bvals, gradients), mask=labels > 0)
         errors[name] = {m: abs(np.median(getattr(fit, m)[cst]) / subject.values[f"cst_{m}"] - 1) for m in ("mk", "fa")}
-    # measured (32 volumes, ANTs single-threaded as by default): MK 14.4 % -> 0.7 %, FA 12.1 % -> 3.1 % off
-    for m in ("mk", "fa"):
-        assert errors["corrected"][m] < 0.05 and errors["corrected"][m] < errors["moved"][m] - 0.05, errors
+    # measured with the default robust fit (32 volumes, ANTs single-threaded as by default): MK 2.4 % -> 1.3 %,
+    # FA 15.2 % -> 3.1 % off. The robust fit's dropout detection and constraints already hide much of the motion's
+    # effect on MK (with WLS, as measured before it was the default: MK 14.4 % -> 0.7 %).
+    assert errors["corrected"]["fa"] < 0.05 and errors["corrected"]["fa"] < errors["moved"]["fa"] - 0.05, errors
+    assert errors["corrected"]["mk"] < 0.03 and errors["corrected"]["mk"] < errors["moved"]["mk"], errors
 
 
 def test_dki_step_reports_the_motion(tmp_path):
