@@ -363,6 +363,7 @@ def write_labeling(out_dir, labeling, images=None, maps=None):
             "contrast_fingerprint": labeling.contrast,
             "grey_matter_share": {f"{r}_{s}_{space}": v for (r, s, space), v in labeling.grey_share.items()},
             "outside_brain": labeling.outside_brain,
+            "local_similarity": {f"{r}_{s}": v for (r, s), v in labeling.local_similarity.items()},
             "flags": labeling.flags,
             "passed": labeling.passed,
         },

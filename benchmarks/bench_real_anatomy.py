@@ -88,6 +88,7 @@ def _figures(out, subject, margin_mm):
         "cst_volume_min": min(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
         "cst_volume_max": max(v for k, v in quality["volume_ratio"].items() if k.startswith("CST")),
         "m1_grey_share_min": min(quality["grey_matter_share"].values(), default=float("nan")),
+        "cst_local_similarity_min": min(quality["local_similarity"].values(), default=float("nan")),
         "m1_ms_error_ppm": m1_error[0],
         "m1_ms_error_%": m1_error[1],
         "ms_outside_brain": quality["outside_brain"].get("ms", np.nan),

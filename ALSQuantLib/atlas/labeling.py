@@ -19,6 +19,7 @@ from .definitions import ATLAS_COMBINATIONS, BUILTIN_ATLASES, load_regions_json
 from .measure import (
     contrast_fingerprint,
     cortex_core,
+    local_similarity,
     outside_brain_shares,
     quality_flags,
     region_masks,
@@ -27,7 +28,7 @@ from .measure import (
     split_labels_by_hemisphere,
     volume_ratios,
 )
-from .registration import bias_corrected, propagate_labels, template_points_to_subject
+from .registration import bias_corrected, propagate_labels, template_points_to_subject, warp_to_subject
 from .sources import find_atlas
 from .tables import LabelTable
 
@@ -168,7 +169,9 @@ class Labeling:
     the template's region inside the reference's field of view (a partial DWI slab holds part of M1);
     ``grey_share``: (region, side, space) → the fraction of a cortex region's propagated voxels that lie in the grey
     matter (a failed grey-matter segmentation or a misplaced region keeps little); ``outside_brain``: map name →
-    the fraction of a GRE-grid map's measured voxels outside the template's brain (`outside_brain_shares`).
+    the fraction of a GRE-grid map's measured voxels outside the template's brain (`outside_brain_shares`);
+    ``local_similarity``: (region, side) → the reference's correlation with the template near each white-matter
+    region (`local_similarity`).
     """
 
     label_images: dict
@@ -183,6 +186,7 @@ class Labeling:
     in_view: dict = field(default_factory=dict)
     grey_share: dict = field(default_factory=dict)
     outside_brain: dict = field(default_factory=dict)
+    local_similarity: dict = field(default_factory=dict)
 
     @property
     def passed(self):
@@ -369,8 +373,8 @@ def _register_and_propagate(
     """Register the reference to the template (unless `registrations` (registration, link) are given), bring the
     labels to the reference's (and the GRE's) grid; return (space → (labels, affine), template correlation, kept
     transform files, `contrast_fingerprint` of an FA reference and its template, each template region's fraction
-    inside the reference's field of view (`_in_view`), and, with a GRE, the template's brain (non-zero voxels)
-    widened by `BRAIN_MARGIN_MM` on the GRE grid, else None)."""
+    inside the reference's field of view (`_in_view`), with a GRE the template's brain (non-zero voxels) widened by
+    `BRAIN_MARGIN_MM` on the GRE grid, else None, and each white-matter region's `local_similarity`)."""
     template, template_affine, use_fa, fingerprint = _atlas_template(atlas, options)
     contrast = {}
     if fingerprint is not None:
@@ -392,6 +396,15 @@ def _register_and_propagate(
             raise ValueError("registrations given without the GRE's link, and a GRE to label")
         propagated = propagate_labels(labels, labels_affine, reference.shape, reference_affine, registration)
         label_images = {"reference": (propagated, reference_affine)}
+        white_matter = {
+            key: np.isin(propagated, region_values(atlas, *key))
+            for key in template_masks
+            if atlas.region(key[0]).kind == "white_matter"
+        }
+        local = {}
+        if white_matter:
+            warped = warp_to_subject(template, template_affine, reference.shape, reference_affine, registration)
+            local = local_similarity(reference, warped, white_matter, geometry.voxel_sizes(reference_affine))
         in_view = _in_view(template_masks, labels_affine, reference.shape, reference_affine, registration)
         brain = None
         if gre is not None:
@@ -401,7 +414,7 @@ def _register_and_propagate(
                 template, template_affine, BRAIN_MARGIN_MM, gre.shape, gre_affine, registration, link
             )
         kept = registration.kept(keep_transforms, "")[1] if keep_transforms is not None else []
-        return label_images, registration.similarity, kept, contrast, in_view, brain
+        return label_images, registration.similarity, kept, contrast, in_view, brain, local
     finally:
         if not given:
             registration.cleanup()
@@ -492,7 +505,7 @@ def label_subject(
     raw_labels, labels_affine = atlas.load_labels()
     labels = split_labels_by_hemisphere(raw_labels, labels_affine, atlas)
     template_masks = region_masks(raw_labels, labels_affine, atlas, rois)
-    label_images, similarity, kept, contrast, in_view, template_brain = _register_and_propagate(
+    label_images, similarity, kept, contrast, in_view, template_brain, local = _register_and_propagate(
         reference,
         reference_affine,
         atlas,
@@ -548,7 +561,7 @@ def label_subject(
     if template_brain is not None:
         on_gre = {n: image for n, (image, a) in maps.items() if geometry.same_grid(image.shape, a, *grids["gre"])}
         outside = outside_brain_shares(on_gre, template_brain)
-    flags = quality_flags(similarity, ratios, contrast, shares, outside)
+    flags = quality_flags(similarity, ratios, contrast, shares, outside, local)
     for row in rows:
         row["qc_passed"] = not flags
     report_progress(progress, 1.0, "labelling done", log)
@@ -565,4 +578,5 @@ def label_subject(
         in_view,
         shares,
         outside,
+        local,
     )

@@ -157,6 +157,7 @@ def test_a_real_anatomy_subject_is_labelled_where_its_truth_is_and_a_wrong_templ
     assert result["m1_ms"] == pytest.approx(m1_truth, abs=0.04)  # the ALS-control difference is about 0.09 ppm
     quality = io.read_json(label / "quality.json")
     assert quality["passed"], quality["flags"]
+    assert min(quality["local_similarity"].values()) > 0.85  # measured 0.93-0.94 on subjects 100-102
     assert (label / "labels.png").is_file()
 
     # FA registered to the T1w template, and the QSM masked by the magnitude's own threshold
@@ -169,6 +170,28 @@ def test_a_real_anatomy_subject_is_labelled_where_its_truth_is_and_a_wrong_templ
     assert any("registered across contrasts" in flag for flag in quality["flags"]), quality["flags"]
     assert quality["outside_brain"]["ms"] > 0.3
     assert any("of the ms map's voxels lie outside the template's brain" in flag for flag in quality["flags"])
+
+
+def test_a_reference_without_tract_contrast_is_flagged_where_its_cst_is_misplaced(fsldir):
+    """A subject whose white-matter FA is one value per class (no tracts to register by) gets its CST 0.4 Dice off,
+    and the whole-brain checks pass it (template correlation, volumes, contrast); the template's correlation with
+    the FA within 5 mm of the CST flags it (measured 0.65-0.68 on subjects 100-102, against 0.93-0.94 when the FA
+    follows a real FA map)."""
+    from ALSQuantLib import anatomy, dki, metrics
+    from ALSQuantLib.atlas import LabelingOptions, atlas_for, label_subject
+
+    tract_less = anatomy.real_anatomy(str(fsldir), None, None)
+    subject = phantom.simulate_subject("control", 100, anatomy.anatomy_config(), anatomy=tract_less)
+    dwi = subject.dwi
+    fa = np.nan_to_num(dki.DKIModel(dwi.bvals, dwi.bvecs).fit(dwi.data, mask=subject.truth_dwi["label"] > 0).fa)
+    options = LabelingOptions(fsldir=str(fsldir), rois=("CST",))
+    labeling = label_subject(fa, dwi.affine, atlas_for(options), options)
+    cst = np.isin(labeling.label_images["reference"][0], (1, 2))
+    true_cst = np.isin(subject.truth_dwi["label"], (phantom.CST_LEFT, phantom.CST_RIGHT))
+    print(f"\n  CST Dice {metrics.dice(cst, true_cst):.3f}, local similarity {labeling.local_similarity}")
+    assert metrics.dice(cst, true_cst) < 0.6
+    assert max(labeling.local_similarity.values()) < 0.75
+    assert any("the template matches the reference poorly" in flag for flag in labeling.flags), labeling.flags
 
 
 def test_exact_unwrapping_leaves_out_the_jumps_at_the_brains_edge(real):
