@@ -841,9 +841,11 @@ class QSMOptions:
     """The methods of the QSM chain (`reconstruct_qsm`) and how to read the scanner's phase."""
 
     unwrap: str = option(
-        "laplacian",
-        "phase unwrapping: Laplacian (smooth; loses real steps of the field), or exact path (Herraez, scikit-image; "
-        "voxels at the mask's edge or in the dark left with a phase jump above 2 rad leave the mask)",
+        "path",
+        "phase unwrapping: exact path (Herraez, scikit-image; voxels at the mask's edge or in the dark left with a "
+        "phase jump above 2 rad leave the mask), or Laplacian (smooth; loses real steps of the field, and its M1 "
+        "reading moves with the mask: on 10 real-anatomy subjects in the pipeline M1 read 0.73-1.46 x its truth, "
+        "correlation across subjects 0.86, against path's 0.72-0.76 x and 0.999)",
         choices=UNWRAP_METHODS,
     )
     background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)

@@ -10,8 +10,9 @@ the labelling time. The QSM's mask is the template's brain (``--gre-brain templa
 magnitude's threshold (``--gre-brain magnitude``, which keeps the simulated head's scalp and neck); with
 ``--true-gre-mask`` it is the true brain, eroded 2 mm. With ``--wrong-template`` each subject is
 labelled a second time with FA registered to the T1w template (a failure QC must flag), its figures printed beside;
-each ``--variant "NAME:FLAGS"`` labels it again with those labelling flags added (e.g.
-``--variant "linkfull:--link-mm 0"`` or ``--variant noN4:--no-bias-correction``). Nothing is asserted.
+each ``--variant "NAME:FLAGS"`` runs it again with those labelling or QSM flags added (e.g.
+``--variant "linkfull:--link-mm 0"``, ``--variant noN4:--no-bias-correction`` or ``--variant "path:--unwrap path"``).
+Nothing is asserted.
 
 Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study] [--wrong-template]
 [--variant ...] [--white-matter-fa atlas|class|FILE] [--dwi-slab] [--gre-bias 0.6] [--true-gre-mask]
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ALSQuantLib import anatomy, geometry, io, masks, metrics, phantom, pipeline
+from ALSQuantLib import anatomy, geometry, io, masks, metrics, phantom, pipeline, qsm
 from ALSQuantLib.atlas import LabelingOptions, cortex_core, find_atlas
 from ALSQuantLib.options import add_arguments, from_arguments, to_argv
 
@@ -110,23 +111,35 @@ def _summary(title, rows):
         print(f"  {key:24s} median {np.nanmedian(values):.3g} [{np.nanmin(values):.3g} to {np.nanmax(values):.3g}]")
 
 
-def _variant(text, labeling):
-    """``NAME:FLAGS`` → (NAME, `labeling` changed by those command-line flags, read as `alsquant label` reads them)."""
+def _variant(text, options):
+    """``NAME:FLAGS`` → (NAME, `options` (`pipeline.SubjectOptions`) with its labelling and QSM options changed by
+    those command-line flags, read as `alsquant label` and `alsquant qsm` read them)."""
     name, _, flags = text.partition(":")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, LabelingOptions)
-    return name, from_arguments(LabelingOptions, parser.parse_args(to_argv(labeling) + flags.split()))
+    changed = {}
+    for field, kind in (("labeling", LabelingOptions), ("qsm", qsm.QSMOptions)):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, kind)
+        current = getattr(options, field)
+        known, _ = parser.parse_known_args(to_argv(current) + flags.split())
+        changed[field] = from_arguments(kind, known)
+    return name, dataclasses.replace(options, **changed)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsldir", type=Path)
     parser.add_argument("--subjects", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=100, help="subjects are simulated from this seed on")
     parser.add_argument("--study", action="store_true", help="the study's grids (DWI 256x256x28, GRE 512x512x50)")
     parser.add_argument(
         "--wrong-template", action="store_true", help="also label with FA registered to the T1w (QC must flag it)"
     )
-    parser.add_argument("--variant", action="append", default=[], help="NAME:FLAGS, labelling flags added")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:FLAGS, labelling and QSM flags added (e.g. 'path:--unwrap path')",
+    )
     parser.add_argument("--dwi-slab", action="store_true", help="the study's partial DWI coverage (phantom.DWI_SLAB)")
     parser.add_argument(
         "--true-gre-mask",
@@ -158,13 +171,14 @@ def main():
         options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)), gre_brain=args.gre_brain)
         t1 = str(find_atlas("jhu-tracts", fsldir=str(fsldir)).template)
         margin = options.labeling.cortex_margin_mm
-        variants = [_variant(text, options.labeling) for text in args.variant]
+        variants = [_variant(text, options) for text in args.variant]
         if args.wrong_template:
-            variants.insert(0, ("FA->T1w", dataclasses.replace(options.labeling, template_fa=t1)))
+            wrong = dataclasses.replace(options.labeling, template_fa=t1)
+            variants.insert(0, ("FA->T1w", dataclasses.replace(options, labeling=wrong)))
         rows, variant_rows = [], {name: [] for name, _ in variants}
         for k in range(args.subjects):
             group = "ALS" if k % 2 else "control"
-            subject = phantom.simulate_subject(group, 100 + k, config, anatomy=real)
+            subject = phantom.simulate_subject(group, args.first_seed + k, config, anatomy=real)
             name = f"sub-{k + 1:02d}"
             phantom.write_subject(tmp / "ds", name, subject, config)
             if args.true_gre_mask:
@@ -178,11 +192,11 @@ def main():
             row, flags = _figures(tmp / "out" / name, subject, margin)
             rows.append(row)
             print(name, ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
-            for variant, labeling in variants:
-                # the finished DKI and QSM stages are reused: only the labelling runs again
+            for variant, changed in variants:
+                # the finished stages are reused: only those whose options changed run again
                 out = tmp / variant / name
                 shutil.copytree(tmp / "out" / name, out)
-                pipeline.run_subject(inputs, out, dataclasses.replace(options, labeling=labeling))
+                pipeline.run_subject(inputs, out, changed)
                 row, flags = _figures(out, subject, margin)
                 variant_rows[variant].append(row)
                 print(f"{name} {variant}", ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
@@ -190,9 +204,14 @@ def main():
         bias = f", GRE receive bias {args.gre_bias}" if args.gre_bias else ""
         bias += ", QSM mask: " + ("the true brain" if args.true_gre_mask else args.gre_brain)
         _summary(f"{len(rows)} real-anatomy subjects ({grids} grids{bias}, tissue FA {args.white_matter_fa}):", rows)
-        for variant, labeling in variants:
-            changed = {k: v for k, v in dataclasses.asdict(labeling).items() if v != getattr(options.labeling, k)}
-            _summary(f"the same, {variant} {changed}:", variant_rows[variant])
+        for variant, changed in variants:
+            differences = {
+                key: value
+                for field in ("labeling", "qsm")
+                for key, value in dataclasses.asdict(getattr(changed, field)).items()
+                if value != getattr(getattr(options, field), key)
+            }
+            _summary(f"the same, {variant} {differences}:", variant_rows[variant])
 
 
 if __name__ == "__main__":
