@@ -115,13 +115,16 @@ def _variant(text, options):
     """``NAME:FLAGS`` → (NAME, `options` (`pipeline.SubjectOptions`) with its labelling and QSM options changed by
     those command-line flags, read as `alsquant label` and `alsquant qsm` read them)."""
     name, _, flags = text.partition(":")
-    changed = {}
+    changed, unknown = {}, None
     for field, kind in (("labeling", LabelingOptions), ("qsm", qsm.QSMOptions)):
         parser = argparse.ArgumentParser()
         add_arguments(parser, kind)
-        current = getattr(options, field)
-        known, _ = parser.parse_known_args(to_argv(current) + flags.split())
+        known, extra = parser.parse_known_args(to_argv(getattr(options, field)) + flags.split())
         changed[field] = from_arguments(kind, known)
+        flagged = {token for token in extra if token.startswith("--")}
+        unknown = flagged if unknown is None else unknown & flagged
+    if unknown:  # a mistyped flag would otherwise run the default again under the variant's name
+        raise SystemExit(f"--variant {text!r}: {', '.join(sorted(unknown))} is neither a labelling nor a QSM option")
     return name, dataclasses.replace(options, **changed)
 
 
