@@ -24,6 +24,10 @@ which is linear in the 22 parameters (ln S0, 6 of D, 15 of V). All voxels are so
 * ``"robust"``: CWLS without the (slice, volume) pairs whose signal dropped out (`DKIModel.dropouts`: a slice's
   median residual far from its shell's, as FSL eddy's outlier replacement judges them).
 
+Given the noise σ (``fit(..., noise_sigma=)``), any of them is followed by a fit of the Rician noise floor: Gauss-Newton
+steps that fit the *expected magnitude* under Rician noise, E[M] = `rician_mean` (S, σ), instead of S itself, to the
+signals (the constraints, where the method has them, hold on the last step).
+
 Scalar maps follow DIPY's definitions: MK, RK analytically (Tabesh et al. 2011) with exact Carlson integrals,
 AK = Ŵ₁₁₁₁ MD²/λ₁², MKT = tr(W)/5 (Hansen et al. 2013), KFA (Glenn et al. 2015). Kurtosis maps are clipped to
 [−3/7, 10] as DIPY does by default.
@@ -52,7 +56,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from scipy.special import elliprd, elliprf
+from scipy.special import elliprd, elliprf, i0e, i1e
 
 from . import geometry, io, masks, motion
 from .errors import InputError
@@ -82,6 +86,9 @@ MIN_DROPOUT = 0.1
 this (10 % of the signal): where the slices' medians agree to a fraction of a percent (the phantom's: MAD 0.002),
 4 MADs is within the model's own misfit (up to 4 % there)."""
 DROPOUT_ROUNDS = 5
+RICIAN_STEPS = 5
+"""Gauss-Newton steps of the Rician fit (on DIPY's simulated white matter at SNR 10-30, 3, 6 and 10 steps gave MK
+within 0.01 of one another)."""
 B_UNIT = 1000.0  # b in s/mm² / 1000 = ms/µm²; diffusivities then come out in µm²/ms = 1e-3 mm²/s
 
 # The 15 unique elements of a symmetric 4th-order tensor, in DIPY's order, and their multiplicities.
@@ -471,6 +478,25 @@ def _slices(index, spatial, slice_axis):
     return np.unravel_index(index, spatial)[slice_axis], spatial[slice_axis]
 
 
+def rician_mean(signal, sigma):
+    """The expected magnitude of a signal under Rician noise of Gaussian standard deviation `sigma` (> 0):
+    σ √(π/2) L½(−S²/2σ²), written with exponentially scaled Bessel functions (no overflow at any SNR).
+
+    >>> float(rician_mean(0.0, 1.0)) == float(np.sqrt(np.pi / 2))  # the noise floor of a signal of zero
+    True
+    >>> round(float(rician_mean(100.0, 1.0)), 4)  # high SNR: S + σ²/2S
+    100.005
+    """
+    t = np.square(signal) / (4.0 * np.square(sigma))
+    return sigma * np.sqrt(np.pi / 2) * ((1 + 2 * t) * i0e(t) + 2 * t * i1e(t))
+
+
+def _rician_slope(signal, sigma):
+    """d `rician_mean` / dS: √(π/2) S/(2σ) (I₀ + I₁)(S²/4σ²) e^(−S²/4σ²), from 0 at S = 0 to 1 at high SNR."""
+    t = np.square(signal) / (4.0 * np.square(sigma))
+    return np.sqrt(np.pi / 2) * signal / (2.0 * sigma) * (i0e(t) + i1e(t))
+
+
 class DKIModel:
     """Diffusion kurtosis model for one acquisition.
 
@@ -583,7 +609,7 @@ class DKIModel:
             return None
         return constraint_matrix(self._constraint_directions, self.bvals.max(), self.constraint_set)
 
-    def fit(self, data, *, mask=None, chunk_size=10000, slice_axis=2, progress=None):
+    def fit(self, data, *, mask=None, chunk_size=10000, slice_axis=2, noise_sigma=None, progress=None):
         """Fit every voxel of `data` inside `mask`.
 
         Parameters
@@ -596,6 +622,9 @@ class DKIModel:
             Voxels per batch (bounds memory).
         slice_axis : int
             The axis along which slices were acquired (``robust``: signal dropout is judged slice by slice).
+        noise_sigma : float or ndarray of data.shape[:-1], optional
+            The noise's Gaussian standard deviation, in the signal's units: then the Rician noise floor is fitted
+            (`_rician`); voxels where it is not positive and finite keep the plain fit.
         progress : callable(fraction, message), optional
 
         Returns
@@ -619,6 +648,8 @@ class DKIModel:
                 raise InputError(f"mask: shape {mask.shape} does not match the DWI's spatial shape {spatial}")
         index = np.flatnonzero(mask.ravel())
         flat = data.reshape(-1, data.shape[-1])
+        if noise_sigma is not None:
+            noise_sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), spatial).ravel()
         params = np.zeros((len(index), self.n_params))
         invalid = np.zeros(len(index), dtype=np.int32)
         failed = np.zeros(len(index), dtype=bool)
@@ -629,8 +660,9 @@ class DKIModel:
             stop = min(start + chunk_size, len(index))
             signal = flat[index[start:stop]].astype(np.float64)
             excluded = None if dropouts is None else dropouts[slices[start:stop]]
+            sigma = None if noise_sigma is None else noise_sigma[index[start:stop]]
             (params[start:stop], invalid[start:stop], failed[start:stop], violation[start:stop]) = self._fit_chunk(
-                signal, excluded
+                signal, excluded, sigma
             )
             if progress:
                 progress(stop / max(len(index), 1), f"fitted {stop} of {len(index)} voxels")
@@ -660,9 +692,12 @@ class DKIModel:
                 x, P, q = self._reweighted(x, valid, failed, log_signal)
         return x, P, q, failed
 
-    def _fit_chunk(self, signal, excluded=None):
-        """Fit a batch of voxels (rows of `signal`); `excluded` (same shape) marks measurements to leave out."""
+    def _fit_chunk(self, signal, excluded=None, sigma=None):
+        """Fit a batch of voxels (rows of `signal`); `excluded` (same shape) marks measurements to leave out;
+        `sigma` (one per row), when given, the noise σ for the Rician fit."""
         x, P, q, failed = self._least_squares(signal, excluded, reweight=self.fit_method != "OLS")
+        if sigma is not None:
+            x, P, q = self._rician(signal, excluded, x, P, q, sigma, failed)
         violation = np.zeros(len(x))
         if self.fit_method in ("CWLS", "robust"):
             cx = x @ self.constraints.T
@@ -684,6 +719,39 @@ class DKIModel:
         w[failed] = 1.0
         P, q = _normal_equations(self.design, w, log_signal)
         return _solve(P, q), P, q
+
+    def _rician(self, signal, excluded, x, P, q, sigma, failed):
+        """`RICIAN_STEPS` Gauss-Newton steps fitting E[M] = `rician_mean` (exp(A x), σ) to the signals M, from `x`.
+
+        Each step is a weighted linear least-squares problem in x, in the same form as WLS (so CWLS's constraints
+        apply to the last one): with S = exp(A x) and J = E'(S) S, weights J² and working response
+        A x + (M − E[M]) / J. Rician noise has a nearly constant variance in M, hence the unit weights in M. At high
+        SNR this is a nonlinear least-squares fit of S; near the noise floor J falls to 0 and such a measurement
+        weighs nothing. Rows whose σ is not positive and finite, and failed voxels, are returned as given (with
+        their P, q; P is None for OLS: they are then recomputed with unit weights)."""
+        usable = np.isfinite(signal) & (signal > 0)
+        if excluded is not None:
+            usable &= ~excluded
+        rows = np.flatnonzero(np.isfinite(sigma) & (sigma > 0) & ~failed)
+        if P is None:  # OLS: the plain fit's normal equations, for rows the Rician fit leaves alone
+            P, q = _normal_equations(self.design, usable.astype(np.float64), np.log(np.where(usable, signal, 1.0)))
+        if rows.size == 0:
+            return x, P, q
+        measured, usable, noise = signal[rows], usable[rows], sigma[rows, None]
+        estimate = x[rows]
+        for _ in range(RICIAN_STEPS):
+            log_predicted = np.clip(estimate @ self.design.T, -50, 50)
+            predicted = np.exp(log_predicted)
+            slope = _rician_slope(predicted, noise) * predicted
+            weights = np.where(usable & (slope > 1e-12 * noise), slope**2, 0.0)
+            residual = np.where(weights > 0, measured - rician_mean(predicted, noise), 0.0)
+            working = log_predicted + np.divide(residual, slope, out=np.zeros_like(residual), where=weights > 0)
+            weights /= np.maximum(weights.max(axis=1, keepdims=True), 1e-300)
+            Pr, qr = _normal_equations(self.design, weights, working)
+            estimate = _solve(Pr, qr)
+        x, P, q = x.copy(), P.copy(), q.copy()
+        x[rows], P[:, rows], q[rows] = estimate, Pr, qr
+        return x, P, q
 
     def dropouts(self, data, mask, *, slice_axis=2, chunk_size=10000):
         """(slice, volume) pairs whose signal fell out: a diffusion-weighted volume whose median relative residual
@@ -922,6 +990,12 @@ class DKIOptions:
         "Gibbs-ringing removal first (Kellner 2016, DIPY), after denoising; skipped, with a warning, when the DWI's "
         "sidecar says it was acquired with partial Fourier",
     )
+    rician: bool = option(
+        False,
+        "fit the Rician noise floor, with the noise sigma from MP-PCA (of the raw data): removes the floor's bias of "
+        "MD and FA at low SNR; MK comes out lower (see the README: MK's own low-SNR bias is negative and the floor "
+        "had hidden part of it)",
+    )
     motion_correction: bool = option(
         False,
         "head-motion correction after denoising and Gibbs removal: every volume registered rigidly to the mean b = 0 "
@@ -1004,6 +1078,11 @@ def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=
         )
         log.warning(warnings[-1])
     extra = {}  # what preprocessing found, for the record
+    noise_sigma = None
+    if options.rician and not (options.denoise and options.denoiser == "mppca"):
+        if progress:
+            progress(0.0, "noise estimate (MP-PCA)")
+        noise_sigma = denoise_mppca(np.where(finite, data, 0.0), mask=mask)[1]
     if options.denoise or gibbs:
         clean = np.where(finite, data, 0.0)
         if options.denoise and options.denoiser == "patch2self":
@@ -1013,15 +1092,17 @@ def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=
         elif options.denoise:
             if progress:
                 progress(0.0, "MP-PCA denoising")
-            clean, sigma = denoise_mppca(clean, mask=mask)
-            sigma = float(np.median(sigma[mask])) if mask.any() else float("nan")
-            extra.update(noise_sigma=sigma, snr_b0=float(np.median(b0.mean(axis=-1)[mask])) / sigma)
+            clean, noise_sigma = denoise_mppca(clean, mask=mask)
         if gibbs:
             if progress:
                 progress(0.0, "Gibbs-ringing removal")
             clean = remove_gibbs(clean)
         # DIPY's MP-PCA can leave NaN where a local PCA divides by zero: keep the original signal there.
         data = np.where(finite & np.isfinite(clean), clean, data)
+    if noise_sigma is not None:
+        sigma = float(np.median(noise_sigma[mask])) if mask.any() else float("nan")
+        extra.update(noise_sigma=sigma, snr_b0=float(np.median(b0.mean(axis=-1)[mask])) / sigma)
+        noise_sigma = noise_sigma if options.rician else None
     if options.motion_correction:
         if progress:
             progress(0.0, "motion correction")
@@ -1042,7 +1123,7 @@ def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=
         b0_threshold=options.b0_threshold,
         constraint_set=options.constraints,
     )
-    fit = model.fit(data, mask=mask, progress=progress)
+    fit = model.fit(data, mask=mask, noise_sigma=noise_sigma, progress=progress)
     details = {
         "shells": model.shells,
         "directions": model.n_directions,
@@ -1051,6 +1132,7 @@ def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=
         "invalid_signals": fit.n_invalid_signals,
         "failed_voxels": fit.n_failed,
         "gibbs_removal": gibbs,
+        "rician_fit": noise_sigma is not None,
         **extra,
         "warnings": warnings,
     }

@@ -36,8 +36,8 @@ class DKIReconstruction(ScriptedLoadableModule):
 @parameterNodeWrapper
 @withOptions(DKIOptions)
 class DKIReconstructionParameterNode:
-    """The panel's inputs; the fit's options (fitMethod, denoise, denoiser, gibbs, motionCorrection, constraints,
-    averageB0, b0Threshold, dtiOnly) come from DKIOptions."""
+    """The panel's inputs; the fit's options (fitMethod, denoise, denoiser, gibbs, rician, motionCorrection,
+    constraints, averageB0, b0Threshold, dtiOnly) come from DKIOptions."""
 
     inputVolume: vtkMRMLDiffusionWeightedVolumeNode
     maskVolume: vtkMRMLLabelMapVolumeNode
