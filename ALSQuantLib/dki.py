@@ -487,14 +487,16 @@ def rician_mean(signal, sigma):
     >>> round(float(rician_mean(100.0, 1.0)), 4)  # high SNR: S + σ²/2S
     100.005
     """
-    t = np.square(signal) / (4.0 * np.square(sigma))
-    return sigma * np.sqrt(np.pi / 2) * ((1 + 2 * t) * i0e(t) + 2 * t * i1e(t))
+    return _rician_mean_and_slope(signal, sigma)[0]
 
 
-def _rician_slope(signal, sigma):
-    """d `rician_mean` / dS: √(π/2) S/(2σ) (I₀ + I₁)(S²/4σ²) e^(−S²/4σ²), from 0 at S = 0 to 1 at high SNR."""
+def _rician_mean_and_slope(signal, sigma):
+    """`rician_mean` and its derivative in S, √(π/2) S/(2σ) (I₀ + I₁)(S²/4σ²) e^(−S²/4σ²) (0 at S = 0, 1 at high
+    SNR), from one evaluation of each Bessel function."""
     t = np.square(signal) / (4.0 * np.square(sigma))
-    return np.sqrt(np.pi / 2) * signal / (2.0 * sigma) * (i0e(t) + i1e(t))
+    i0, i1 = i0e(t), i1e(t)
+    root = np.sqrt(np.pi / 2)
+    return sigma * root * ((1 + 2 * t) * i0 + 2 * t * i1), root * signal / (2.0 * sigma) * (i0 + i1)
 
 
 class DKIModel:
@@ -742,9 +744,10 @@ class DKIModel:
         for _ in range(RICIAN_STEPS):
             log_predicted = np.clip(estimate @ self.design.T, -50, 50)
             predicted = np.exp(log_predicted)
-            slope = _rician_slope(predicted, noise) * predicted
+            expected, slope = _rician_mean_and_slope(predicted, noise)
+            slope *= predicted
             weights = np.where(usable & (slope > 1e-12 * noise), slope**2, 0.0)
-            residual = np.where(weights > 0, measured - rician_mean(predicted, noise), 0.0)
+            residual = np.where(weights > 0, measured - expected, 0.0)
             working = log_predicted + np.divide(residual, slope, out=np.zeros_like(residual), where=weights > 0)
             weights /= np.maximum(weights.max(axis=1, keepdims=True), 1e-300)
             Pr, qr = _normal_equations(self.design, weights, working)

@@ -132,6 +132,9 @@ class PhantomConfig:
         0: none, 0.6: the head's edge about 1.8× as bright as its centre, as with a multi-channel head coil)
     dwi_motion_deg, dwi_motion_mm : head motion between DWI volumes (`head_motion`): each volume but the first
         rotated about each axis by up to this many degrees and shifted along each by up to this many mm (0: none)
+    dwi_eddy_fraction, dwi_eddy_mm : eddy-current distortions of the diffusion-weighted volumes (`eddy_distortions`):
+        scaling and shear along the phase-encoding axis (the DWI's j axis) of up to this fraction, and shifts along it
+        of up to this many mm, at the largest b-value (0: none)
     """
 
     dwi_shape: tuple = (48, 58, 42)
@@ -154,6 +157,8 @@ class PhantomConfig:
     gre_receive_bias: float = 0.0
     dwi_motion_deg: float = 0.0
     dwi_motion_mm: float = 0.0
+    dwi_eddy_fraction: float = 0.0
+    dwi_eddy_mm: float = 0.0
 
     @classmethod
     def study(cls, **overrides):
@@ -524,7 +529,8 @@ class SimulatedSubject:
         On the GRE grid: ``label``, ``chi`` (ppm, CSF = 0), ``local_field`` (ppm, from sources inside the brain),
         ``total_field`` (ppm).
     dwi_motion : ndarray, shape (volumes, 4, 4), or None
-        Each DWI volume's head pose against the first's (`head_motion`), world (RAS) mm; None without motion.
+        Each DWI volume's head pose against the first's (`head_motion`), with its eddy-current distortion after it
+        when simulated (`eddy_distortions`), world (RAS) mm; None without either.
     """
 
     group: str
@@ -569,11 +575,15 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
     brain = labels > 0
     scale = 1000.0 / _TISSUE[WM][3]
     motion = None
+    centre = affine[:3, :3] @ ((np.array(labels.shape) - 1) / 2.0) + affine[:3, 3]
     if config.dwi_motion_deg > 0 or config.dwi_motion_mm > 0:
-        centre = affine[:3, :3] @ ((np.array(labels.shape) - 1) / 2.0) + affine[:3, 3]
         motion = head_motion(len(bvals), config.dwi_motion_deg, config.dwi_motion_mm, centre, rng)
     # A moved head meets each gradient turned by the inverse of its rotation: the tissue's gradient is Rᵀ g.
     tissue_bvecs = bvecs if motion is None else np.einsum("nji,nj->ni", motion[:, :3, :3], bvecs)
+    if config.dwi_eddy_fraction > 0 or config.dwi_eddy_mm > 0:  # distorted in the scanner, after the head moved
+        phase_axis = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+        eddy = eddy_distortions(bvals, bvecs, config.dwi_eddy_fraction, config.dwi_eddy_mm, centre, phase_axis, rng)
+        motion = eddy if motion is None else eddy @ motion
     signal = np.zeros(labels.shape + (len(bvals),), dtype=np.float32)
     signal[brain] = dki_signal(
         bvals,
@@ -611,6 +621,23 @@ def head_motion(n_volumes, max_deg, max_mm, centre, rng):
         poses[n, :3, :3] = rotation
         poses[n, :3, 3] = centre - rotation @ centre + rng.uniform(-max_mm, max_mm, 3)
     return poses
+
+
+def eddy_distortions(bvals, bvecs, max_fraction, max_mm, centre, phase_axis, rng):
+    """Eddy-current distortions (world 4×4 affines, one per volume; the identity at b = 0): the eddy currents' field,
+    linear in space, displaces each point along the phase-encoding axis p by d = e·(x − centre) + t, a scaling
+    (e ∥ p), shears (e ⊥ p) and a shift. The currents follow the diffusion gradient: e = (b / b_max) M g and
+    t = (b / b_max) m·g, with the scanner's M (3×3) and m (3) drawn once, uniformly within ±`max_fraction` and
+    ±`max_mm`. Intensities are not modulated by the Jacobian."""
+    eddy = rng.uniform(-max_fraction, max_fraction, (3, 3))
+    shift = rng.uniform(-max_mm, max_mm, 3)
+    affines = np.tile(np.eye(4), (len(bvals), 1, 1))
+    for n, (b, g) in enumerate(zip(bvals, bvecs)):
+        scale = b / max(bvals.max(), 1e-9)
+        e, t = scale * eddy @ g, scale * shift @ g
+        affines[n, :3, :3] += np.outer(phase_axis, e)
+        affines[n, :3, 3] = phase_axis * (t - e @ centre)
+    return affines
 
 
 def receive_profile(world, strength):

@@ -51,6 +51,7 @@ class Registration:
     """Transform file paths (str, as ANTs takes them)."""
     inverse: list
     similarity: float
+    """Correlation of the template with the subject brought onto it; NaN when not measured (`register`)."""
     workdir: Path = None
     """The temporary folder holding the files, removed by `cleanup`; None for files kept elsewhere (`kept`)."""
 
@@ -91,7 +92,17 @@ class Registration:
 
 
 def register(
-    subject, subject_affine, template, template_affine, *, transform="SyNRA", random_seed=0, workdir=None, **settings
+    subject,
+    subject_affine,
+    template,
+    template_affine,
+    *,
+    transform="SyNRA",
+    random_seed=0,
+    workdir=None,
+    similarity=True,
+    mask=None,
+    **settings,
 ):
     """Register the subject image to the template (rigid → affine → SyN by default) with antspyx.
 
@@ -107,6 +118,11 @@ def register(
     workdir : path, optional
         Where the transform files go, in a new ``alsquant-ants-*`` folder (default: the system's temporary folder);
         removed if the registration fails, else by `Registration.cleanup`.
+    similarity : bool
+        Measure the registered images' correlation (`Registration.similarity`; about 0.3 s on a 128×128×28 grid);
+        NaN without.
+    mask : ndarray of bool, optional
+        On the template's grid: the metric samples only these voxels.
 
     Returns
     -------
@@ -117,6 +133,8 @@ def register(
         log.warning("ANTs runs multi-threaded: registrations will differ slightly from run to run")
     fixed = to_ants(template / max(np.percentile(template, 99), 1e-6), template_affine)
     moving = to_ants(subject / max(np.percentile(subject, 99), 1e-6), subject_affine)
+    if mask is not None:
+        settings["mask"] = to_ants(np.asarray(mask, dtype=np.float32), template_affine)
     workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=workdir))
     # antsRegistration reads seed 0 as "seed from the clock": shift by one. antspyx takes the seed from its config.
     previous = antspyx.config._random_seed
@@ -130,8 +148,10 @@ def register(
         raise
     finally:
         antspyx.config._random_seed = previous
-    similarity = float(antspyx.image_similarity(fixed, result["warpedmovout"], metric_type="Correlation"))
-    return Registration(result["fwdtransforms"], result["invtransforms"], -similarity, workdir)
+    correlation = np.nan
+    if similarity:
+        correlation = -float(antspyx.image_similarity(fixed, result["warpedmovout"], metric_type="Correlation"))
+    return Registration(result["fwdtransforms"], result["invtransforms"], correlation, workdir)
 
 
 def rigid_pose(registration):

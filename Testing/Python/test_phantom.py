@@ -198,6 +198,23 @@ def test_simulate_command_refuses_bad_options(tmp_path, capsys):
     assert "milliseconds" in capsys.readouterr().err
 
 
+def test_eddy_distortions_move_points_along_the_phase_axis_in_proportion_to_b():
+    bvals = np.array([0.0, 1000.0, 2500.0])
+    gradient = np.array([0.6, 0.0, 0.8])
+    bvecs = np.array([[0.0, 0, 0], gradient, gradient])
+    centre, axis = np.array([1.0, -2.0, 3.0]), np.array([0.0, 1.0, 0.0])
+    affines = phantom.eddy_distortions(bvals, bvecs, 0.02, 2.0, centre, axis, np.random.default_rng(4))
+    assert np.array_equal(affines[0], np.eye(4))
+    points = np.random.default_rng(5).uniform(-80, 80, (100, 3))
+    moves = [points @ a[:3, :3].T + a[:3, 3] - points for a in affines[1:]]
+    for move in moves:
+        assert np.allclose(move[:, [0, 2]], 0.0) and np.abs(move[:, 1]).max() > 0.1  # along y only
+    np.testing.assert_allclose(moves[1], 2.5 * moves[0])  # the same gradient, 2.5 times the b-value
+    # |e_i| <= 0.02 |g|_1 and |t| <= 2 mm |g|_1 at b_max: the displacement's bound
+    bound = 0.02 * np.abs(gradient).sum() * np.abs(points - centre).sum(axis=1).max() + 2.0 * np.abs(gradient).sum()
+    assert np.abs(moves[1]).max() <= bound
+
+
 def test_head_motion_moves_each_volume_rigidly_and_turns_its_gradient():
     from scipy import ndimage
     from scipy.spatial.transform import Rotation
