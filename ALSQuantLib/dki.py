@@ -729,14 +729,12 @@ class DKIModel:
         apply to the last one): with S = exp(A x) and J = E'(S) S, weights J² and working response
         A x + (M − E[M]) / J. Rician noise has a nearly constant variance in M, hence the unit weights in M. At high
         SNR this is a nonlinear least-squares fit of S; near the noise floor J falls to 0 and such a measurement
-        weighs nothing. Rows whose σ is not positive and finite, and failed voxels, are returned as given (with
-        their P, q; P is None for OLS: they are then recomputed with unit weights)."""
+        weighs nothing. Rows whose σ is not positive and finite, and failed voxels, are returned as given, with
+        their P, q (None for OLS, which no constraint follows)."""
         usable = np.isfinite(signal) & (signal > 0)
         if excluded is not None:
             usable &= ~excluded
         rows = np.flatnonzero(np.isfinite(sigma) & (sigma > 0) & ~failed)
-        if P is None:  # OLS: the plain fit's normal equations, for rows the Rician fit leaves alone
-            P, q = _normal_equations(self.design, usable.astype(np.float64), np.log(np.where(usable, signal, 1.0)))
         if rows.size == 0:
             return x, P, q
         measured, usable, noise = signal[rows], usable[rows], sigma[rows, None]
@@ -752,8 +750,11 @@ class DKIModel:
             weights /= np.maximum(weights.max(axis=1, keepdims=True), 1e-300)
             Pr, qr = _normal_equations(self.design, weights, working)
             estimate = _solve(Pr, qr)
-        x, P, q = x.copy(), P.copy(), q.copy()
-        x[rows], P[:, rows], q[rows] = estimate, Pr, qr
+        x = x.copy()
+        x[rows] = estimate
+        if P is not None:
+            P, q = P.copy(), q.copy()
+            P[:, rows], q[rows] = Pr, qr
         return x, P, q
 
     def dropouts(self, data, mask, *, slice_axis=2, chunk_size=10000):
