@@ -3,13 +3,13 @@
 Data: subjects made from real anatomy (`ALSQuantLib.anatomy`: MNI152 tissue, real FA, the CST from JHU's tracts)
 with head motion between volumes (`phantom.head_motion`: up to 3° about each axis and 2 mm along each), on the
 study's DWI grid (256×256×28, 0.94×0.94×5 mm, 42 volumes); ``--phantom`` uses the analytic phantom instead (not
-evidence) and ``--small`` a 72×84×72 grid at 2.5 mm. Per subject: `ALSQuantLib.motion.correct` (ANTs rigid, in-plane
-voxels merged to about 2.5 mm) on every volume, whole seconds a subject; the same registration with the settings
-used before (``--before``: 100/50/25 iterations, half the voxels sampled) on ``--compare-volumes`` volumes; DIPY's
-``affine_registration`` (rigid, mutual information, from the identity, on the same merged copies) on as many;
-both against the first b = 0 volume, to which the true poses are relative. Printed:
-seconds a volume of each, their ratios, and how far each put the corners of a brain-sized box from their true places
-(median, largest). Nothing is asserted; machines are shared and noisy.
+evidence) and ``--small`` the simulator's small grid. Per subject: `ALSQuantLib.motion.correct` (ANTs rigid,
+in-plane voxels merged to about 2.5 mm) on every volume, whole seconds a subject; the same registration with the
+settings used before (`BEFORE`: 100/50/25 iterations, half of every voxel sampled) on ``--compare-volumes`` volumes;
+DIPY's ``affine_registration`` (rigid, mutual information, from the identity, on the same merged copies) on as many;
+both against the first b = 0 volume, to which the true poses are relative. Printed: seconds a volume of each, their
+ratios, and how far each put the corners of a brain-sized box from their true places (median, largest). Nothing is
+asserted; machines are shared and noisy.
 
 With ``--eddy`` the subjects' diffusion-weighted volumes also carry eddy-current distortions
 (`phantom.eddy_distortions`: up to 2 % scaling and shear and 2 mm shift along the phase-encoding axis at b = 2500),
@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--subjects", type=int, default=2)
     parser.add_argument("--compare-volumes", type=int, default=6)
     parser.add_argument("--phantom", action="store_true", help="the analytic phantom instead of real anatomy")
-    parser.add_argument("--small", action="store_true", help="a 72×84×72 grid at 2.5 mm instead of the study's")
+    parser.add_argument("--small", action="store_true", help="the simulator's small grid instead of the study's")
     parser.add_argument("--fsldir", type=Path)
     parser.add_argument(
         "--eddy",
