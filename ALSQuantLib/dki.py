@@ -1005,6 +1005,12 @@ class DKIOptions:
         "head-motion correction after denoising and Gibbs removal: every volume registered rigidly to the mean b = 0 "
         "(ANTs), its gradient turned with it; motion.tsv and motion.png report it",
     )
+    eddy_currents: bool = option(
+        False,
+        "eddy-current correction with the motion correction (which it turns on): each diffusion-weighted volume's "
+        "scaling, shears and shift along the phase-encoding axis (the BIDS sidecar's PhaseEncodingDirection; j when "
+        "there is none), linear in the gradient as FSL eddy's second-level model; motion.tsv gets them",
+    )
     constraints: str = option(
         "positive",
         "constraints of CWLS and robust on 100 directions: D(n) >= 0 and K(n) >= 0 (positive), or also "
@@ -1020,7 +1026,7 @@ class DKIOptions:
     dti_only: bool = option(False, "accept a single-shell acquisition and fit DTI only (FA, MD, AD, RD)")
 
 
-def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=None):
+def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, phase_encoding=None, progress=None):
     """Preprocess and fit a `ALSQuantLib.io.DWI`.
 
     Parameters
@@ -1034,6 +1040,9 @@ def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=
         The fraction of k-space acquired (BIDS ``PartialFourier``); below 1, Gibbs-ringing removal is skipped:
         its sub-voxel shifts assume ringing from a symmetric, fully sampled k-space (Lee et al. 2021 adapt it to
         partial Fourier; DIPY's does not).
+    phase_encoding : str, optional
+        The phase-encoding direction as BIDS writes it (``i``, ``j``, ``k``, with or without ``-``): the axis along
+        which eddy currents distort (`DKIOptions.eddy_currents`); ``j`` when not given, with a warning.
     progress : callable(fraction, message), optional
 
     Returns
@@ -1107,11 +1116,26 @@ def reconstruct(dwi, options=None, *, mask=None, partial_fourier=None, progress=
         sigma = float(np.median(noise_sigma[mask])) if mask.any() else float("nan")
         extra.update(noise_sigma=sigma, snr_b0=float(np.median(b0.mean(axis=-1)[mask])) / sigma)
         noise_sigma = noise_sigma if options.rician else None
-    if options.motion_correction:
+    if options.motion_correction or options.eddy_currents:
         if progress:
             progress(0.0, "motion correction")
+        phase_axis = motion.phase_axis_of(phase_encoding)
+        if options.eddy_currents:
+            extra["phase_encoding_axis"] = "ijk"[phase_axis]
+            if phase_encoding is None:
+                warnings.append(
+                    "eddy currents: the phase-encoding direction is not given (no PhaseEncodingDirection "
+                    "in a BIDS sidecar); taken as j, the second voxel axis"
+                )
+                log.warning(warnings[-1])
         corrected, turned, poses = motion.correct(
-            np.where(finite, data, 0.0), dwi.affine, bvals, dwi.bvecs, b0_threshold=options.b0_threshold
+            np.where(finite, data, 0.0),
+            dwi.affine,
+            bvals,
+            dwi.bvecs,
+            b0_threshold=options.b0_threshold,
+            eddy_currents=options.eddy_currents,
+            phase_axis=phase_axis,
         )
         data = np.where(finite, corrected, data)
         dwi = io.DWI(data, dwi.affine, bvals, turned, source=dwi.source)

@@ -574,7 +574,7 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
     bvals, bvecs = acquisition_scheme(config.bvalues, config.n_directions, config.n_b0)
     brain = labels > 0
     scale = 1000.0 / _TISSUE[WM][3]
-    motion = None
+    motion = eddy = None
     centre = affine[:3, :3] @ ((np.array(labels.shape) - 1) / 2.0) + affine[:3, 3]
     if config.dwi_motion_deg > 0 or config.dwi_motion_mm > 0:
         motion = head_motion(len(bvals), config.dwi_motion_deg, config.dwi_motion_mm, centre, rng)
@@ -598,7 +598,10 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
         for n, pose in enumerate(motion):  # the image of a moved head: S(x) = S_still(pose⁻¹ x)
             to_still = np.linalg.inv(affine) @ np.linalg.inv(pose) @ affine
             moved = ndimage.affine_transform(signal[..., n], to_still[:3, :3], to_still[:3, 3], order=3)
-            signal[..., n] = np.maximum(moved, 0.0)  # cubic splines: the least blur a resampling adds
+            # cubic splines: the least blur a resampling adds; an image stretched by eddy currents spreads the same
+            # signal over more voxels (its intensity divided by the Jacobian; 1 for a rigid motion)
+            jacobian = np.linalg.det(pose[:3, :3]) if eddy is not None else 1.0
+            signal[..., n] = np.maximum(moved, 0.0) / jacobian
     noisy = _rician(signal, 1000.0 / config.snr_dwi, rng)
     truth = {"label": labels.astype(np.uint8), "mk": maps["mk"], "fa": maps["fa"], "md": maps["md"]}
     return io.DWI(noisy, affine, bvals, bvecs, source="phantom"), truth, motion
@@ -628,7 +631,7 @@ def eddy_distortions(bvals, bvecs, max_fraction, max_mm, centre, phase_axis, rng
     linear in space, displaces each point along the phase-encoding axis p by d = e·(x − centre) + t, a scaling
     (e ∥ p), shears (e ⊥ p) and a shift. The currents follow the diffusion gradient: e = (b / b_max) M g and
     t = (b / b_max) m·g, with the scanner's M (3×3) and m (3) drawn once, uniformly within ±`max_fraction` and
-    ±`max_mm`. Intensities are not modulated by the Jacobian."""
+    ±`max_mm`. `simulate_dwi` divides the distorted image's intensities by the Jacobian."""
     eddy = rng.uniform(-max_fraction, max_fraction, (3, 3))
     shift = rng.uniform(-max_mm, max_mm, 3)
     affines = np.tile(np.eye(4), (len(bvals), 1, 1))

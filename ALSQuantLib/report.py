@@ -84,20 +84,25 @@ def labels_figure(path, panels, title=""):
 
 
 def motion_figure(path, table):
-    """Head motion per volume (`ALSQuantLib.motion.parameters`: rotations in degrees, then shifts in mm, per row),
-    two panels against the volume number."""
+    """Head motion per volume (`ALSQuantLib.motion.parameters`: rotations in degrees, then shifts in mm, then the
+    eddy-current distortion in % when corrected, per row), a panel each against the volume number."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    eddy = table.shape[1] > 6
+    fig, axes = plt.subplots(3 if eddy else 2, 1, figsize=(8, 7 if eddy else 5), sharex=True)
     for k, axis in enumerate("xyz"):
         axes[0].plot(table[:, k], label=f"about {axis}")
         axes[1].plot(table[:, 3 + k], label=f"along {axis}")
+        if eddy:
+            axes[2].plot(table[:, 6 + k], label=f"per mm along {axis}")
     axes[0].set_ylabel("rotation (°)")
     axes[1].set_ylabel("shift of the centre (mm)")
-    axes[1].set_xlabel("volume")
+    if eddy:
+        axes[2].set_ylabel("eddy currents:\nstretch along the\nphase axis (%)")
+    axes[-1].set_xlabel("volume")
     for ax in axes:
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Head motion against the mean b = 0 image", fontsize=10)
+    fig.suptitle(f"Head motion{' and eddy currents' if eddy else ''} against the mean b = 0 image", fontsize=10)
     fig.tight_layout()
     with outputs.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

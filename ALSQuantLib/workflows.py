@@ -150,7 +150,8 @@ def run_step(step, out_dir, options, inputs, compute, *, arguments=None, planned
 # ----------------------------------------------------------------------------------------------------------------
 def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, maps=dki.DKI_MAPS, progress=None):
     """Fit DKI to a DWI file and write the maps (``<map>.nii.gz``) and the brain mask (``mask.nii.gz``). The DWI's
-    BIDS sidecar, when there is one, is read for ``PartialFourier`` (`dki.reconstruct`).
+    BIDS sidecar, when there is one, is read for ``PartialFourier`` and ``PhaseEncodingDirection``
+    (`dki.reconstruct`).
 
     Parameters
     ----------
@@ -177,9 +178,14 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
     def compute(folder):
         data = io.read_dwi(dwi, bval=bval, bvec=bvec)
         given = io.load_mask(mask, data.data.shape, data.affine, matching="DWI") if mask else None
-        partial_fourier = io.read_sidecar(dwi).get("PartialFourier")
+        tags = io.read_sidecar(dwi)
         fit, used_mask, details = dki.reconstruct(
-            data, options, mask=given, partial_fourier=partial_fourier, progress=progress
+            data,
+            options,
+            mask=given,
+            partial_fourier=tags.get("PartialFourier"),
+            phase_encoding=tags.get("PhaseEncodingDirection"),
+            progress=progress,
         )
         written = [m for m in maps if m in fit.map_names]
         paths = [folder / f"{m}.nii.gz" for m in written] + [folder / "mask.nii.gz"]
@@ -189,15 +195,18 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
         if "motion_poses" in details:
             poses = np.array(details["motion_poses"])
             paths.append(folder / "motion.tsv")
-            table = motion.write_table(paths[-1], poses, data.bvals, data.affine, data.data.shape[:3])
+            phase = None
+            if "phase_encoding_axis" in details:
+                phase = motion.phase_direction(data.affine, "ijk".index(details["phase_encoding_axis"]))
+            table = motion.write_table(paths[-1], poses, data.bvals, data.affine, data.data.shape[:3], phase)
             paths.append(report.motion_figure(folder / MOTION_PICTURE, table))
         return paths, {**details, "maps": written, "not_available": [m for m in maps if m not in written]}
 
     inputs = {"dwi": dwi, "bval": bval, "bvec": bvec, "mask": mask}
-    if sidecar.is_file():  # its PartialFourier decides whether Gibbs-ringing removal runs
+    if sidecar.is_file():  # its PartialFourier and PhaseEncodingDirection steer Gibbs removal and eddy currents
         inputs["sidecar"] = sidecar
     planned = [f"{m}.nii.gz" for m in maps] + ["mask.nii.gz", RECORD]
-    planned += ["motion.tsv", MOTION_PICTURE] if options.motion_correction else []
+    planned += ["motion.tsv", MOTION_PICTURE] if options.motion_correction or options.eddy_currents else []
     return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned)
 
 

@@ -37,7 +37,7 @@ class DKIReconstruction(ScriptedLoadableModule):
 @withOptions(DKIOptions)
 class DKIReconstructionParameterNode:
     """The panel's inputs; the fit's options (fitMethod, denoise, denoiser, gibbs, rician, motionCorrection,
-    constraints, averageB0, b0Threshold, dtiOnly) come from DKIOptions."""
+    eddyCurrents, constraints, averageB0, b0Threshold, dtiOnly) come from DKIOptions."""
 
     inputVolume: vtkMRMLDiffusionWeightedVolumeNode
     maskVolume: vtkMRMLLabelMapVolumeNode
