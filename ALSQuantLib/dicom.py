@@ -89,16 +89,24 @@ def _name(subject, session, run, runs, *entities):
     return "_".join(p for p in parts if p)
 
 
-def _file(source, target, written):
-    """Copy `source` to `target` atomically and add it to `written`; the same file already there is left as it is,
-    a different one is an error (nothing is overwritten)."""
-    if target.exists():
-        if target.read_bytes() != source.read_bytes():
-            raise InputError(f"{target}: exists and differs; import into another session or remove it first")
-        return
-    with outputs.atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
-    written.append(target)
+def _file_all(pairs):
+    """Copy each (source, target) of `pairs`, each atomically, and return the targets written: a target already there
+    with the same bytes is left as it is; if any differs, nothing is written (nothing is overwritten, and no session
+    is left half imported)."""
+    conflicts = [t for s, t in pairs if t.exists() and t.read_bytes() != s.read_bytes()]
+    if conflicts:
+        raise InputError(
+            f"{', '.join(map(str, conflicts))}: exist{'s' if len(conflicts) == 1 else ''} and differ"
+            f"{'s' if len(conflicts) == 1 else ''}; import into another session or remove "
+            f"{'it' if len(conflicts) == 1 else 'them'} first (nothing was written)"
+        )
+    written = []
+    for source, target in pairs:
+        if not target.exists():
+            with outputs.atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            written.append(target)
+    return written
 
 
 def import_dicom(dicom_dir, dataset, subject, *, session=None, group=None):
@@ -118,7 +126,7 @@ def import_dicom(dicom_dir, dataset, subject, *, session=None, group=None):
     session = None if session is None else ("ses-" + str(session).removeprefix("ses-"))
     folder = dataset / subject / (session or "")
     outputs.prepare_folder(dataset, "BIDS dataset")
-    written = []
+    pairs = []  # (converted file, its place in the dataset)
     with tempfile.TemporaryDirectory(prefix=".alsquant-dcm2niix-", dir=dataset) as tmp:
         dwis, gres, other = _sorted_files(_convert(dicom_dir, Path(tmp)))
         if not dwis and not gres:
@@ -129,14 +137,15 @@ def import_dicom(dicom_dir, dataset, subject, *, session=None, group=None):
         for run, path in enumerate(dwis, 1):
             name = _name(subject, session, run, len(dwis), "dwi")
             for suffix in (".nii.gz", ".bval", ".bvec", ".json"):
-                _file(path.with_name(_stem(path) + suffix), folder / "dwi" / (name + suffix), written)
+                pairs.append((path.with_name(_stem(path) + suffix), folder / "dwi" / (name + suffix)))
         for run, parts in enumerate(gres.values(), 1):
             for part, echoes in parts.items():
                 for echo, path in sorted(echoes):
                     echo_entity = f"echo-{echo}" if len(echoes) > 1 else None
                     name = _name(subject, session, run, len(gres), echo_entity, f"part-{part}", "T2starw")
-                    _file(path, folder / "anat" / f"{name}.nii.gz", written)
-                    _file(path.with_name(_stem(path) + ".json"), folder / "anat" / f"{name}.json", written)
+                    pairs.append((path, folder / "anat" / f"{name}.nii.gz"))
+                    pairs.append((path.with_name(_stem(path) + ".json"), folder / "anat" / f"{name}.json"))
+        written = _file_all(pairs)
     _participant(dataset, subject, group)
     for path in other:
         log.warning("%s: not a DWI nor part of a GRE with phase; left out", _stem(path))

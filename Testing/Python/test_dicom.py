@@ -157,8 +157,16 @@ def test_import_files_a_session_where_the_pipeline_finds_it(scanner, tmp_path, c
         bvalues=truth["bvalues"],
         vectors=truth["vectors"],
     )
-    with pytest.raises(InputError, match="sub-07_ses-01_dwi.nii.gz: exists and differs"):
+    with pytest.raises(InputError, match="sub-07_ses-01_dwi.nii.gz, .*: exist and differ"):
         dicom.import_dicom(tmp_path / "rescan", dataset, "sub-07", session="ses-01")
     assert np.array_equal(io.read_dwi(inputs.dwi).data, dwi.data)  # nothing overwritten
+    # A conflict found late (the GRE's, after the DWI's files were planned) leaves the session as it was
+    anat = dataset / "sub-07" / "ses-02" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-07_ses-02_echo-1_part-mag_T2starw.json").write_text("{}")
+    with pytest.raises(InputError, match="part-mag_T2starw.json: exists and differs.*nothing was written"):
+        dicom.import_dicom(root, dataset, "sub-07", session="02")
+    left = sorted(p.relative_to(anat.parent).as_posix() for p in anat.parent.rglob("*") if p.is_file())
+    assert left == ["anat/sub-07_ses-02_echo-1_part-mag_T2starw.json"]  # no DWI filed before the conflict
     with pytest.raises(InputError, match="expected a BIDS label such as sub-01"):
         dicom.import_dicom(root, dataset, "07")
