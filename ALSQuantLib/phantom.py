@@ -564,9 +564,10 @@ def render_anatomy(shape, affine, deformation, anatomy=AnalyticAnatomy):
     return labels.reshape(shape), fibre.reshape(tuple(shape) + (3,)), None if fa is None else fa.reshape(shape)
 
 
-def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
+def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None, signal=dki_signal):
     """DWI (`io.DWI`) and its truth maps for a rendered subject; `fa`, when given, replaces the per-class FA voxel by
-    voxel in the tissue (white and grey matter, the CST and M1; not CSF or veins): a real anatomy's FA."""
+    voxel in the tissue (white and grey matter, the CST and M1; not CSF or veins): a real anatomy's FA. `signal`
+    makes the noise-free signal from each voxel's truth, with `dki_signal`'s parameters."""
     maps = tissue_maps(labels, values)
     if fa is not None:
         tissue = ~np.isin(labels, (BACKGROUND, CSF, VEIN))
@@ -584,8 +585,8 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
         phase_axis = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
         eddy = eddy_distortions(bvals, bvecs, config.dwi_eddy_fraction, config.dwi_eddy_mm, centre, phase_axis, rng)
         motion = eddy if motion is None else eddy @ motion
-    signal = np.zeros(labels.shape + (len(bvals),), dtype=np.float32)
-    signal[brain] = dki_signal(
+    signal_map = np.zeros(labels.shape + (len(bvals),), dtype=np.float32)
+    signal_map[brain] = signal(
         bvals,
         tissue_bvecs,
         maps["fa"][brain],
@@ -597,12 +598,12 @@ def simulate_dwi(labels, fibre, affine, values, config, rng, fa=None):
     if motion is not None:
         for n, pose in enumerate(motion):  # the image of a moved head: S(x) = S_still(pose⁻¹ x)
             to_still = np.linalg.inv(affine) @ np.linalg.inv(pose) @ affine
-            moved = ndimage.affine_transform(signal[..., n], to_still[:3, :3], to_still[:3, 3], order=3)
+            moved = ndimage.affine_transform(signal_map[..., n], to_still[:3, :3], to_still[:3, 3], order=3)
             # cubic splines: the least blur a resampling adds; an image stretched by eddy currents spreads the same
             # signal over more voxels (its intensity divided by the Jacobian; 1 for a rigid motion)
             jacobian = np.linalg.det(pose[:3, :3]) if eddy is not None else 1.0
-            signal[..., n] = np.maximum(moved, 0.0) / jacobian
-    noisy = _rician(signal, 1000.0 / config.snr_dwi, rng)
+            signal_map[..., n] = np.maximum(moved, 0.0) / jacobian
+    noisy = _rician(signal_map, 1000.0 / config.snr_dwi, rng)
     truth = {"label": labels.astype(np.uint8), "mk": maps["mk"], "fa": maps["fa"], "md": maps["md"]}
     return io.DWI(noisy, affine, bvals, bvecs, source="phantom"), truth, motion
 
@@ -716,7 +717,7 @@ def gre_affine(config):
     )
 
 
-def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
+def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy, signal=dki_signal):
     """Simulate one subject of `group` (``"ALS"`` or ``"control"``) from `seed`.
 
     Parameters
@@ -726,6 +727,8 @@ def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
     config : PhantomConfig, optional
     anatomy : AnalyticAnatomy or anatomy.RealAnatomy
         The template anatomy the subject is made from (default: the analytic phantom's).
+    signal : callable
+        The DWI signal from each voxel's truth (default `dki_signal`), with its parameters.
 
     Returns
     -------
@@ -744,7 +747,7 @@ def simulate_subject(group, seed, config=None, anatomy=AnalyticAnatomy):
 
     affine_dwi = dwi_affine(config)
     labels_dwi, fibre_dwi, fa = render_anatomy(config.dwi_shape, affine_dwi, deformation, anatomy)
-    dwi, truth_dwi, dwi_motion = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng, fa)
+    dwi, truth_dwi, dwi_motion = simulate_dwi(labels_dwi, fibre_dwi, affine_dwi, values, config, rng, fa, signal)
 
     affine_gre = gre_affine(config)
     labels_gre, _, _ = render_anatomy(config.gre_shape, affine_gre, deformation, anatomy)

@@ -5,7 +5,7 @@ Each step is a function usable alone; `reconstruct_qsm` chains them::
     phase (any scaling) ──scale_phase, sign, chopped_axes / unchopped──► radians
         ──combine_echoes (multi-echo: offset removal + weighted fit; single echo: unwrap / TE)──► field, ppm
         ──brain_mask (magnitude, eroded)──► mask
-        ──background_field_removal (V-SHARP or PDF)──► local field, ppm
+        ──background_field_removal (V-SHARP, LBV or PDF)──► local field, ppm
         ──dipole_inversion (TKD, CG or TV-ADMM)──► χ, ppm
         ──reference (whole-brain mean, CSF by its R2* (csf_region), none, or a region given)──► χ, ppm
 
@@ -21,6 +21,8 @@ Herráez MA et al. Fast three-dimensional phase-unwrapping algorithm based on so
 non-continuous path. Appl Opt 2002;41:7437-44.
 Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects spatial variation in tissue
 composition. NeuroImage 2011;55:1645-56 (V-SHARP).
+Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the Laplacian boundary value problem.
+NMR Biomed 2014;27:312-9 (LBV).
 Liu T et al. A novel background field removal method for MRI using projection onto dipole fields (PDF).
 NMR Biomed 2011;24:1129-36.
 Shmueli K et al. Magnetic susceptibility mapping of brain tissue in vivo using MRI phase data. MRM
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
+import scipy.sparse
 from scipy import ndimage
 
 from . import dipole, geometry, io, masks
@@ -49,7 +52,7 @@ from .progress import report as report_progress
 log = logging.getLogger(__name__)
 
 UNWRAP_METHODS = ("laplacian", "path")
-BACKGROUND_METHODS = ("vsharp", "pdf")
+BACKGROUND_METHODS = ("vsharp", "pdf", "lbv")
 INVERSION_METHODS = ("tkd", "cg", "tv")
 TV_WEIGHT = 5e-4
 """α of the TV inversion for 1 mm voxels (`dipole_inversion` divides it by the mean voxel size). Measured on three
@@ -555,10 +558,65 @@ def pdf(total_field, mask, voxel_size, b0_direction, *, iterations=100, toleranc
     return np.where(mask, total_field - background, 0.0).astype(np.float32)
 
 
+def lbv(total_field, mask, voxel_size, *, tolerance=1e-5):
+    """Laplacian boundary value (Zhou et al. 2014).
+
+    Inside the mask the background field is harmonic, so the local field f_L has the total field's Laplacian there;
+    taking f_L = 0 on the mask's boundary, the Poisson problem Δf_L = Δf in the interior (the mask eroded by one
+    voxel) with that Dirichlet condition has one solution. It is found by algebraic multigrid (pyamg's Ruge-Stüben
+    solver with direct interpolation, the fastest of pyamg's solvers measured on the study's grid) with conjugate
+    gradients, to a relative residual of `tolerance`.
+
+    Returns
+    -------
+    local_field : ndarray, float32
+    local_mask : ndarray of bool
+        The interior.
+    """
+    import pyamg
+
+    mask = np.asarray(mask, dtype=bool)
+    interior = ndimage.binary_erosion(mask)
+    n = int(interior.sum())
+    if n < 27:
+        raise InputError("LBV: the mask has no interior; use a larger mask")
+    weights = 1.0 / np.asarray(voxel_size, dtype=float) ** 2
+    index = np.full(mask.shape, -1, dtype=np.int32)
+    index[interior] = np.arange(n, dtype=np.int32)
+    field = np.where(mask, total_field, 0.0).astype(np.float64)
+    centre = np.nonzero(interior)
+    laplacian_field = np.zeros(n)
+    # The 7-point Laplacian's rows, built directly in CSR form: neighbours in ascending raveled order, those on the
+    # boundary (index -1, where f_L = 0) left out.
+    columns = np.empty((n, 7), dtype=np.int32)
+    values = np.empty((n, 7))
+    for k, (axis, step) in enumerate([(0, -1), (1, -1), (2, -1), (None, 0), (2, 1), (1, 1), (0, 1)]):
+        if axis is None:
+            columns[:, k] = np.arange(n, dtype=np.int32)
+            values[:, k] = 2.0 * weights.sum()
+            continue
+        neighbour = list(centre)
+        neighbour[axis] = centre[axis] + step
+        neighbour = tuple(neighbour)
+        laplacian_field += weights[axis] * (field[neighbour] - field[centre])
+        columns[:, k] = index[neighbour]
+        values[:, k] = -weights[axis]
+    inside = columns >= 0
+    row_starts = np.concatenate([[0], np.cumsum(inside.sum(axis=1))]).astype(np.int32)
+    matrix = scipy.sparse.csr_matrix((values[inside], columns[inside], row_starts), (n, n))
+    solver = pyamg.ruge_stuben_solver(matrix, interpolation="direct")
+    solution = solver.solve(-laplacian_field, tol=tolerance, accel="cg")
+    local = np.zeros(mask.shape, dtype=np.float32)
+    local[interior] = solution
+    return local, interior
+
+
 def background_field_removal(total_field, mask, voxel_size, b0_direction=(0, 0, 1), *, method="vsharp", **options):
-    """Local field (same units) and the mask it is valid in, by V-SHARP (`vsharp`) or PDF (`pdf`)."""
+    """Local field (same units) and the mask it is valid in, by V-SHARP (`vsharp`), PDF (`pdf`) or LBV (`lbv`)."""
     if method == "vsharp":
         return vsharp(total_field, mask, voxel_size, **options)
+    if method == "lbv":
+        return lbv(total_field, mask, voxel_size, **options)
     if method == "pdf":
         return pdf(total_field, mask, voxel_size, b0_direction, **options), np.asarray(mask, dtype=bool)
     raise InputError(f"background field removal method {method!r}: expected one of {', '.join(BACKGROUND_METHODS)}")
@@ -848,7 +906,13 @@ class QSMOptions:
         "correlation across subjects 0.86, against path's 0.72-0.76 x and 0.999)",
         choices=UNWRAP_METHODS,
     )
-    background: str = option("vsharp", "background-field removal: V-SHARP or PDF", choices=BACKGROUND_METHODS)
+    background: str = option(
+        "vsharp",
+        "background-field removal: V-SHARP, LBV (Laplacian boundary value: in the pipeline on 10 real-anatomy "
+        "subjects M1 read 0.76-0.88 x its truth against V-SHARP's 0.72-0.76 x, but the deep interior is less "
+        "accurate and it is about 6 s slower on the study's grid) or PDF",
+        choices=BACKGROUND_METHODS,
+    )
     inversion: str = option("tv", "dipole inversion: TV (ADMM), TKD or CG", choices=INVERSION_METHODS)
     mask_erosion_mm: float = option(
         2.0, "erosion of the automatic brain mask", unit="mm", flag="--mask-erosion", aliases=("--erosion-mm",)

@@ -244,8 +244,12 @@ def test_inversions_on_the_phantom_from_its_true_local_field(capsys):
 
 
 def test_background_removal_keeps_the_local_field_in_the_interior():
-    """V-SHARP and PDF on the phantom's true total field: the local field in the deep interior, where the
-    background removal is well posed, correlates with the truth (sources inside the mask)."""
+    """Each method on the phantom's true total field: the local field in the deep interior, where the background
+    removal is well posed, correlates with the truth (sources inside the mask). LBV is the weakest there: its error
+    is the harmonic function with the true local field's values on the mask's edge, which reaches the centre (the
+    phantom's edge carries a local field of 0.017 ppm std, three times the interior's). On real anatomy with a
+    head, from the true total field in the true brain, the deep interior's correlation was also lower with LBV
+    (0.91-0.95 against V-SHARP's 0.96-0.97, three subjects)."""
     subject = phantom.simulate_subject("control", 33, SMALL)
     gre = subject.gre
     voxel_size = geometry.voxel_sizes(gre.affine)
@@ -253,12 +257,30 @@ def test_background_removal_keeps_the_local_field_in_the_interior():
     local_truth = dipole.forward_field(np.where(mask, subject.truth_gre["chi"], 0), voxel_size, gre.b0_direction)
     total = subject.truth_gre["total_field"]
     interior = ndimage.binary_erosion(mask, iterations=6)
+    least = {"vsharp": 0.85, "pdf": 0.85, "lbv": 0.65}  # measured: V-SHARP 0.871, PDF 0.863, LBV 0.721
     for method in qsm.BACKGROUND_METHODS:
         local, valid = qsm.background_field_removal(total, mask, voxel_size, gre.b0_direction, method=method)
         region = interior & valid
         correlation = np.corrcoef(local[region], local_truth[region])[0, 1]
-        assert correlation > 0.85, (method, correlation)  # measured: V-SHARP 0.9+, PDF 0.89
+        assert correlation > least[method], (method, correlation)
     assert np.std(total[interior]) > 3 * np.std(local_truth[interior])  # the background really dominated
+
+
+def test_lbv_removes_a_harmonic_background_exactly():
+    """LBV's ground truth: a local field that is zero on the mask's edge plus a background whose discrete Laplacian
+    is exactly zero (a harmonic polynomial of degree three, in mm on anisotropic voxels) comes back as the local
+    field, to the solver's tolerance; the mask's edge is left out of the mask returned."""
+    shape, voxel_size = (40, 44, 24), np.array([1.0, 1.2, 2.0])
+    x, y, z = np.meshgrid(*[(np.arange(n) - n / 2) * v for n, v in zip(shape, voxel_size)], indexing="ij")
+    mask = (x / 17) ** 2 + (y / 22) ** 2 + (z / 20) ** 2 < 1
+    depth = ndimage.distance_transform_edt(ndimage.binary_erosion(mask), sampling=voxel_size)
+    local = 0.02 * np.sin(x / 4) * np.minimum(depth, 6.0) / 6.0  # zero on the edge, structured inside
+    background = 0.3 + 0.01 * x - 0.004 * z + 1e-3 * (x**2 - z**2) + 2e-5 * x * y * z
+    estimate, inside = qsm.lbv(local + background, mask, voxel_size, tolerance=1e-10)
+    assert inside.sum() == ndimage.binary_erosion(mask).sum() and not np.any(inside & ~mask)
+    np.testing.assert_allclose(estimate[inside], local[inside], atol=1e-6)
+    with pytest.raises(InputError, match="LBV"):
+        qsm.lbv(local, np.zeros(shape, dtype=bool), voxel_size)
 
 
 def test_real_multi_echo_gre_runs_and_is_plausible(shared_data, capsys):
@@ -460,9 +482,9 @@ def qsm_forward_cylinders(folder, echo_times, receiver_offset):
     return io.GRE(magnitude, phase, affine, np.array(echo_times), 3.0, source="qsm-forward"), truth, mask
 
 
-def cylinder_scores(gre, truth, mask, unwrap):
-    """Whole chain (V-SHARP, TV): NRMSE (%) and each cylinder's mean over its truth."""
-    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(unwrap=unwrap), mask=mask)
+def cylinder_scores(gre, truth, mask, unwrap, background="vsharp"):
+    """Whole chain (TV inversion): NRMSE (%) and each cylinder's mean over its truth."""
+    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(unwrap=unwrap, background=background), mask=mask)
     inside = result.mask
     estimate, reference = qsm.reference(result.susceptibility, inside), qsm.reference(truth, inside)
     ratios = []
@@ -474,13 +496,17 @@ def cylinder_scores(gre, truth, mask, unwrap):
 
 def test_whole_chain_on_qsm_forwards_cylinders(tmp_path):
     """A peer's simulator (qsm-forward), single echo TE 15 ms, no receiver offset; whole chain from the wrapped
-    phase. Measured: path unwrapping 22.5 % NRMSE, cylinders 0.44, 1.01, 0.92, 0.95 x their truth; Laplacian
-    unwrapping 72.6 %, 0.09, 1.02, 0.77, 0.56 (it smooths away the real phase steps at the cylinders' edges)."""
+    phase. Measured: the default (path unwrapping, V-SHARP) 22.5 % NRMSE, cylinders 0.44, 1.01, 0.92, 0.95 x their
+    truth; with LBV 10.4 %, 0.68, 0.98, 0.95, 0.95 (the 0.05 ppm cylinder stays low: the TV weight, 0.82 x even
+    from the true local field); Laplacian unwrapping 72.6 % (V-SHARP), 0.09, 1.02, 0.77, 0.56: it smooths away the
+    real phase steps at the cylinders' edges."""
     gre, truth, mask = qsm_forward_cylinders(tmp_path, [0.015], receiver_offset=False)
-    scores = {unwrap: cylinder_scores(gre, truth, mask, unwrap) for unwrap in qsm.UNWRAP_METHODS}
-    nrmse, ratios = scores["path"]
-    assert nrmse < 25 and all(abs(r - 1) < 0.1 for r in ratios[1:]), scores
-    assert scores["laplacian"][0] > 50 and scores["laplacian"][1][-1] < 0.7, scores
+    nrmse, ratios = cylinder_scores(gre, truth, mask, "path")
+    assert nrmse < 25 and all(abs(r - 1) < 0.1 for r in ratios[1:]), (nrmse, ratios)
+    lbv = cylinder_scores(gre, truth, mask, "path", background="lbv")
+    assert lbv[0] < 15 and all(abs(r - 1) < 0.1 for r in lbv[1][1:]) and lbv[1][0] > ratios[0] + 0.1, lbv
+    laplacian = cylinder_scores(gre, truth, mask, "laplacian")
+    assert laplacian[0] > 50 and laplacian[1][-1] < 0.7, laplacian
 
 
 def test_the_receiver_offset_is_removed_with_echoes_and_not_without(tmp_path):
