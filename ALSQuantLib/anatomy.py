@@ -7,7 +7,9 @@ The template anatomy comes from real images instead of ellipsoids:
 * the CST from JHU's tractography atlas (its whole course), M1 from Harvard-Oxford's precentral gyrus in grey
   matter, both from the user's FSL installation or atlas folder (`ALSQuantLib.atlas.find_atlas`);
 * fibre directions along the CST from the tract's own local orientation (the principal axis of its voxels within
-  a few millimetres), left-right elsewhere as in the phantom.
+  a few millimetres), left-right elsewhere as in the phantom;
+* deep grey matter, when JHU Eve's folder is given: its globus pallidus (the phantom's deep grey matter has a
+  pallidum's susceptibility, 0.15 ppm), carried like the other atlases' labels.
 
 It gives labels in the phantom's codes (`ALSQuantLib.phantom`), so the phantom's pose and warp, its DKI and GRE
 signal models and its truth files apply unchanged (`phantom.simulate_subject(..., anatomy=RealAnatomy(...))`).
@@ -38,6 +40,8 @@ from .registration import register
 _NILEARN_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 _TRACT_SIGMA_MM = 4.0
 _ATLASES = ("jhu-tracts", "harvard-oxford")
+_DEEP_GREY_MATTER = {phantom.DEEP_GM_LEFT: "GLOBUS_PALLIDUS_left", phantom.DEEP_GM_RIGHT: "GLOBUS_PALLIDUS_right"}
+"""The phantom's deep grey matter codes → the Eve label names they are made from."""
 
 
 def _nilearn_image(name):
@@ -134,13 +138,16 @@ class RealAnatomy:
         (default): the atlas's FA template (FSL's FMRIB58) if it has one; None: one value per class. A subject whose
         FA follows the very template its labelling registers to is an optimistic case, one value per class (no
         contrast inside the white matter) a pessimistic one.
+    eve_dir : path, optional
+        JHU Eve's folder (`ALSQuantLib.atlas.find_atlas`): its globus pallidus becomes the deep grey matter; without
+        it the anatomy has none.
 
     The atlases' labels and FA are brought onto the MNI152 2009a anatomy through `_from_atlas_space`. Template
     coordinates are MNI's, shifted so that the brain's centre is at the origin (where the phantom's subject grids
     are centred).
     """
 
-    def __init__(self, *, fsldir=None, atlas_dir=None, fa_template=ATLAS_FA):
+    def __init__(self, *, fsldir=None, atlas_dir=None, fa_template=ATLAS_FA, eve_dir=None):
         t1, affine = _nilearn_image("t1")
         gm, wm = _nilearn_image("gm")[0] / 255.0, _nilearn_image("wm")[0] / 255.0
         brain = ndimage.binary_fill_holes(t1 > 0)
@@ -180,6 +187,15 @@ class RealAnatomy:
             f"MNI152 2009a (nilearn) tissue, CST from {tract_atlas.labels}, M1 from {cortex_atlas.labels}, both "
             f"through a registration of {tract_atlas.template} to the 2009a T1"
         )
+        if eve_dir is not None:
+            eve = find_atlas("eve", atlas_dir=eve_dir)
+            eve_labels = warp_to_subject(
+                *eve.load_labels(), t1.shape, affine, _from_atlas_space(str(eve.template)), labels=True
+            )
+            for code, name in _DEEP_GREY_MATTER.items():
+                pallidus = np.isin(np.rint(eve_labels), eve.table.values(name))
+                labels[pallidus & np.isin(labels, (phantom.GM, phantom.WM))] = code  # the CST keeps its voxels
+            self.description += f"; deep grey matter from Eve's globus pallidus ({eve.labels}), likewise"
         self.description += f", white-matter FA from {fa_template}" if self.fa is not None else ", FA per class"
         self.centre_mm = world[brain].mean(axis=0)
         self._to_voxel = np.linalg.inv(affine)
@@ -242,6 +258,6 @@ def anatomy_config(base=None):
 
 
 @functools.lru_cache(maxsize=2)
-def real_anatomy(fsldir=None, atlas_dir=None, fa_template=ATLAS_FA):
-    """`RealAnatomy`, built once per atlas location (and FA template) in a process."""
-    return RealAnatomy(fsldir=fsldir, atlas_dir=atlas_dir, fa_template=fa_template)
+def real_anatomy(fsldir=None, atlas_dir=None, fa_template=ATLAS_FA, eve_dir=None):
+    """`RealAnatomy`, built once per atlas location (and FA template, and Eve folder) in a process."""
+    return RealAnatomy(fsldir=fsldir, atlas_dir=atlas_dir, fa_template=fa_template, eve_dir=eve_dir)

@@ -85,6 +85,9 @@ def _add_simulate(subparsers):
     p.add_argument("--fsldir", type=Path, help="FSL installation holding the JHU and Harvard-Oxford atlases")
     p.add_argument("--atlas-dir", type=Path, help="folder holding the JHU tracts and Harvard-Oxford files")
     p.add_argument(
+        "--eve-dir", type=Path, help="JHU Eve's folder: real anatomy gets deep grey matter from its globus pallidus"
+    )
+    p.add_argument(
         "--dwi-slab",
         action="store_true",
         help="the study's partial DWI coverage: 28 axial slices of 3 mm, centred 10 mm above the brain's centre",
@@ -114,9 +117,8 @@ def _run_simulate(args):
     if args.anatomy == "mni152":
         from . import anatomy as real
 
-        anatomy = real.real_anatomy(
-            str(args.fsldir) if args.fsldir else None, str(args.atlas_dir) if args.atlas_dir else None
-        )
+        fsldir, atlas_dir, eve_dir = (str(p) if p else None for p in (args.fsldir, args.atlas_dir, args.eve_dir))
+        anatomy = real.real_anatomy(fsldir, atlas_dir, eve_dir=eve_dir)
         config = real.anatomy_config(config)
     if args.dwi_slab:
         config = phantom.with_dwi_slab(config)

@@ -29,6 +29,8 @@ Shmueli K et al. Magnetic susceptibility mapping of brain tissue in vivo using M
 2009;62:1510-22 (TKD).
 Bilgic B et al. Fast quantitative susceptibility mapping with L1-regularization and automatic parameter
 selection. MRM 2014;72:1444-59 (TV by ADMM).
+Liu J et al. Morphology enabled dipole inversion for quantitative susceptibility mapping using structural
+consistency between the magnitude image and the susceptibility map. NeuroImage 2012;59:2560-8 (MEDI's edge mask).
 Milovic C et al. Fast nonlinear susceptibility inversion with variational regularization. MRM 2018;80:814-21
 (FANSI: the weighted data term by a variable split).
 Langkammer C et al. Quantitative susceptibility mapping (QSM) as a means to measure brain iron? A post mortem
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 UNWRAP_METHODS = ("laplacian", "path")
 BACKGROUND_METHODS = ("vsharp", "pdf", "lbv")
 INVERSION_METHODS = ("tkd", "cg", "tv")
+TV_EDGES = ("none", "magnitude")
+TV_EDGE_FRACTION = 0.2
+"""`magnitude_edges`' fraction for ``--tv-edges magnitude``: on three real-anatomy subjects (true brain mask, V-SHARP
+chain) 0.1 / 0.2 / 0.3 raised M1 from 0.78-0.79 x its truth to 0.80 / 0.82-0.84 / 0.82-0.84 and the correlation with
+the true χ from 0.88-0.90 to 0.90-0.91 / 0.92 / 0.91-0.92: 0.2 has the best correlation."""
 TV_WEIGHT = 5e-4
 """α of the TV inversion for 1 mm voxels (`dipole_inversion` divides it by the mean voxel size). Measured on three
 subjects from real anatomy (`simulate --anatomy mni152`, a head around the brain, 2 mm, V-SHARP local field from the
@@ -683,6 +690,21 @@ def _gradient_spectrum(shape, voxel_size):
     return total
 
 
+def magnitude_edges(magnitude, mask, voxel_size, fraction=0.3):
+    """Where the magnitude has edges, per axis (MEDI's gradient mask, Liu 2012): the `fraction` of the mask's
+    forward-difference gradient components (three per voxel) largest in magnitude, as a (3, i, j, k) boolean array.
+
+    Tissue boundaries that show in the magnitude are likely boundaries of χ too; TV leaves them unpenalised
+    (`dipole_inversion`'s ``edges``). MEDI's default (``percentage`` 0.9: as many edge components as 90 % of the
+    mask's voxels) is a fraction of 0.3.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    gradients = np.abs(np.stack(_gradient(np.where(mask, magnitude, 0).astype(np.float32), voxel_size)))
+    inside = np.broadcast_to(mask, gradients.shape)
+    level = np.quantile(gradients[inside], 1.0 - fraction) if mask.any() else np.inf
+    return (gradients > level) & inside
+
+
 def dipole_inversion(
     local_field_ppm,
     mask,
@@ -695,6 +717,7 @@ def dipole_inversion(
     iterations=None,
     tolerance=1e-3,
     pad_mm=20.0,
+    edges=None,
 ):
     """Susceptibility (ppm) from a local field (ppm).
 
@@ -761,15 +784,16 @@ def dipole_inversion(
         padded_f[sl] = f
         chi = conjugate_gradient(normal, ifft(D * fft(mp * padded_f)), n_iter, tolerance)[sl]
     else:
-        chi = _tv_admm(f, m, shape, D, voxel_size, regularization, 20 if iterations is None else iterations, fft, ifft)[
-            sl
-        ]
+        if edges is not None:
+            edges = np.asarray(edges, dtype=bool)[(slice(None),) + box]
+        n_iter = 20 if iterations is None else iterations
+        chi = _tv_admm(f, m, shape, D, voxel_size, regularization, n_iter, fft, ifft, edges=edges)[sl]
     out = np.zeros(mask.shape, dtype=np.float32)
     out[box] = np.where(m, chi, 0.0)
     return out
 
 
-def _tv_admm(f, mask, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_factor=10.0, mu=0.1):
+def _tv_admm(f, mask, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_factor=10.0, mu=0.1, edges=None):
     """min ½‖M(Dχ − f)‖² + α‖∇χ‖₁ (anisotropic TV) by ADMM; returns χ on the padded grid.
 
     The data term counts only inside the mask M: outside it the field is unknown, not zero (the cortex's own field
@@ -805,6 +829,10 @@ def _tv_admm(f, mask, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_fa
     v, u_v = padded.copy(), np.zeros(shape, dtype=np.float32)
     chi = np.zeros(shape, dtype=np.float32)
     shrink = np.float32(alpha) / rho
+    penalised = None
+    if edges is not None:  # no penalty across the magnitude's edges: there u stays 0 and z = ∇χ
+        penalised = np.ones((3,) + shape, dtype=bool)
+        penalised[(slice(None),) + inside] = ~edges
     for _ in range(iterations):
         spectrum = fft(_divergence_adjoint(z_minus_u, voxel_size, out=divergence, work=work))
         spectrum *= gradient_weight
@@ -816,6 +844,8 @@ def _tv_admm(f, mask, shape, D, voxel_size, alpha, iterations, fft, ifft, rho_fa
         for a, g in enumerate(_gradient(chi, voxel_size, out=z_minus_u)):
             g += u[a]
             np.clip(g, -shrink, shrink, out=u[a])
+            if penalised is not None:
+                u[a] *= penalised[a]
             g -= u[a]
             g -= u[a]
         spectrum *= D
@@ -935,6 +965,12 @@ class QSMOptions:
         "for noisier phase (smoother chi, slightly lower cortex values), smaller for cleaner",
         flag="--tv-weight",
     )
+    tv_edges: str = option(
+        "none",
+        "TV without a penalty across the magnitude's edges (MEDI's morphology prior: tissue boundaries seen in the "
+        "first echo's magnitude, the largest fifth of its gradient components in the mask), or none",
+        choices=TV_EDGES,
+    )
     reference: str = option(
         "whole-brain",
         "what chi is relative to: the mean over the brain mask, CSF (voxels of R2* below 5/s far from the brain's "
@@ -985,6 +1021,7 @@ def reconstruct_qsm(
     if options.inversion == "tv":
         tv = {"regularization": options.tv_weight * TV_WEIGHT / float(np.mean(voxel_size))}
         inversion_options = {**tv, **(inversion_options or {})}
+    edges = options.inversion == "tv" and options.tv_edges == "magnitude"
     timings = {}
 
     def step(name, fraction, func):
@@ -1047,6 +1084,13 @@ def reconstruct_qsm(
             total, field_mask, voxel_size, b0, method=options.background, **(background_options or {})
         ),
     )
+    if edges:
+        edges = step(
+            "magnitude edges",
+            0.55,
+            lambda: magnitude_edges(gre.magnitude[..., 0], local_mask, voxel_size, TV_EDGE_FRACTION),
+        )
+        inversion_options = {"edges": edges, **inversion_options}
     chi = step(
         "dipole inversion",
         0.6,
@@ -1078,7 +1122,8 @@ def reconstruct_qsm(
         "field_strength_t": gre.field_strength,
         "b0_direction_voxel": b0.tolist(),
         "voxel_size_mm": voxel_size.tolist(),
-        "inversion_options": inversion_options or {},
+        "inversion_options": {k: v for k, v in (inversion_options or {}).items() if k != "edges"},
+        "tv_edges": f"magnitude ({int(edges.sum())} edge components)" if edges is not False else "none",
         "background_options": background_options or {},
         "warnings": warnings,
     }

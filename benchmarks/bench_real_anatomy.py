@@ -14,7 +14,7 @@ each ``--variant "NAME:FLAGS"`` runs it again with those labelling or QSM flags 
 ``--variant "linkfull:--link-mm 0"``, ``--variant noN4:--no-bias-correction`` or ``--variant "path:--unwrap path"``).
 Nothing is asserted.
 
-Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--subjects 10] [--study] [--wrong-template]
+Run: ``python benchmarks/bench_real_anatomy.py --fsldir DIR [--eve-dir DIR] [--subjects 10] [--study] [--wrong-template]
 [--variant ...] [--white-matter-fa atlas|class|FILE] [--dwi-slab] [--gre-bias 0.6] [--true-gre-mask]
 [--gre-brain template|magnitude]``; without ``--fsldir`` an FSL
 layout is made from ``../shared/data`` (its MNI FA template standing in for FMRIB58).
@@ -66,6 +66,19 @@ def _m1_ms_error(out, subject):
     return measured - truth, 100 * (measured / truth - 1)
 
 
+def _deep_grey_matter(out, subject):
+    """The susceptibility map's mean over the true deep grey matter (Eve's globus pallidus, within the QSM's mask)
+    as a multiple of the true χ's there, both referenced to their mean over the mask; NaN without deep grey
+    matter."""
+    chi = io.load_image(out / "qsm" / "susceptibility.nii.gz")[0]
+    mask = io.load_image(out / "qsm" / "mask.nii.gz")[0] > 0
+    deep = np.isin(subject.truth_gre["label"], (phantom.DEEP_GM_LEFT, phantom.DEEP_GM_RIGHT)) & mask
+    if not deep.any():
+        return float("nan")
+    truth = subject.truth_gre["chi"]
+    return float(chi[deep].mean() / (truth[deep].mean() - truth[mask].mean()))
+
+
 def _seconds(record):
     return io.read_json(record)["results"]["seconds"] if record.exists() else 0.0
 
@@ -94,6 +107,7 @@ def _figures(out, subject, margin_mm):
         "m1_ms_error_%": m1_error[1],
         "ms_outside_brain": quality["outside_brain"].get("ms", np.nan),
         "qsm_corr_brain": _qsm_correlation(out, subject),
+        "deep_gm_x_truth": _deep_grey_matter(out, subject),
         # the brain stage registers (the labelling reuses it): both count
         "labelling_s": record["results"]["seconds"] + _seconds(out / "brain" / "provenance.json"),
         "flags": len(quality["flags"]),
@@ -131,6 +145,11 @@ def _variant(text, options):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsldir", type=Path)
+    parser.add_argument(
+        "--eve-dir",
+        type=Path,
+        help="JHU Eve's folder: deep grey matter from its globus pallidus (default: ../shared's)",
+    )
     parser.add_argument("--subjects", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=100, help="subjects are simulated from this seed on")
     parser.add_argument("--study", action="store_true", help="the study's grids (DWI 256x256x28, GRE 512x512x50)")
@@ -166,8 +185,9 @@ def main():
             from conftest import SHARED_DATA, fsl_layout
 
             fsldir = fsl_layout(SHARED_DATA, tmp / "fsl")
+            args.eve_dir = args.eve_dir or SHARED_DATA / "atlases" / "eve"
         fa = None if args.white_matter_fa == "class" else args.white_matter_fa
-        real = anatomy.real_anatomy(str(fsldir), None, fa)
+        real = anatomy.real_anatomy(str(fsldir), None, fa, str(args.eve_dir) if args.eve_dir else None)
         config = anatomy.anatomy_config(phantom.PhantomConfig.study() if args.study else None)
         config = phantom.with_dwi_slab(config) if args.dwi_slab else config
         config = dataclasses.replace(config, gre_receive_bias=args.gre_bias)

@@ -64,6 +64,29 @@ def test_real_anatomy_places_the_cst_and_m1_where_the_atlases_do(real, fsldir):
     assert (labels == phantom.M1_LEFT).sum() > 10_000  # the precentral gyrus's grey matter, 1 mm voxels
 
 
+def test_eves_globus_pallidus_gives_the_real_anatomy_deep_grey_matter(real, fsldir):
+    """With Eve's folder, the globus pallidus (carried onto 2009a by a T1-to-T1 registration of Eve's template)
+    becomes deep grey matter, taken from grey and white matter only: the rest of the anatomy is unchanged. Where a
+    real pallidum lies: centred near MNI (±20, −3, 0) (Harvard-Oxford's subcortical atlas puts it at (−19, −4, −1)
+    and (20, −3, −1)), about 1-2 mL a side. Measured: 1.32 and 1.09 mL, (−21.0, −2.6, 0.2) and (20.2, −2.8, 0.8)."""
+    from conftest import SHARED_DATA
+
+    from ALSQuantLib import anatomy
+
+    with_eve = anatomy.RealAnatomy(fsldir=str(fsldir), eve_dir=str(SHARED_DATA / "atlases" / "eve"))
+    world = geometry.voxel_centers_world(real.labels.shape, real.affine)
+    deep = np.isin(with_eve.labels, (phantom.DEEP_GM_LEFT, phantom.DEEP_GM_RIGHT))
+    assert np.array_equal(with_eve.labels[~deep], real.labels[~deep])
+    assert np.all(np.isin(real.labels[deep], (phantom.GM, phantom.WM)))
+    assert not np.isin(real.labels, (phantom.DEEP_GM_LEFT, phantom.DEEP_GM_RIGHT)).any()
+    for code, x in ((phantom.DEEP_GM_LEFT, -20.0), (phantom.DEEP_GM_RIGHT, 20.0)):
+        side = with_eve.labels == code
+        volume_ml = side.sum() * np.prod(geometry.voxel_sizes(real.affine)) / 1000
+        assert 0.8 < volume_ml < 2.5, volume_ml
+        assert np.linalg.norm(world[side].mean(axis=0) - [x, -3.0, 0.0]) < 4.0
+    assert "globus pallidus" in with_eve.description
+
+
 def test_a_head_surrounds_the_real_brain(real):
     """Outside the brain, shells at `anatomy.HEAD_LAYERS_MM` (skull 1-7 mm, scalp 7-12 mm, air beyond), soft tissue
     below the skull base, the ear canals' air; checked upwards from the vertex and at points of known anatomy."""

@@ -440,6 +440,39 @@ def test_tv_weight_trades_noise_against_detail_and_reaches_the_inversion():
         qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_weight=0.0))
 
 
+def test_tv_without_a_penalty_across_the_magnitudes_edges_keeps_a_thin_cortex():
+    """MEDI's morphology prior: a sphere (-0.03 ppm) with a 3 mm shell of 0.1 ppm (a cortex) and a nucleus of
+    0.15 ppm, local field by the dipole model plus noise of 0.002 ppm. `magnitude_edges` on a piecewise-constant
+    magnitude finds exactly the gradient components that cross a boundary; TV without a penalty there reads the
+    shell at its truth where plain TV reads it low (measured 1.003 x against 0.900 x; the nucleus 1.06 x and 0.95 x).
+    Where the magnitude's edges are not χ's the prior costs accuracy (qsm-forward's cylinders: NRMSE 22.5 % -> 24.4 %
+    with V-SHARP); hence an option (`--tv-edges`), off by default. The chain records it."""
+    n = 48
+    x, y, z = np.indices((n, n, n)) - n / 2 + 0.5
+    radius = np.sqrt(x**2 + y**2 + z**2)
+    mask = radius < 20
+    shell = mask & (radius >= 17)
+    nucleus = np.sqrt((x - 6) ** 2 + y**2 + z**2) < 4
+    chi = np.where(mask, -0.03, 0.0) + 0.13 * shell + 0.18 * nucleus
+    field = dipole.forward_field(chi, (1, 1, 1)) + np.random.default_rng(0).normal(0, 0.002, mask.shape)
+    magnitude = np.where(mask, 0.5, 0.0) + 0.2 * shell + 0.1 * nucleus
+    crossing = (np.stack(qsm._gradient(np.where(mask, magnitude, 0).astype(np.float32), (1, 1, 1))) != 0) & mask
+    edges = qsm.magnitude_edges(magnitude, mask, (1, 1, 1), crossing.sum() / (3 * mask.sum()))
+    assert np.array_equal(edges, crossing)
+    truth = qsm.reference(chi, mask)
+
+    def shell_ratio(found):
+        estimate = qsm.reference(qsm.dipole_inversion(field, mask, (1, 1, 1), edges=found), mask)
+        return estimate[shell].mean() / truth[shell].mean()
+
+    assert shell_ratio(None) < 0.93
+    assert shell_ratio(edges) == pytest.approx(1.0, abs=0.03)
+    gre = io.GRE(magnitude[..., None], dipole.field_ppm_to_phase(field, 0.015, 3.0)[..., None], np.eye(4), [0.015], 3.0)
+    with_edges = qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_edges="magnitude"), mask=mask)
+    assert with_edges.parameters["tv_edges"].startswith("magnitude (")
+    assert qsm.reconstruct_qsm(gre, mask=mask).parameters["tv_edges"] == "none"
+
+
 CYLINDERS_PPM = (0.05, 0.1, 0.2, 0.5)
 
 
