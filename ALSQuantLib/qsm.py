@@ -690,7 +690,7 @@ def _gradient_spectrum(shape, voxel_size):
     return total
 
 
-def magnitude_edges(magnitude, mask, voxel_size, fraction=0.3):
+def magnitude_edges(magnitude, mask, voxel_size, fraction=TV_EDGE_FRACTION):
     """Where the magnitude has edges, per axis (MEDI's gradient mask, Liu 2012): the `fraction` of the
     forward-difference gradient components (three per voxel) between two voxels of the mask largest in magnitude,
     as a (3, i, j, k) boolean array.
@@ -1024,7 +1024,6 @@ def reconstruct_qsm(
     if options.inversion == "tv":
         tv = {"regularization": options.tv_weight * TV_WEIGHT / float(np.mean(voxel_size))}
         inversion_options = {**tv, **(inversion_options or {})}
-    edges = options.inversion == "tv" and options.tv_edges == "magnitude"
     timings = {}
 
     def step(name, fraction, func):
@@ -1087,11 +1086,12 @@ def reconstruct_qsm(
             total, field_mask, voxel_size, b0, method=options.background, **(background_options or {})
         ),
     )
-    if edges:
+    edges = None
+    if options.inversion == "tv" and options.tv_edges == "magnitude":
         edges = step(
             "magnitude edges",
             0.55,
-            lambda: magnitude_edges(gre.magnitude[..., 0], local_mask, voxel_size, TV_EDGE_FRACTION),
+            lambda: magnitude_edges(gre.magnitude[..., 0], local_mask, voxel_size),
         )
         inversion_options = {"edges": edges, **inversion_options}
     chi = step(
@@ -1126,7 +1126,7 @@ def reconstruct_qsm(
         "b0_direction_voxel": b0.tolist(),
         "voxel_size_mm": voxel_size.tolist(),
         "inversion_options": {k: v for k, v in (inversion_options or {}).items() if k != "edges"},
-        "tv_edges": f"magnitude ({int(edges.sum())} edge components)" if edges is not False else "none",
+        "tv_edges": "none" if edges is None else f"magnitude ({int(edges.sum())} edge components)",
         "background_options": background_options or {},
         "warnings": warnings,
     }
