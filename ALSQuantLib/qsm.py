@@ -743,6 +743,8 @@ def dipole_inversion(
     pad_mm : float
         The field is cropped to the mask's bounding box plus this margin (zero field outside the mask), which keeps
         the FFTs small.
+    edges : ndarray of bool, shape (3, i, j, k), optional
+        TV only: gradient components left unpenalised (`magnitude_edges`, ``--tv-edges magnitude``).
 
     Returns
     -------
