@@ -7,9 +7,10 @@ the total, and the process's peak resident memory. Nothing is asserted; machines
 No Python QSM package is installed here to compare against, so the figures are absolute; TKD, the cheapest
 inversion, runs in the same process as a floor for the chain's cost.
 
-``--background`` names the background-field removal (default: `QSMOptions`'s).
+Every option of ``alsquant qsm`` (``--background``, ``--tv-outside``, ...) may be given; the TKD chain takes the same
+ones.
 
-Run: ``python benchmarks/bench_qsm.py [--background vsharp|pdf|lbv]``
+Run: ``python benchmarks/bench_qsm.py [--background vsharp|pdf|lbv] [--tv-outside free|penalised] ...``
 """
 
 import argparse
@@ -21,21 +22,26 @@ import time
 from pathlib import Path
 
 from ALSQuantLib import io, phantom, qsm
+from ALSQuantLib.options import add_arguments, from_arguments, to_argv
 
 CHILD = """
-import json, sys, time
+import argparse, dataclasses, json, sys, time
 from ALSQuantLib import io, qsm
+from ALSQuantLib.options import add_arguments, from_arguments
 
 def peak_gib():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's across fork and exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
     return int(line.split()[1]) / 2**20
 
-folder, background = sys.argv[1], sys.argv[2]
+parser = argparse.ArgumentParser()
+add_arguments(parser, qsm.QSMOptions)
+options = from_arguments(qsm.QSMOptions, parser.parse_args(sys.argv[2:]))
+folder = sys.argv[1]
 gre = io.read_gre(folder + "/mag.nii.gz", folder + "/phase.nii.gz", echo_times=[0.015], field_strength=3.0)
 report = {"read_peak_gib": peak_gib()}
 for inversion in ("tv", "tkd"):
     start = time.perf_counter()
-    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(inversion=inversion, background=background))
+    result = qsm.reconstruct_qsm(gre, dataclasses.replace(options, inversion=inversion))
     report[inversion] = {"total_s": time.perf_counter() - start, "steps_s": result.timings}
 report["peak_gib"] = peak_gib()
 print(json.dumps(report))
@@ -44,8 +50,8 @@ print(json.dumps(report))
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--background", choices=qsm.BACKGROUND_METHODS, default=qsm.QSMOptions().background)
-    args = parser.parse_args()
+    add_arguments(parser, qsm.QSMOptions)
+    options = from_arguments(qsm.QSMOptions, parser.parse_args())
     config = phantom.PhantomConfig.study(dwi_shape=(8, 8, 8), dwi_voxel_size=(20.0, 20.0, 20.0))
     start = time.perf_counter()
     subject = phantom.simulate_subject("ALS", 0, config)
@@ -54,10 +60,10 @@ def main():
         io.save_image(Path(tmp) / "mag.nii.gz", subject.gre.magnitude[..., 0], subject.gre.affine)
         io.save_image(Path(tmp) / "phase.nii.gz", subject.gre.phase[..., 0], subject.gre.affine)
         output = subprocess.run(
-            [sys.executable, "-c", CHILD, tmp, args.background], capture_output=True, text=True, check=True
+            [sys.executable, "-c", CHILD, tmp, *to_argv(options)], capture_output=True, text=True, check=True
         )
     report = json.loads(output.stdout.strip().splitlines()[-1])
-    print(f"background field removal: {args.background}")
+    print(f"background field removal: {options.background}, TV outside the mask: {options.tv_outside}")
     for inversion in ("tv", "tkd"):
         steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in report[inversion]["steps_s"].items())
         print(f"chain with {inversion.upper()}: {report[inversion]['total_s']:.1f} s  ({steps})")

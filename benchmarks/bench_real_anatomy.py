@@ -63,7 +63,7 @@ def _m1_ms_error(out, subject):
     measured = io.read_json(out / "markers.json")["m1_ms"]
     mask = io.load_image(out / "qsm" / "mask.nii.gz")[0] > 0
     truth = subject.values["m1_chi"] - float(subject.truth_gre["chi"][mask].mean())
-    return measured - truth, 100 * (measured / truth - 1)
+    return measured - truth, 100 * (measured / truth - 1), truth
 
 
 def _deep_grey_matter(out, subject):
@@ -105,6 +105,7 @@ def _figures(out, subject, margin_mm):
         "cst_local_similarity_min": min(quality["local_similarity"].values(), default=float("nan")),
         "m1_ms_error_ppm": m1_error[0],
         "m1_ms_error_%": m1_error[1],
+        "m1_ms_truth_ppm": m1_error[2],
         "ms_outside_brain": quality["outside_brain"].get("ms", np.nan),
         "qsm_corr_brain": _qsm_correlation(out, subject),
         "deep_gm_x_truth": _deep_grey_matter(out, subject),
@@ -123,6 +124,14 @@ def _summary(title, rows):
     for key in rows[0]:
         values = np.array([r.get(key, np.nan) for r in rows], float)
         print(f"  {key:24s} median {np.nanmedian(values):.3g} [{np.nanmin(values):.3g} to {np.nanmax(values):.3g}]")
+    if len(rows) > 2:  # issue 17's target across subjects: measured M1 χ against the truth, slope >= 0.9
+        truth = np.array([r["m1_ms_truth_ppm"] for r in rows])
+        measured = truth + np.array([r["m1_ms_error_ppm"] for r in rows])
+        slope, intercept = np.polyfit(truth, measured, 1)
+        print(
+            f"  M1 chi across subjects: slope {slope:.3f}, intercept {intercept:+.4f} ppm, correlation "
+            f"{np.corrcoef(truth, measured)[0, 1]:.3f}"
+        )
 
 
 def _variant(text, options):

@@ -237,8 +237,9 @@ def test_inversions_on_the_phantom_from_its_true_local_field(capsys):
             f"{metrics.nrmse(wrong_b0, truth, mask):.1f} %"
         )
     assert scores["tv"][0] < scores["cg"][0] and scores["tv"][0] < scores["tkd"][0]
-    # TV with the data term inside the mask only: measured 13.0 % and −0.002 ppm (before the phantom had sulci,
-    # 13.4 % and −0.005 ppm, and 35 % and −0.046 ppm when the field outside the mask was fitted as zero)
+    # TV with the data term inside the mask only: measured 17.5 % and −0.013 ppm with χ free outside the mask (the
+    # default), 13.0 % and −0.002 ppm penalised there (before the phantom had sulci, 13.4 % and −0.005 ppm, and 35 %
+    # and −0.046 ppm when the field outside the mask was fitted as zero)
     assert scores["tv"][0] < 20 and abs(scores["tv"][1]) < 0.02
     assert metrics.nrmse(wrong_b0, truth, mask) > scores["tv"][0] + 5  # the oblique B0 matters
 
@@ -383,10 +384,10 @@ def test_brain_mask_matches_the_phantom_brain():
 
 
 def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
-    """The default chain (Laplacian unwrapping, V-SHARP, TV) on single-echo phantoms: M1 is thin cortex at the
-    brain's edge, where background removal takes part of its own field, so its mean comes out low; what a
-    biomarker needs is that subjects keep their order, which a high correlation with the truth shows. Deep grey
-    matter, away from the edge, keeps its value."""
+    """The default chain (path unwrapping, V-SHARP, TV free outside the mask) on single-echo phantoms: M1 is thin
+    cortex at the brain's edge, where background removal takes part of its own field, so its mean comes out low;
+    what a biomarker needs is that subjects keep their order, which a high correlation with the truth shows. Deep
+    grey matter, away from the edge, keeps its value."""
     truth, measured, deep = [], [], []
     for seed in range(50, 56):
         subject = phantom.simulate_subject(phantom.GROUPS[seed % 2], seed, SMALL)
@@ -407,12 +408,50 @@ def test_whole_chain_ranks_subjects_by_their_m1_susceptibility(capsys):
             f"intercept {intercept:+.3f} ppm, mean error {np.mean(measured - truth):+.3f} ppm; deep grey matter "
             f"{min(deep):.3f}-{max(deep):.3f} x the truth"
         )
-    # measured 1.018-1.048 x (the issue's target: within 10 %); real anatomy has no deep grey matter yet
+    # measured 0.967-0.988 x (1.018-1.048 x with TV penalised outside the mask; the issue's target: within 10 %)
     assert all(abs(ratio - 1) < 0.1 for ratio in deep), deep
-    assert correlation > 0.9  # measured 0.999 with path unwrapping, the default (0.995 with the Laplacian)
-    # measured 0.87 (the Laplacian 0.73; 0.69 before the phantom had sulci; 0.61 with V-SHARP radii down to 4 mm
-    # only): the cortex is underestimated
+    assert correlation > 0.9  # measured 0.997 (0.999 penalised outside the mask; 0.995 with the Laplacian)
+    # measured 0.88 (penalised outside the mask 0.87; the Laplacian 0.73; 0.69 before the phantom had sulci; 0.61
+    # with V-SHARP radii down to 4 mm only): the cortex is underestimated
     assert 0.5 < slope < 1.2
+
+
+def test_tv_with_chi_free_outside_the_mask_keeps_the_cortex_and_takes_up_a_harmonic_residual():
+    """A brain (a 40 mm sphere) with a 4 mm cortex of 0.1 ppm on one side and two nuclei; its true local field plus
+    a harmonic residual (the field of an air ball 12 mm beyond the brain, at 0.2 of its strength: what background
+    removal leaves). Penalised outside the mask, TV pays for the cortex's step to the zero it assumes beyond the
+    mask and folds the residual into χ (measured: cortex 0.64 x its truth without the residual, 0.62 x with it,
+    NRMSE 49 % and 55 %); free outside, sources there take up the residual and the step costs nothing (0.92 x both,
+    NRMSE 19.0 % and 20.5 %)."""
+    x = (np.arange(64) - 31.5) * 2.0
+    x, y, z = np.meshgrid(x, x, x, indexing="ij")
+    radius = np.sqrt(x**2 + y**2 + z**2)
+    brain = radius < 40
+    cortex = brain & (radius > 36) & (x > 0)
+    chi = 0.1 * cortex + 0.15 * (np.sqrt((x - 12) ** 2 + y**2 + z**2) < 8)
+    chi -= 0.05 * (np.sqrt((x + 12) ** 2 + y**2 + z**2) < 8)
+    air = np.sqrt(x**2 + y**2 + (z + 52) ** 2) < 8
+    local = dipole.forward_field(chi, (2, 2, 2))
+    residual = 0.2 * dipole.forward_field(-9.0 * air, (2, 2, 2))
+    assert np.std(residual[brain]) > np.std(local[brain])  # larger than the local field itself
+    truth = qsm.reference(chi, brain)
+    scores = {}
+    for outside in qsm.TV_OUTSIDE:
+        for name, field in (("clean", local), ("residual", local + residual)):
+            estimate = qsm.reference(qsm.dipole_inversion(field, brain, (2, 2, 2), outside=outside), brain)
+            scores[outside, name] = (
+                estimate[cortex].mean() / truth[cortex].mean(),
+                metrics.nrmse(estimate, truth, brain),
+            )
+    for name in ("clean", "residual"):
+        cortex_ratio, nrmse = scores["free", name]
+        assert cortex_ratio > 0.85 and nrmse < 25, scores
+        assert scores["penalised", name][0] < 0.7 and scores["penalised", name][1] > 2 * nrmse, scores
+    # the residual is mostly taken up: it costs free TV 1.5 points of NRMSE, penalised TV 5.9
+    cost = {outside: scores[outside, "residual"][1] - scores[outside, "clean"][1] for outside in qsm.TV_OUTSIDE}
+    assert cost["free"] < 3 and cost["free"] < 0.5 * cost["penalised"], scores
+    with pytest.raises(InputError, match="outside the mask 'none'"):
+        qsm.dipole_inversion(local, brain, (2, 2, 2), outside="none")
 
 
 def test_tv_weight_trades_noise_against_detail_and_reaches_the_inversion():
@@ -425,14 +464,18 @@ def test_tv_weight_trades_noise_against_detail_and_reaches_the_inversion():
     truth = qsm.reference(chi, mask)
     default = qsm.TV_WEIGHT / float(np.mean(voxel_size))
 
-    def error(field, weight):
+    def error(field, weight, outside="free"):
         estimate = qsm.dipole_inversion(
-            field, mask, voxel_size, b0_direction=gre.b0_direction, regularization=weight * default
+            field, mask, voxel_size, b0_direction=gre.b0_direction, regularization=weight * default, outside=outside
         )
         return metrics.nrmse(qsm.reference(estimate, mask), truth, mask)
 
-    # measured: clean 12.9 % (x0.25), 15.3 % (x1), 22.2 % (x4); noisy 74.5 %, 41.2 %, 24.7 %
-    assert error(local, 0.25) < error(local, 1.0) < error(local, 4.0)
+    # measured, χ free outside the mask (the default): clean 27.1 % (x0.25: 14.6 % after 100 iterations instead of
+    # 40), 14.0 % (x1), 27.1 % (x4); noisy 78.2 %, 47.7 %, 30.7 %. Penalised outside the mask: clean 12.9 %,
+    # 15.3 %, 22.2 %; noisy 74.5 %, 41.2 %, 24.7 %. (On real anatomy and qsm-forward's cylinders the free form is
+    # the more accurate: `test_whole_chain_on_qsm_forwards_cylinders`, README.)
+    assert error(local, 1.0) < error(local, 4.0)
+    assert error(local, 0.25, "penalised") < error(local, 1.0, "penalised") < error(local, 4.0, "penalised")
     assert error(noisy, 4.0) < error(noisy, 1.0) < error(noisy, 0.25)
     result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_weight=2.5))
     assert result.parameters["inversion_options"]["regularization"] == pytest.approx(2.5 * default)
@@ -444,9 +487,12 @@ def test_tv_without_a_penalty_across_the_magnitudes_edges_keeps_a_thin_cortex():
     """MEDI's morphology prior: a sphere (-0.03 ppm) with a 3 mm shell of 0.1 ppm (a cortex) and a nucleus of
     0.15 ppm, local field by the dipole model plus noise of 0.002 ppm. `magnitude_edges` on a piecewise-constant
     magnitude finds exactly the gradient components that cross a boundary inside the mask; TV without a penalty
-    there reads the shell at its truth where plain TV reads it low (measured 0.983 x against 0.900 x). From a noisy
-    magnitude (noise 0.02 against steps of 0.1-0.2; the default fraction) measured NRMSE 4.6 % against 11.5 %,
-    the shell 0.979 x. The chain records the option."""
+    there reads the shell at its truth where plain TV reads it low. Measured with χ free outside the mask (the
+    default): plain TV 0.761 x, NRMSE 25.9 %; exact edges 1.034 x, 4.5 %; edges from a noisy magnitude (noise 0.02
+    against steps of 0.1-0.2; the default fraction) 1.013 x, 2.9 %. Penalised outside the mask: 0.900 x and 11.5 %,
+    0.983 x and 3.9 %, 0.979 x and 4.6 %. A uniform spherical shell is what freeing χ outside the mask handles
+    worst: its field inside the inner sphere is zero, so only its own voxels see it, and with its step to what lies
+    beyond the mask unpenalised nothing else pins its value. The chain records the option."""
     n = 48
     x, y, z = np.indices((n, n, n)) - n / 2 + 0.5
     radius = np.sqrt(x**2 + y**2 + z**2)
@@ -467,7 +513,7 @@ def test_tv_without_a_penalty_across_the_magnitudes_edges_keeps_a_thin_cortex():
 
     plain, exact = inverted(None), inverted(edges)
     assert plain[shell].mean() / truth[shell].mean() < 0.93
-    assert exact[shell].mean() / truth[shell].mean() == pytest.approx(1.0, abs=0.03)
+    assert exact[shell].mean() / truth[shell].mean() == pytest.approx(1.0, abs=0.05)
     noisy = magnitude + np.random.default_rng(1).normal(0, 0.02, mask.shape)
     found = inverted(qsm.magnitude_edges(noisy, mask, (1, 1, 1), qsm.TV_EDGE_FRACTION))
     assert found[shell].mean() / truth[shell].mean() == pytest.approx(1.0, abs=0.05)
@@ -520,9 +566,10 @@ def qsm_forward_cylinders(folder, echo_times, receiver_offset):
     return io.GRE(magnitude, phase, affine, np.array(echo_times), 3.0, source="qsm-forward"), truth, mask
 
 
-def cylinder_scores(gre, truth, mask, unwrap, background="vsharp"):
+def cylinder_scores(gre, truth, mask, unwrap, background="vsharp", tv_outside="free"):
     """Whole chain (TV inversion): NRMSE (%) and each cylinder's mean over its truth."""
-    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(unwrap=unwrap, background=background), mask=mask)
+    options = qsm.QSMOptions(unwrap=unwrap, background=background, tv_outside=tv_outside)
+    result = qsm.reconstruct_qsm(gre, options, mask=mask)
     inside = result.mask
     estimate, reference = qsm.reference(result.susceptibility, inside), qsm.reference(truth, inside)
     ratios = []
@@ -534,26 +581,30 @@ def cylinder_scores(gre, truth, mask, unwrap, background="vsharp"):
 
 def test_whole_chain_on_qsm_forwards_cylinders(tmp_path):
     """A peer's simulator (qsm-forward), single echo TE 15 ms, no receiver offset; whole chain from the wrapped
-    phase. Measured: the default (path unwrapping, V-SHARP) 22.5 % NRMSE, cylinders 0.44, 1.01, 0.92, 0.95 x their
-    truth; with LBV 10.4 %, 0.68, 0.98, 0.95, 0.95 (the 0.05 ppm cylinder stays low: the TV weight, 0.82 x even
-    from the true local field); Laplacian unwrapping 72.6 % (V-SHARP), 0.09, 1.02, 0.77, 0.56: it smooths away the
-    real phase steps at the cylinders' edges."""
+    phase. Measured: the default (path unwrapping, V-SHARP, TV with χ free outside the mask) 16.5 % NRMSE, cylinders
+    0.81, 0.96, 0.95, 0.99 x their truth; with LBV 4.3 %, 0.87, 0.92, 0.97, 1.00 (the 0.05 ppm cylinder stays low:
+    the TV weight, 0.82 x even from the true local field). TV penalised outside the mask as well (the default
+    before): V-SHARP 22.5 %, 0.44, 1.01, 0.92, 0.95; LBV 10.4 %. Laplacian unwrapping 72.6 % (V-SHARP, penalised),
+    0.09, 1.02, 0.77, 0.56: it smooths away the real phase steps at the cylinders' edges."""
     gre, truth, mask = qsm_forward_cylinders(tmp_path, [0.015], receiver_offset=False)
     nrmse, ratios = cylinder_scores(gre, truth, mask, "path")
-    assert nrmse < 25 and all(abs(r - 1) < 0.1 for r in ratios[1:]), (nrmse, ratios)
+    assert nrmse < 20 and all(abs(r - 1) < 0.1 for r in ratios[1:]) and ratios[0] > 0.7, (nrmse, ratios)
     lbv = cylinder_scores(gre, truth, mask, "path", background="lbv")
-    assert lbv[0] < 15 and all(abs(r - 1) < 0.1 for r in lbv[1][1:]) and lbv[1][0] > ratios[0] + 0.1, lbv
-    laplacian = cylinder_scores(gre, truth, mask, "laplacian")
+    assert lbv[0] < 8 and all(abs(r - 1) < 0.1 for r in lbv[1][1:]) and lbv[1][0] > 0.75, lbv
+    penalised = cylinder_scores(gre, truth, mask, "path", tv_outside="penalised")
+    assert penalised[0] > nrmse + 4 and penalised[1][0] < ratios[0] - 0.2, penalised
+    laplacian = cylinder_scores(gre, truth, mask, "laplacian", tv_outside="penalised")
     assert laplacian[0] > 50 and laplacian[1][-1] < 0.7, laplacian
 
 
 def test_the_receiver_offset_is_removed_with_echoes_and_not_without(tmp_path):
     """qsm-forward's receiver phase offset (smooth, not harmonic): with three echoes (5, 10, 15 ms) the echo
-    combination removes it and the chain gives the offset-free single echo's result (measured 23.5 % NRMSE,
-    cylinders 0.39, 1.02, 0.92, 0.95, either unwrapping); from one echo nothing can tell it from the field
-    (measured 88.7 % with path unwrapping, the 0.05 ppm cylinder at 2.7 x)."""
+    combination removes it and the chain gives the offset-free single echo's result (measured 16.1 % NRMSE,
+    cylinders 0.67, 0.95, 0.95, 1.00, either unwrapping; 23.5 % with TV penalised outside the mask); from one echo
+    nothing can tell it from the field (measured 88.9 % with path unwrapping, the 0.05 ppm cylinder at 2.7 x; TV
+    with χ free outside the mask takes up only the offset's harmonic part: 88.7 % penalised)."""
     gre, truth, mask = qsm_forward_cylinders(tmp_path / "three", [0.005, 0.010, 0.015], receiver_offset=True)
     nrmse, ratios = cylinder_scores(gre, truth, mask, "laplacian")
-    assert nrmse < 25 and all(abs(r - 1) < 0.1 for r in ratios[1:]), (nrmse, ratios)
+    assert nrmse < 20 and all(abs(r - 1) < 0.1 for r in ratios[1:]), (nrmse, ratios)
     gre, truth, mask = qsm_forward_cylinders(tmp_path / "one", [0.015], receiver_offset=True)
     assert cylinder_scores(gre, truth, mask, "path")[0] > 50
