@@ -749,8 +749,9 @@ def dipole_inversion(
         (`iterations` default 50, λ default 1e-3: early stopping regularises, as in iLSQR). ``tv``: total variation,
         min ½‖M(Dχ − f)‖² + α‖∇χ‖₁ by ADMM with closed-form updates (Bilgic 2014, with the data term inside the
         mask only as in Milovic 2018; `regularization` α default 5e-4 per mm⁻¹ scaled to the voxel size,
-        `iterations` default 20). Counting the data only inside the mask halves the error near the brain's edge
-        against the unmasked form, which fits a zero field outside the mask (phantom: NRMSE 35 % → 13 %).
+        `iterations` default 20, `TV_FREE_ITERATIONS` with `outside` free). Counting the data only inside the mask
+        halves the error near the brain's edge against the unmasked form, which fits a zero field outside the mask
+        (phantom: NRMSE 35 % → 13 %).
     threshold : float
         TKD threshold.
     pad_mm : float, optional
