@@ -4,7 +4,8 @@ Each subject: MNI152 tissue, the CST from JHU's tracts and M1 from Harvard-Oxfor
 warp, simulated DWI and GRE; then `pipeline.run_subject` with the default atlas (``auto``: JHU tracts and
 Harvard-Oxford from the FSL installation, FA registered to FSL's FA template). Printed per subject and as median
 [min-max]: CST Dice on the DWI grid and M1 Dice on the GRE grid (against the true labels), the true MK map through
-the CST labels and the true χ map through the M1 labels against the same maps through the true labels (%), the
+the CST labels (whole, and as measured: where the fitted FA reaches the threshold) and the true χ map through the M1
+labels (whole, and as measured: the core in grey matter) against the same maps through the true labels (%), the
 susceptibility map's correlation with the true χ in the brain, the quality figures (`quality.json`) and flags, and
 the labelling time. The QSM's mask is the template's brain (``--gre-brain template``, the default) or the
 magnitude's threshold (``--gre-brain magnitude``, which keeps the simulated head's scalp and neck); with
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ALSQuantLib import anatomy, geometry, io, masks, metrics, phantom, pipeline, qsm
-from ALSQuantLib.atlas import LabelingOptions, cortex_core, find_atlas
+from ALSQuantLib.atlas import LabelingOptions, cortex_core, find_atlas, plausible
 from ALSQuantLib.options import add_arguments, from_arguments, to_argv
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,14 @@ def _measured_m1(out, labels_gre, margin_mm):
     voxel_size = geometry.voxel_sizes(affine)
     cores = [cortex_core(labels_gre == side, grey > 0, voxel_size, margin_mm) for side in (3, 4)]
     return np.where(cores[0], 3, np.where(cores[1], 4, 0))
+
+
+def _measured_cst(out, labels, fa_threshold):
+    """The CST voxels the pipeline measures on the DWI grid: the labels where the subject's fitted FA reaches
+    `fa_threshold` and every DKI map is plausible (`roi_statistics`)."""
+    maps = {name: io.load_image(out / "dki" / f"{name}.nii.gz")[0] for name in pipeline.DKI_MAPS}
+    kept = (maps["fa"] >= fa_threshold) & plausible(maps)
+    return np.where(kept, labels, 0)
 
 
 def _qsm_correlation(out, subject):
@@ -83,11 +92,12 @@ def _seconds(record):
     return io.read_json(record)["results"]["seconds"] if record.exists() else 0.0
 
 
-def _figures(out, subject, margin_mm):
+def _figures(out, subject, margin_mm, fa_threshold):
     """Accuracy and quality figures of one labelled subject."""
     labels = io.load_image(out / "label" / "labels_reference.nii.gz")[0]
     labels_gre = io.load_image(out / "label" / "labels_gre.nii.gz")[0]
     measured_m1 = _measured_m1(out, labels_gre, margin_mm)
+    measured_cst = _measured_cst(out, labels, fa_threshold)
     true_dwi, true_gre = subject.truth_dwi["label"], subject.truth_gre["label"]
     quality = io.read_json(out / "label" / "quality.json")
     record = io.read_json(out / "label" / "provenance.json")
@@ -96,6 +106,7 @@ def _figures(out, subject, margin_mm):
         "cst_dice": metrics.dice(np.isin(labels, (1, 2)), np.isin(true_dwi, (4, 5))),
         "m1_dice_gre": metrics.dice(np.isin(labels_gre, (3, 4)), np.isin(true_gre, (6, 7))),
         "mk_through_cst_%": _through(subject.truth_dwi["mk"], labels, (1, 2), true_dwi, (4, 5)),
+        "mk_through_cst_measured_%": _through(subject.truth_dwi["mk"], measured_cst, (1, 2), true_dwi, (4, 5)),
         "chi_through_m1_%": _through(subject.truth_gre["chi"], labels_gre, (3, 4), true_gre, (6, 7)),
         "chi_through_m1_measured_%": _through(subject.truth_gre["chi"], measured_m1, (3, 4), true_gre, (6, 7)),
         "template_corr": quality["template_correlation"],
@@ -202,7 +213,7 @@ def main():
         config = dataclasses.replace(config, gre_receive_bias=args.gre_bias)
         options = pipeline.SubjectOptions(labeling=LabelingOptions(fsldir=str(fsldir)), gre_brain=args.gre_brain)
         t1 = str(find_atlas("jhu-tracts", fsldir=str(fsldir)).template)
-        margin = options.labeling.cortex_margin_mm
+        margin, fa_threshold = options.labeling.cortex_margin_mm, options.labeling.fa_threshold
         variants = [_variant(text, options) for text in args.variant]
         if args.wrong_template:
             wrong = dataclasses.replace(options.labeling, template_fa=t1)
@@ -221,7 +232,7 @@ def main():
                 io.save_image(mask_path, eroded, subject.gre.affine, dtype=np.uint8)
             inputs = pipeline.find_subject(tmp / "ds", name)
             pipeline.run_subject(inputs, tmp / "out" / name, options)
-            row, flags = _figures(tmp / "out" / name, subject, margin)
+            row, flags = _figures(tmp / "out" / name, subject, margin, fa_threshold)
             rows.append(row)
             print(name, ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
             for variant, changed in variants:
@@ -229,7 +240,7 @@ def main():
                 out = tmp / variant / name
                 shutil.copytree(tmp / "out" / name, out)
                 pipeline.run_subject(inputs, out, changed)
-                row, flags = _figures(out, subject, margin)
+                row, flags = _figures(out, subject, changed.labeling.cortex_margin_mm, changed.labeling.fa_threshold)
                 variant_rows[variant].append(row)
                 print(f"{name} {variant}", ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flags, flush=True)
         grids = ("study" if args.study else "reduced") + (", DWI slab" if args.dwi_slab else "")

@@ -483,6 +483,28 @@ def test_tv_weight_trades_noise_against_detail_and_reaches_the_inversion():
         qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_weight=0.0))
 
 
+def test_bregman_iterations_let_the_noise_back_and_reach_the_inversion():
+    """`--tv-bregman`: each iteration adds back the field χ leaves unexplained, noise included. On the phantom's
+    true local field (a unit-test tool) measured: noise-free 14.0 % NRMSE, 14.7 % (one iteration), 13.0 % (two);
+    with noise of 0.006 ppm (SNR 13 at TE 15 ms) 47.7 %, 75.7 %, 90.5 %: for clean, high-SNR data only (the
+    contrast it restores: `test_whole_chain_on_qsm_forwards_cylinders`). The chain passes and records it; a
+    negative count is refused by name."""
+    gre, _, voxel_size, mask, chi, local = true_local_field(SMALL)
+    noisy = local + np.random.default_rng(0).normal(0.0, 0.006, local.shape).astype(np.float32)
+    truth = qsm.reference(chi, mask)
+
+    def error(field, bregman):
+        estimate = qsm.dipole_inversion(field, mask, voxel_size, b0_direction=gre.b0_direction, bregman=bregman)
+        return metrics.nrmse(qsm.reference(estimate, mask), truth, mask)
+
+    assert error(local, 1) < 1.1 * error(local, 0)
+    assert error(noisy, 1) > 1.3 * error(noisy, 0)
+    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_bregman=1))
+    assert result.parameters["inversion_options"]["bregman"] == 1
+    with pytest.raises(InputError, match="--tv-bregman"):
+        qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_bregman=-1))
+
+
 def test_tv_without_a_penalty_across_the_magnitudes_edges_keeps_a_thin_cortex():
     """MEDI's morphology prior: a sphere (-0.03 ppm) with a 3 mm shell of 0.1 ppm (a cortex) and a nucleus of
     0.15 ppm, local field by the dipole model plus noise of 0.002 ppm. `magnitude_edges` on a piecewise-constant
@@ -566,9 +588,10 @@ def qsm_forward_cylinders(folder, echo_times, receiver_offset):
     return io.GRE(magnitude, phase, affine, np.array(echo_times), 3.0, source="qsm-forward"), truth, mask
 
 
-def cylinder_scores(gre, truth, mask, unwrap, background="vsharp", tv_outside="free"):
-    """Whole chain (TV inversion): NRMSE (%) and each cylinder's mean over its truth."""
-    options = qsm.QSMOptions(unwrap=unwrap, background=background, tv_outside=tv_outside)
+def cylinder_scores(gre, truth, mask, unwrap, **options):
+    """Whole chain (TV inversion; `options` of `qsm.QSMOptions`): NRMSE (%) and each cylinder's mean over its
+    truth."""
+    options = qsm.QSMOptions(unwrap=unwrap, **options)
     result = qsm.reconstruct_qsm(gre, options, mask=mask)
     inside = result.mask
     estimate, reference = qsm.reference(result.susceptibility, inside), qsm.reference(truth, inside)
@@ -595,6 +618,12 @@ def test_whole_chain_on_qsm_forwards_cylinders(tmp_path):
     assert penalised[0] > nrmse + 4 and penalised[1][0] < ratios[0] - 0.2, penalised
     laplacian = cylinder_scores(gre, truth, mask, "laplacian", tv_outside="penalised")
     assert laplacian[0] > 50 and laplacian[1][-1] < 0.7, laplacian
+    # One Bregman iteration gives the faint cylinder back the contrast TV took: measured V-SHARP 19.8 %, cylinders
+    # 0.97, 1.00, 0.99, 1.00; LBV 2.5 %, 1.04, 0.99, 1.01, 1.00
+    bregman = cylinder_scores(gre, truth, mask, "path", tv_bregman=1)
+    assert bregman[0] < 21 and all(abs(r - 1) < 0.06 for r in bregman[1]), bregman
+    lbv_bregman = cylinder_scores(gre, truth, mask, "path", background="lbv", tv_bregman=1)
+    assert lbv_bregman[0] < 3.5 and all(abs(r - 1) < 0.06 for r in lbv_bregman[1]), lbv_bregman
 
 
 def test_the_receiver_offset_is_removed_with_echoes_and_not_without(tmp_path):
