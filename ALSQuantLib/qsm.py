@@ -519,9 +519,8 @@ def field_noise(magnitude, echo_times, field_strength, mask, sigma):
         ratio = te[0] / (te[1] - te[0])
         coefficients[:, 0] -= offset * (1 + ratio)
         coefficients[:, 1] += offset * ratio
-    phase_sd = sigma * np.sqrt(np.sum(coefficients**2 / m**2, axis=-1))  # rad / s
-    to_ppm = 1.0 / (2 * np.pi * dipole.GYROMAGNETIC_RATIO_HZ_PER_T * field_strength * 1e-6)
-    return float(np.sqrt(np.mean(phase_sd**2)) * to_ppm)
+    phase_rate_sd = sigma * np.sqrt(np.sum(coefficients**2 / m**2, axis=-1))  # rad / s: the phase of 1 s
+    return float(dipole.phase_to_field_ppm(np.sqrt(np.mean(phase_rate_sd**2)), 1.0, field_strength))
 
 
 # ----------------------------------------------------------------------------------------------------------------
