@@ -240,12 +240,26 @@ def _unpack(packed, p):
     return np.moveaxis(packed[_packed_index(p)[2]], 2, 0)
 
 
+def _unsolvable(design, valid):
+    """Rows of `valid` (voxels × measurements) whose valid measurements do not determine the model: fewer than its
+    parameters, or (a voxel missing some) a rank-deficient design. Six directions and a b = 0 determine DTI exactly
+    (the smallest DTI acquisition, as a real GE series has it)."""
+    count = valid.sum(axis=1)
+    failed = count < design.shape[1]
+    partial = np.flatnonzero(~failed & (count < valid.shape[1]))
+    if partial.size:
+        unit = design / np.linalg.norm(design, axis=0)  # columns on one scale: b and b² terms differ by 10⁶
+        eigenvalues = np.linalg.eigvalsh(np.einsum("vm,mi,mj->vij", valid[partial].astype(float), unit, unit))
+        failed[partial] = eigenvalues[:, 0] <= 1e-8 * eigenvalues[:, -1]
+    return failed
+
+
 def _solve(packed, q):
     """Solve P x = q for every voxel by a Cholesky factorisation vectorised across voxels.
 
     `packed` holds P's unique entries voxels-last (every step is then a contiguous vector operation); q has
     shape (n, p). A relative ridge of 1e-10 keeps a rank-deficient voxel finite; such voxels are caught by
-    their count of valid measurements.
+    `_unsolvable`.
     """
     n, p = q.shape
     index = _packed_index(p)[2]
@@ -681,7 +695,7 @@ class DKIModel:
             valid &= ~excluded
         log_signal = np.log(np.where(valid, signal, 1.0))
         weights = valid.astype(np.float64)
-        failed = valid.sum(axis=1) < self.n_params + 1
+        failed = _unsolvable(self.design, valid)
         weights[failed] = 1.0  # keep the batch solvable; these voxels are zeroed afterwards
         # Unit weights: voxels with every measurement valid share one design, so one pseudo-inverse serves them.
         x = log_signal @ self._pinv.T
@@ -701,7 +715,7 @@ class DKIModel:
         if sigma is not None:
             x, P, q = self._rician(signal, excluded, x, P, q, sigma, failed)
         violation = np.zeros(len(x))
-        if self.fit_method in ("CWLS", "robust"):
+        if self.fit_method in ("CWLS", "robust") and self.constraints is not None:  # DTI has none: WLS
             cx = x @ self.constraints.T
             scale = np.abs(cx).max(axis=1)
             breaking = np.flatnonzero((cx.min(axis=1) < -1e-9 * scale) & ~failed)

@@ -1,5 +1,7 @@
-"""alsquant import: DICOM series written with pydicom (known voxels, b-values, gradients, echo times), converted by the
-real dcm2niix, filed into the BIDS layout the pipeline reads."""
+"""alsquant import: DICOM series written with pydicom (known voxels, b-values, gradients, echo times), and a real GE
+scanner's DWI series, converted by the real dcm2niix, filed into the BIDS layout the pipeline reads."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from ALSQuantLib.errors import InputError
 
 pydicom = pytest.importorskip("pydicom")
 
+GE_DWI = Path(__file__).parents[1] / "Data" / "dcm_qa_ge"  # a real GE DWI (its README says where from)
 SHAPE = (16, 12, 6)  # columns (x), rows (y), slices
 SPACING = 2.0
 
@@ -108,11 +111,15 @@ def scanner(tmp_path_factory):
     return root, {"magnitude": magnitude, "phase": phase, "dwi": dwi, "bvalues": bvalues, "vectors": vectors}
 
 
-def test_import_files_a_session_where_the_pipeline_finds_it(scanner, tmp_path, capsys):
+def _needs_dcm2niix():
     try:
         dicom.dcm2niix_path()
     except InputError:
         pytest.skip("dcm2niix not installed (pip install dcm2niix)")
+
+
+def test_import_files_a_session_where_the_pipeline_finds_it(scanner, tmp_path, capsys):
+    _needs_dcm2niix()
     root, truth = scanner
     dataset = tmp_path / "bids"
     args = ["import", str(root), "--out", str(dataset), "--subject", "sub-07", "--session", "01", "--group", "ALS"]
@@ -170,3 +177,51 @@ def test_import_files_a_session_where_the_pipeline_finds_it(scanner, tmp_path, c
     assert left == ["anat/sub-07_ses-02_echo-1_part-mag_T2starw.json"]  # no DWI filed before the conflict
     with pytest.raises(InputError, match="expected a BIDS label such as sub-01"):
         dicom.import_dicom(root, dataset, "07")
+
+
+def test_import_files_a_real_ge_dwi_with_every_pixel_in_its_place(tmp_path):
+    """The study's scanner is a GE: a real GE DWI series (two oblique slices, b 0 and six directions at 1000, GE's
+    private diffusion tags, file names without an extension) imported; its b-values and gradients as dcm2niix's
+    authors' reference conversion of the same files has them, and every pixel of every DICOM file at its patient
+    position in the NIfTI (read with pydicom, placed by its own ImagePositionPatient / ImageOrientationPatient).
+    The validation set repeats one b = 0 image in every volume (it tests headers), so this places slices and pixels,
+    not volumes, and no tensor can be fitted from it."""
+    _needs_dcm2niix()
+    dataset = tmp_path / "bids"
+    assert cli.main(["import", str(GE_DWI / "01_Ax_DWI_TENSOR_R2"), "--out", str(dataset), "--subject", "sub-01"]) == 0
+    dwi_path = dataset / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    for suffix in (".bval", ".bvec"):
+        np.testing.assert_allclose(
+            np.loadtxt(dwi_path.with_name("sub-01_dwi" + suffix)),
+            np.loadtxt(GE_DWI / ("Ax_DWI_TENSOR_R2_1" + suffix)),
+            atol=1e-6,
+        )
+    assert io.read_json(dwi_path.with_name("sub-01_dwi.json"))["Manufacturer"] == "GE"
+    dwi = io.read_dwi(dwi_path)
+    assert dwi.data.shape == (256, 256, 2, 7)
+    np.testing.assert_allclose(dwi.bvals, [0] + [1000] * 6)
+    np.testing.assert_allclose(np.linalg.norm(dwi.bvecs[1:], axis=1), 1.0, atol=1e-5)
+
+    to_voxel = np.linalg.inv(dwi.affine)
+    files = sorted((pydicom.dcmread(path) for path in (GE_DWI / "01_Ax_DWI_TENSOR_R2").iterdir()), key=_instance)
+    slices = dwi.data.shape[2]
+    assert len(files) == slices * dwi.data.shape[3]
+    for ds in files:
+        rows, columns = np.indices(ds.pixel_array.shape)
+        row_step, column_step = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+        cosines = np.array(ds.ImageOrientationPatient, dtype=float).reshape(2, 3)  # along a row, along a column
+        lps = (
+            np.array(ds.ImagePositionPatient, dtype=float)[:, None]
+            + np.outer(cosines[0], columns.ravel() * column_step)
+            + np.outer(cosines[1], rows.ravel() * row_step)
+        )
+        ras = lps * np.array([[-1.0], [-1.0], [1.0]])
+        ijk = to_voxel[:3, :3] @ ras + to_voxel[:3, 3:]
+        np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-2)  # on the NIfTI's grid
+        i, j, k = np.round(ijk).astype(int)
+        volume = (_instance(ds) - 1) // slices
+        np.testing.assert_array_equal(dwi.data[i, j, k, volume], ds.pixel_array.ravel())
+
+
+def _instance(ds):
+    return int(ds.InstanceNumber)

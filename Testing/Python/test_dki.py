@@ -410,6 +410,24 @@ def test_b_values_are_fitted_as_given(tmp_path):
     assert fit.md[1, 0, 0] == pytest.approx(evals.mean(), rel=1e-4)
 
 
+def test_dti_only_fits_the_smallest_dti_acquisition_with_the_default_fit():
+    """One b = 0 and six directions at one b-value (GE's smallest DTI series) determine the tensor exactly: the
+    default fit (robust: no kurtosis, so no constraints to apply) recovers the tensor's FA and MD; a voxel that lost a
+    direction, or whose valid directions leave the tensor undetermined, is a failed fit, not a number."""
+    bvals = np.array([0.0] + [1000.0] * 6)
+    bvecs = np.vstack([np.zeros(3), phantom.gradient_directions(6)])
+    one = phantom.dki_signal(bvals, bvecs, np.array([0.5]), np.array([0.8e-3]), np.array([0.0]), np.eye(3)[:1], 1000.0)
+    signal = np.repeat(one.reshape(1, 1, 1, 7), 3, axis=0)
+    signal[1, ..., 3] = 0.0  # a direction lost
+    signal[2, ..., 0] = np.nan  # the b = 0 lost: six directions, seven unknowns
+    dwi = io.DWI(signal, np.eye(4), bvals, bvecs)
+    with pytest.warns(UserWarning, match="fitting DTI only"):
+        fit, _, details = dki.reconstruct(dwi, dki.DKIOptions(dti_only=True), mask=np.ones((3, 1, 1), bool))
+    assert fit.fa[0, 0, 0] == pytest.approx(0.5, abs=1e-6)
+    assert fit.md[0, 0, 0] == pytest.approx(0.8e-3, rel=1e-6)
+    assert details["failed_voxels"] == 2
+
+
 def test_b0_threshold_decides_what_is_b0(tmp_path):
     dwi = _jittered_acquisition(tmp_path, lambda bvals, bvecs: 1000 * np.exp(-bvals * 0.8e-3)[None])
     fit, _, _ = dki.reconstruct(dwi, dki.DKIOptions(dti_only=True), mask=np.ones((1, 1, 1), bool))
