@@ -570,8 +570,8 @@ def test_bregman_iterations_let_the_noise_back_and_reach_the_inversion():
 
     assert error(local, 1) < 1.1 * error(local, 0)
     assert error(noisy, 1) > 1.3 * error(noisy, 0)
-    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_bregman=1))
-    assert result.parameters["inversion_options"]["bregman"] == 1
+    result = qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_bregman=0))
+    assert result.parameters["inversion_options"]["bregman"] == 0
     with pytest.raises(InputError, match="--tv-bregman"):
         qsm.reconstruct_qsm(gre, qsm.QSMOptions(tv_bregman=-1))
 
@@ -675,36 +675,39 @@ def cylinder_scores(gre, truth, mask, unwrap, **options):
 
 def test_whole_chain_on_qsm_forwards_cylinders(tmp_path):
     """A peer's simulator (qsm-forward), single echo TE 15 ms, no receiver offset; whole chain from the wrapped
-    phase. Measured: the default (path unwrapping, V-SHARP, TV with χ free outside the mask) 16.5 % NRMSE, cylinders
-    0.81, 0.96, 0.95, 0.99 x their truth; with LBV 4.3 %, 0.87, 0.92, 0.97, 1.00 (the 0.05 ppm cylinder stays low:
-    the TV weight, 0.82 x even from the true local field). TV penalised outside the mask as well (the default
-    before): V-SHARP 22.5 %, 0.44, 1.01, 0.92, 0.95; LBV 10.4 %. Laplacian unwrapping 72.6 % (V-SHARP, penalised),
-    0.09, 1.02, 0.77, 0.56: it smooths away the real phase steps at the cylinders' edges."""
+    phase. Measured: the default (path unwrapping, V-SHARP, TV with χ free outside the mask, one Bregman iteration)
+    19.8 % NRMSE, cylinders 0.97, 1.00, 0.99, 1.00 x their truth; with LBV 2.5 %, 1.04, 0.99, 1.01, 1.00. Without
+    the Bregman iteration TV keeps the faint cylinder low: V-SHARP 16.5 %, 0.81, 0.96, 0.95, 0.99; LBV 4.3 %, 0.87,
+    0.92, 0.97, 1.00. TV penalised outside the mask as well (the default before): V-SHARP 22.5 %, 0.44, 1.01, 0.92,
+    0.95; LBV 10.4 %. Laplacian unwrapping 72.6 % (V-SHARP, penalised), 0.09, 1.02, 0.77, 0.56: it smooths away the
+    real phase steps at the cylinders' edges."""
     gre, truth, mask = qsm_forward_cylinders(tmp_path, [0.015], receiver_offset=False)
     nrmse, ratios = cylinder_scores(gre, truth, mask, "path")
-    assert nrmse < 20 and all(abs(r - 1) < 0.1 for r in ratios[1:]) and ratios[0] > 0.7, (nrmse, ratios)
+    assert nrmse < 21 and all(abs(r - 1) < 0.06 for r in ratios), (nrmse, ratios)
     lbv = cylinder_scores(gre, truth, mask, "path", background="lbv")
-    assert lbv[0] < 8 and all(abs(r - 1) < 0.1 for r in lbv[1][1:]) and lbv[1][0] > 0.75, lbv
-    penalised = cylinder_scores(gre, truth, mask, "path", tv_outside="penalised")
-    assert penalised[0] > nrmse + 4 and penalised[1][0] < ratios[0] - 0.2, penalised
-    laplacian = cylinder_scores(gre, truth, mask, "laplacian", tv_outside="penalised")
+    assert lbv[0] < 3.5 and all(abs(r - 1) < 0.06 for r in lbv[1]), lbv
+    plain = cylinder_scores(gre, truth, mask, "path", tv_bregman=0)
+    assert plain[0] < 20 and all(abs(r - 1) < 0.1 for r in plain[1][1:]) and 0.7 < plain[1][0] < 0.9, plain
+    lbv_plain = cylinder_scores(gre, truth, mask, "path", background="lbv", tv_bregman=0)
+    assert lbv_plain[0] < 8 and all(abs(r - 1) < 0.1 for r in lbv_plain[1][1:]) and lbv_plain[1][0] > 0.75, lbv_plain
+    penalised = cylinder_scores(gre, truth, mask, "path", tv_outside="penalised", tv_bregman=0)
+    assert penalised[0] > plain[0] + 4 and penalised[1][0] < plain[1][0] - 0.2, penalised
+    laplacian = cylinder_scores(gre, truth, mask, "laplacian", tv_outside="penalised", tv_bregman=0)
     assert laplacian[0] > 50 and laplacian[1][-1] < 0.7, laplacian
-    # One Bregman iteration gives the faint cylinder back the contrast TV took: measured V-SHARP 19.8 %, cylinders
-    # 0.97, 1.00, 0.99, 1.00; LBV 2.5 %, 1.04, 0.99, 1.01, 1.00
-    bregman = cylinder_scores(gre, truth, mask, "path", tv_bregman=1)
-    assert bregman[0] < 21 and all(abs(r - 1) < 0.06 for r in bregman[1]), bregman
-    lbv_bregman = cylinder_scores(gre, truth, mask, "path", background="lbv", tv_bregman=1)
-    assert lbv_bregman[0] < 3.5 and all(abs(r - 1) < 0.06 for r in lbv_bregman[1]), lbv_bregman
 
 
 def test_the_receiver_offset_is_removed_with_echoes_and_not_without(tmp_path):
     """qsm-forward's receiver phase offset (smooth, not harmonic): with three echoes (5, 10, 15 ms) the echo
-    combination removes it and the chain gives the offset-free single echo's result (measured 16.1 % NRMSE,
-    cylinders 0.67, 0.95, 0.95, 1.00, either unwrapping; 23.5 % with TV penalised outside the mask); from one echo
-    nothing can tell it from the field (measured 88.9 % with path unwrapping, the 0.05 ppm cylinder at 2.7 x; TV
-    with χ free outside the mask takes up only the offset's harmonic part: 88.7 % penalised)."""
+    combination removes it and the chain comes near the offset-free single echo's result: measured without Bregman
+    16.1 % NRMSE, cylinders 0.67, 0.95, 0.95, 1.00, either unwrapping (23.5 % with TV penalised outside the mask);
+    with the default Bregman iteration 22.7 %, 0.53, 0.92, 0.94, 0.99: the offset's removal roughly triples the
+    field's noise, which Bregman lets back. From one echo nothing can tell the offset from the field (measured
+    88.9 % with path unwrapping, the 0.05 ppm cylinder at 2.7 x; TV with χ free outside the mask takes up only the
+    offset's harmonic part: 88.7 % penalised)."""
     gre, truth, mask = qsm_forward_cylinders(tmp_path / "three", [0.005, 0.010, 0.015], receiver_offset=True)
-    nrmse, ratios = cylinder_scores(gre, truth, mask, "laplacian")
+    nrmse, ratios = cylinder_scores(gre, truth, mask, "laplacian", tv_bregman=0)
     assert nrmse < 20 and all(abs(r - 1) < 0.1 for r in ratios[1:]), (nrmse, ratios)
+    nrmse, ratios = cylinder_scores(gre, truth, mask, "laplacian")
+    assert nrmse < 25 and all(abs(r - 1) < 0.1 for r in ratios[1:]), (nrmse, ratios)
     gre, truth, mask = qsm_forward_cylinders(tmp_path / "one", [0.015], receiver_offset=True)
     assert cylinder_scores(gre, truth, mask, "path")[0] > 50
