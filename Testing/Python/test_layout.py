@@ -77,7 +77,9 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
         assert float(row["cst_mk"]) == pytest.approx(float(row["true_cst_mk"]), abs=0.05)
         assert float(row["cst_dice"]) > 0.75  # 0.84-0.91 across the 35 demo subjects
         assert float(row["m1_dice"]) > 0.75  # M1 in grey matter: 0.90-0.96 across the 35 demo subjects
-        assert 0 < float(row["m1_ms"]) < float(row["true_m1_chi"])  # QSM ran; the cortex is underestimated
+        # QSM ran and reads M1 near its truth (with one Bregman iteration, the default: one of these six subjects
+        # 1.01 x its truth; the phantom cohort's slope across subjects 0.88)
+        assert float(row["m1_ms"]) == pytest.approx(float(row["true_m1_chi"]), rel=0.25)
     results = io.read_json(tmp_path / "demo" / "roc" / "results.json")
     assert set(results["markers"]) == {"cst_mk", "cst_md", "cst_fa", "m1_ms"}
     assert "cst_mk+m1_ms" in results["combinations"]
