@@ -135,8 +135,9 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         *_summary(truth, "m1_chi"),
         "",
         f"Measured by ALSQuant (DKI {options.dki.fit_method} fit; single-echo QSM in the magnitude's brain "
-        f"mask: {qsm_options.unwrap} unwrapping, {qsm_options.background.upper()}, {qsm_options.inversion.upper()}; "
-        "atlas labels through",
+        f"mask: {qsm_options.unwrap} unwrapping, {qsm_options.background.upper()}, {qsm_options.inversion.upper()}"
+        + (f" + {qsm_options.tv_bregman} Bregman" if qsm_options.inversion == "tv" and qsm_options.tv_bregman else "")
+        + "; atlas labels through",
         "ANTs SyN of each subject's FA to the template FA, inverse transform, GRE linked rigidly):",
         "  CST mean kurtosis",
         *_summary(measured, "cst_mk"),
