@@ -152,8 +152,8 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         f"  CST MK measured - true: mean {mk_error.mean():+.3f}, SD {mk_error.std():.3f}",
         f"  M1 MS against the truth referenced the same way: correlation "
         f"{np.corrcoef(true_ms, column['m1_ms'])[0, 1]:.2f}, "
-        f"slope {ms_slope:.2f} (the thin cortex at the brain's edge is underestimated; the ranking of subjects "
-        f"is largely kept)",
+        f"slope {ms_slope:.2f} (1 would read the thin cortex at the brain's edge in full; a biomarker needs the "
+        f"ranking of subjects kept)",
         f"  Dice of the propagated labels against the truth: CST median {np.median(column['cst_dice']):.2f} "
         f"(min {np.min(column['cst_dice']):.2f}), M1 in grey matter median {np.median(column['m1_dice']):.2f} "
         f"(min {np.min(column['m1_dice']):.2f})",

@@ -86,7 +86,7 @@ class QSMReconstructionLogic(StepLogic):
             with ``realNodes`` and ``imaginaryNodes`` (laid out the same way) instead.
         :param echoTimes: seconds, one per echo.
         :param fieldStrength: tesla.
-        :param options: ``ALSQuantLib.qsm.QSMOptions`` (default: path unwrapping, V-SHARP, TV).
+        :param options: ``ALSQuantLib.qsm.QSMOptions`` (default: path unwrapping, LBV, TV with one Bregman iteration).
         :param maskNode: optional brain mask on the GRE's grid.
         :param wait: block and return {"susceptibility", "local_field", "mask"} → node; else return the job.
         """
