@@ -183,8 +183,8 @@ def test_a_real_anatomy_subject_is_labelled_where_its_truth_is_and_a_wrong_templ
     # default before) 0.72-0.77 x (slope 0.72; map 0.59-0.78): the thin cortex at the brain's edge loses part of
     # its field in V-SHARP, which χ free outside the mask takes up again. Laplacian unwrapping's reading moved with
     # each subject's mask (0.73-1.46 x; slope 0.37), so that subjects changed places. Measured here with the
-    # current default (LBV, one Bregman iteration; 2 mm): 0.875, correlation 0.894 (V-SHARP without Bregman, the
-    # default before stop 42: 0.875, 0.801).
+    # current default (LBV, one Bregman iteration; 2 mm): 0.875, correlation 0.894 (recorded here with an earlier
+    # V-SHARP default: 0.875, 0.801).
     chi = io.load_image(tmp_path / "good" / "qsm" / "susceptibility.nii.gz")[0]
     inside = (subject.truth_gre["label"] > 0) & np.isfinite(chi) & (chi != 0)
     correlation = np.corrcoef(chi[inside], subject.truth_gre["chi"][inside])[0, 1]
