@@ -134,7 +134,13 @@ def run(out_dir, *, n_als=20, n_controls=15, seed=0, workers=None, progress=None
         "  M1 susceptibility (ppm, relative to CSF)",
         *_summary(truth, "m1_chi"),
         "",
-        f"Measured by ALSQuant (DKI {options.dki.fit_method} fit; single-echo QSM in the magnitude's brain "
+        f"Measured by ALSQuant (DKI {options.dki.fit_method} fit"
+        + (
+            f" after head-motion{' and eddy-current' if options.dki.eddy_currents else ''} correction"
+            if options.dki.motion_correction
+            else ""
+        )
+        + "; single-echo QSM in the magnitude's brain "
         f"mask: {qsm_options.unwrap} unwrapping, {qsm_options.background.upper()}, {qsm_options.inversion.upper()}"
         + (f" + {qsm_options.tv_bregman} Bregman" if qsm_options.inversion == "tv" and qsm_options.tv_bregman else "")
         + "; atlas labels through",

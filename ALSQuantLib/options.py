@@ -25,6 +25,8 @@ Examples
 >>> options = from_arguments(ExampleOptions, parser.parse_args(["--radius", "3", "--no-smooth"]))
 >>> options
 ExampleOptions(method='a', radius_mm=3.0, smooth=False)
+>>> from_arguments(ExampleOptions, parser.parse_args(["--smooth"])).smooth
+True
 >>> to_argv(options)
 ['--radius', '3.0', '--no-smooth']
 >>> parameter_fields(ExampleOptions)["radiusMm"].default
@@ -55,7 +57,8 @@ def option(default, help, *, unit=None, choices=None, flag=None, aliases=(), pat
         Allowed values.
     flag : str, optional
         Command-line flag (default ``--field-name``). A boolean whose default is True is turned off by its flag
-        (``--no-...``).
+        (``--no-...``); ``--field-name`` is accepted too and leaves it on (scripts written when it was off by
+        default keep working).
     aliases : sequence of str
         Other flags accepted for the same option (older names).
     path : bool
@@ -134,6 +137,9 @@ def add_arguments(parser, cls):
         if kind is bool:
             action = "store_false" if field.default else "store_true"
             parser.add_argument(*flags, dest=field.name, action=action, default=field.default, help=_help(field))
+            positive = "--" + field.name.replace("_", "-")
+            if field.default and positive not in flags:  # the flag of an option that used to be off by default
+                parser.add_argument(positive, dest=field.name, action="store_true", help=argparse.SUPPRESS)
         elif kind is tuple:
             parser.add_argument(
                 *flags, dest=field.name, type=_comma_list, default=field.default, metavar="A,B", help=_help(field)

@@ -206,7 +206,7 @@ def dki_step(dwi, out_dir, options=None, *, bval=None, bvec=None, mask=None, map
     if sidecar.is_file():  # its PartialFourier and PhaseEncodingDirection steer Gibbs removal and eddy currents
         inputs["sidecar"] = sidecar
     planned = [f"{m}.nii.gz" for m in maps] + ["mask.nii.gz", RECORD]
-    planned += ["motion.tsv", MOTION_PICTURE] if options.motion_correction or options.eddy_currents else []
+    planned += ["motion.tsv", MOTION_PICTURE] if options.motion_correction else []
     return run_step("dki", out_dir, options, inputs, compute, arguments={"maps": maps}, planned=planned)
 
 

@@ -439,12 +439,15 @@ def test_b0_threshold_decides_what_is_b0(tmp_path):
 
 
 SMALL = phantom.PhantomConfig(dwi_shape=(40, 48, 36), dwi_voxel_size=(3.5, 3.5, 3.5), gre_shape=(16, 16, 16))
+# The phantom's SMALL subjects hold still: tests of the fit and its other steps leave the motion correction (on by
+# default) out; test_motion.py and the command-line tests run it.
+STILL = dict(motion_correction=False)
 
 
 def test_reconstruct_phantom_subject_recovers_cst_truth():
     subject = phantom.simulate_subject("ALS", 21, phantom.with_overrides(SMALL, snr_dwi=60))
     labels = subject.truth_dwi["label"]
-    fit, mask, parameters = dki.reconstruct(subject.dwi, dki.DKIOptions(fit_method="WLS"))
+    fit, mask, parameters = dki.reconstruct(subject.dwi, dki.DKIOptions(fit_method="WLS", **STILL))
     brain = labels > 0
     dice = 2 * np.sum(mask & brain) / (mask.sum() + brain.sum())
     assert dice > 0.9
@@ -464,7 +467,7 @@ def test_denoising_brings_maps_closer_to_truth(denoiser):
     errors, details = {}, {}
     for denoise in (False, True):
         # WLS: with the constrained default Patch2Self left the phantom's MK RMSE 0.111 -> 0.125 (README)
-        options = dki.DKIOptions(denoise=denoise, denoiser=denoiser, fit_method="WLS")
+        options = dki.DKIOptions(denoise=denoise, denoiser=denoiser, fit_method="WLS", **STILL)
         fit, _, details[denoise] = dki.reconstruct(subject.dwi, options, mask=labels > 0)
         errors[denoise] = np.sqrt(np.mean((fit.mk[wm] - truth[wm]) ** 2))
     assert errors[True] < 0.8 * errors[False], errors
@@ -479,7 +482,7 @@ def test_rician_option_estimates_the_noise_and_fits_the_floor():
     wm = np.isin(labels, (phantom.WM,) + phantom.REGIONS["CST"])
     fa_bias, details = {}, {}
     for rician in (False, True):
-        options = dki.DKIOptions(fit_method="WLS", rician=rician)
+        options = dki.DKIOptions(fit_method="WLS", rician=rician, **STILL)
         fit, _, details[rician] = dki.reconstruct(subject.dwi, options, mask=labels > 0)
         fa_bias[rician] = np.median(fit.fa[wm] / subject.truth_dwi["fa"][wm]) - 1
     assert details[True]["rician_fit"] and not details[False]["rician_fit"]
@@ -568,7 +571,16 @@ def test_dki_command_writes_maps_with_input_geometry_and_provenance(tmp_path, su
     assert record["step"] == "dki" and record["options"]["fit_method"] == "robust"
     assert record["inputs"]["dwi"]["sha256"] == provenance.file_sha256(dwi_path)
     assert "dipy" in record["versions"]
-    assert [entry["path"] for entry in record["outputs"]] == ["mk.nii.gz", "fa.nii.gz", "md.nii.gz", "mask.nii.gz"]
+    # motion and eddy-current correction are on by default: their table and picture come with the maps
+    assert [entry["path"] for entry in record["outputs"]] == [
+        "mk.nii.gz",
+        "fa.nii.gz",
+        "md.nii.gz",
+        "mask.nii.gz",
+        "motion.tsv",
+        "motion.png",
+    ]
+    assert record["results"]["motion_corrected"] is True
 
 
 def test_gibbs_removal_skipped_for_partial_fourier_data(tmp_path):
@@ -576,10 +588,10 @@ def test_gibbs_removal_skipped_for_partial_fourier_data(tmp_path):
     dwi_path = tmp_path / "sub_dwi.nii.gz"
     io.write_dwi(io.DWI(dwi.data[:, :, 16:19], dwi.affine, dwi.bvals, dwi.bvecs), dwi_path)  # 3 slices: quick
     maps = ["md"]
-    full = workflows.dki_step(dwi_path, tmp_path / "full", dki.DKIOptions(gibbs=True), maps=maps)
+    full = workflows.dki_step(dwi_path, tmp_path / "full", dki.DKIOptions(gibbs=True, **STILL), maps=maps)
     assert full.record["results"]["gibbs_removal"] is True and not full.record["results"]["warnings"]
     io.write_json(io.sidecar_path(dwi_path), {"PartialFourier": 0.75})  # dcm2niix's field, as BIDS names it
-    partial = workflows.dki_step(dwi_path, tmp_path / "partial", dki.DKIOptions(gibbs=True), maps=maps)
+    partial = workflows.dki_step(dwi_path, tmp_path / "partial", dki.DKIOptions(gibbs=True, **STILL), maps=maps)
     assert partial.record["results"]["gibbs_removal"] is False
     assert "skipped: the DWI was acquired with partial Fourier (PartialFourier 0.75)" in " ".join(
         partial.record["results"]["warnings"]

@@ -45,7 +45,9 @@ def test_correction_brings_the_cst_back(moved):
     cst = np.isin(labels, phantom.REGIONS["CST"])
     errors = {}
     for name, (images, gradients) in {"moved": (dwi.data, dwi.bvecs), "corrected": (data, bvecs)}.items():
-        fit, _, _ = dki.reconstruct(io.DWI(images, dwi.affine, dwi.bvals, gradients), mask=labels > 0)
+        fit, _, _ = dki.reconstruct(
+            io.DWI(images, dwi.affine, dwi.bvals, gradients), dki.DKIOptions(motion_correction=False), mask=labels > 0
+        )
         errors[name] = {m: abs(np.median(getattr(fit, m)[cst]) / subject.values[f"cst_{m}"] - 1) for m in ("mk", "fa")}
     # measured with the default robust fit (32 volumes, ANTs single-threaded as by default): MK 2.4 % -> 0.6 %,
     # FA 15.2 % -> 2.4 % off. The robust fit's dropout detection and constraints already hide much of the motion's
@@ -95,10 +97,12 @@ def test_eddy_parameters_are_read_back_from_a_pose():
 
 @pytest.mark.parametrize("eddy_currents", [False, True])
 def test_dki_step_reports_the_motion(tmp_path, eddy_currents):
-    subject = phantom.simulate_subject("control", 2, phantom.with_overrides(CONFIG, dwi_shape=(40, 48, 12)))
+    # 12 slices of 7 mm: quick, and above the 80 mm the registration needs (`motion.MIN_FIELD_OF_VIEW_MM`)
+    config = phantom.with_overrides(CONFIG, dwi_shape=(40, 48, 12), dwi_voxel_size=(3.5, 3.5, 7.0))
+    subject = phantom.simulate_subject("control", 2, config)
     io.write_dwi(subject.dwi, tmp_path / "dwi.nii.gz")
     io.write_json(tmp_path / "dwi.json", {"PhaseEncodingDirection": "j-"})
-    options = dki.DKIOptions(motion_correction=not eddy_currents, eddy_currents=eddy_currents)
+    options = dki.DKIOptions(eddy_currents=eddy_currents)  # the motion correction is on by default
     result = workflows.dki_step(tmp_path / "dwi.nii.gz", tmp_path / "out", options, maps=["md"])
     table = np.genfromtxt(tmp_path / "out" / "motion.tsv", names=True, delimiter="\t")
     columns = motion.MOTION_COLUMNS + (motion.EDDY_COLUMNS if eddy_currents else ())
@@ -109,3 +113,44 @@ def test_dki_step_reports_the_motion(tmp_path, eddy_currents):
     if eddy_currents:  # read from the sidecar; the b = 0 volumes are not distorted
         assert result.record["results"]["phase_encoding_axis"] == "j"
         assert np.all(table["eddy_y_pct"][subject.dwi.bvals <= 50] == 0)
+
+
+def test_a_small_field_of_view_is_not_registered(tmp_path):
+    """A crop or a slab under `motion.MIN_FIELD_OF_VIEW_MM` along an axis: registration there was measured to fail
+    (a 60 mm cube of a real-anatomy subject: the worst volume 73 mm off at the corners), so the default correction
+    is skipped with a warning and the fit is the uncorrected one."""
+    subject = phantom.simulate_subject("control", 3, CONFIG)
+    dwi = subject.dwi
+    slab = io.DWI(dwi.data[:, :, 16:22], dwi.affine, dwi.bvals, dwi.bvecs)  # 6 slices of 3.5 mm: 21 mm
+    with pytest.raises(InputError, match=r"field of view is 140 x 168 x 21 mm; registration needs at least 80 mm"):
+        motion.correct(slab.data, slab.affine, slab.bvals, slab.bvecs, b0_threshold=50.0)
+    io.write_dwi(slab, tmp_path / "slab.nii.gz")
+    result = workflows.dki_step(tmp_path / "slab.nii.gz", tmp_path / "default", maps=["mk"])
+    assert result.record["results"]["motion_corrected"] is False
+    (warning,) = [w for w in result.record["results"]["warnings"] if "skipped" in w]
+    assert warning.startswith("head-motion and eddy-current correction skipped: the field of view is 140 x 168")
+    assert not (tmp_path / "default" / "motion.tsv").exists()
+    off = workflows.dki_step(
+        tmp_path / "slab.nii.gz", tmp_path / "off", dki.DKIOptions(motion_correction=False), maps=["mk"]
+    )
+    assert not off.record["results"]["warnings"]
+    np.testing.assert_array_equal(
+        io.load_image(tmp_path / "default" / "mk.nii.gz")[0], io.load_image(tmp_path / "off" / "mk.nii.gz")[0]
+    )
+
+
+@pytest.mark.parametrize("folder", ["mdt_b1k_b2k", "mrtrix_msmt"])
+def test_real_crops_are_not_registered(shared_data, folder):
+    """The real DWIs here are a two-slice slab (Prisma) and a 37 mm cube (MRtrix's test data). On the cube, ANTs'
+    registration turned diffusion-weighted volumes by up to 60° (median 13°) and left MK 0 in its white matter;
+    the default correction must leave both alone."""
+    base = shared_data / "dwi" / folder
+    image = next(p for p in base.glob("*.nii.gz") if "mask" not in p.name)
+    dwi = io.read_dwi(image, bval=next(base.glob("*.bval")), bvec=next(base.glob("*.bvec")))
+    assert motion.too_small_to_register(dwi.data.shape, dwi.affine)
+    mask = np.ones(dwi.data.shape[:3], bool)
+    default, _, details = dki.reconstruct(dwi, mask=mask)
+    assert details["motion_corrected"] is False and "motion_poses" not in details
+    assert any(w.startswith("head-motion and eddy-current correction skipped") for w in details["warnings"])
+    off, _, _ = dki.reconstruct(dwi, dki.DKIOptions(motion_correction=False), mask=mask)
+    np.testing.assert_array_equal(default.mk, off.mk)

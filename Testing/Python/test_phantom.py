@@ -250,7 +250,10 @@ def test_head_motion_moves_each_volume_rigidly_and_turns_its_gradient():
     cst = np.isin(subject.truth_dwi["label"], phantom.REGIONS["CST"])
     errors = {}
     for name, bvecs in (("turned", turned), ("as given", dwi.bvecs)):
-        fit, _, _ = dki.reconstruct(io.DWI(restored, dwi.affine, dwi.bvals, bvecs), mask=subject.truth_dwi["label"] > 0)
+        restored_dwi = io.DWI(restored, dwi.affine, dwi.bvals, bvecs)
+        fit, _, _ = dki.reconstruct(
+            restored_dwi, dki.DKIOptions(motion_correction=False), mask=subject.truth_dwi["label"] > 0
+        )
         errors[name] = abs(np.median(fit.fa[cst]) / subject.values["cst_fa"] - 1)
     assert errors["turned"] < 0.08 and errors["turned"] < errors["as given"] - 0.005, errors
 

@@ -14,6 +14,7 @@ from conftest import child_processes
 
 from ALSQuantLib import __version__, cli, derivatives, io, phantom, pipeline, provenance, registration, workflows
 from ALSQuantLib.atlas import LabelingOptions
+from ALSQuantLib.dki import DKIOptions
 from ALSQuantLib.errors import InputError
 from ALSQuantLib.qsm import QSMOptions
 
@@ -26,11 +27,18 @@ def cohort(tmp_path_factory):
     return folder, {row["participant_id"]: row for row in rows}
 
 
-def _options(folder, gre_brain="magnitude", **qsm_changes):
+def _options(folder, gre_brain="magnitude", motion_correction=False, **qsm_changes):
     """The phantom atlas; the QSM in the magnitude's brain mask unless `gre_brain` says otherwise: the phantom has no
-    head, and this spares a registration a subject (the brain stage is tested in the first test)."""
+    head, and this spares a registration a subject (the brain stage is tested in the first test). The phantom's
+    subjects hold still: the motion correction (on by default) is left out unless asked for, which spares 42
+    registrations a subject (the default path runs in the first test and the demo's)."""
     labeling = LabelingOptions(atlas="phantom", atlas_dir=str(folder / phantom.TRUTH_DIR / "template"))
-    return pipeline.SubjectOptions(qsm=QSMOptions(**qsm_changes), labeling=labeling, gre_brain=gre_brain)
+    return pipeline.SubjectOptions(
+        dki=DKIOptions(motion_correction=motion_correction),
+        qsm=QSMOptions(**qsm_changes),
+        labeling=labeling,
+        gre_brain=gre_brain,
+    )
 
 
 def _checksums(folder):
@@ -88,11 +96,11 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     _, chi_affine = io.load_image(out / "qsm" / "susceptibility.nii.gz")
     _, gre_affine = io.load_image(inputs.gre_magnitude[0])
     np.testing.assert_allclose(chi_affine, gre_affine, atol=1e-5)
-    # One page to check the subject by eye: the verdict, the markers by name, the labels over FA and the GRE and
-    # over each measured map
+    # One page to check the subject by eye: the verdict, the markers by name, the labels over FA and the GRE, over
+    # each measured map, and the head motion (corrected by default)
     page = (out / pipeline.SUBJECT_PAGE).read_text()
     assert "quality check: passed" in page and "CST mean kurtosis" in page and "M1 magnetic susceptibility" in page
-    assert page.count("data:image/png;base64,") == 2 and (out / "label" / workflows.MAPS_PICTURE).is_file()
+    assert page.count("data:image/png;base64,") == 3 and (out / "label" / workflows.MAPS_PICTURE).is_file()
     # The results under BIDS-derivative names: the stages' own files (hard links), with sidecars and label tables
     description = io.read_json(out / derivatives.DESCRIPTION)
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Version"] == __version__
@@ -138,13 +146,14 @@ def test_run_subject_measures_the_markers_and_reruns_only_what_changed(cohort, t
     assert cli.main(args) == 0
     assert "stages run: none" in capsys.readouterr().out
     # Another inversion changes the susceptibility, hence the labelling stage's input: DKI stays.
-    result = pipeline.run_subject(inputs, out, _options(folder, "template", inversion="tkd"))
+    defaults = _options(folder, "template", motion_correction=True, inversion="tkd")
+    result = pipeline.run_subject(inputs, out, defaults)
     assert result["stages_run"] == ["qsm", "label"]
     assert result["cst_mk"] == markers["cst_mk"]
     assert os.path.samefile(out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz", out / "qsm" / "susceptibility.nii.gz")
     # A stage whose output vanished runs again.
     (out / "dki" / "md.nii.gz").unlink()
-    assert pipeline.run_subject(inputs, out, _options(folder, "template", inversion="tkd"))["stages_run"] == ["dki"]
+    assert pipeline.run_subject(inputs, out, defaults)["stages_run"] == ["dki"]
 
 
 def test_run_cohort_resumes_after_a_kill_and_reports_a_failing_subject(cohort, tmp_path, capsys):
@@ -179,6 +188,7 @@ def test_run_cohort_resumes_after_a_kill_and_reports_a_failing_subject(cohort, t
         str(folder / phantom.TRUTH_DIR / "template"),
         "--gre-brain",
         "magnitude",
+        "--no-motion-correction",  # the phantom's subjects hold still (see _options)
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
