@@ -358,6 +358,7 @@ def test_roc_and_classify_commands(tmp_path, capsys):
     assert all(0 <= float(r["sensitivity_low"]) <= float(r["sensitivity_high"]) <= 1 for r in bands)
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "mk+ms" in page and "For research use only" in page
+    assert "The reference study, for comparison" in page and "AUC 0.91, sensitivity 83 %" in page
     assert "maximum likelihood, as R" in page and results["penalty"] == "none"
     # every computed figure reaches the tables: both ends of each interval, every DeLong p
     marker_row = io.read_table(out / "roc_markers.csv")[0]
